@@ -1,0 +1,305 @@
+"""Running a batch of interventions: `run` (one prompt, many intervention rows, with prefix reuse),
+`run_batch` (one row per prompt, padded) and `intervene` (a context manager around the caller's own forwards)."""
+
+from __future__ import annotations
+
+import inspect
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import torch
+
+from ..errors import FactError, InterventionError
+from ..facts import EncodedFact, Fact
+from .hooks import Layout, Pass, attached
+from .interventions import AddEmbeddingNoise, Capture, Intervention, first_layer, written_positions
+
+Rows = Sequence[Sequence[Intervention]]
+
+
+@dataclass
+class Captures:
+    """Recorded states. `captures[site, layer]` is (rows, positions, ...) — or (rows, ...) with `last_only` —
+    in the coordinates of each row's prompt for `run`, and of the padded batch for `run_batch` (see `row`)."""
+
+    data: dict = field(default_factory=dict)
+    lengths: list[int] = field(default_factory=list)
+    pad_left: list[int] = field(default_factory=list)
+    last_only: bool = False
+
+    def __getitem__(self, key: tuple[str, int]) -> torch.Tensor:
+        if key not in self.data:
+            raise KeyError(f"{key} was not captured; ask for it with Capture({key[0]}=True, layers=...)")
+        return self.data[key]
+
+    def __contains__(self, key) -> bool:
+        return key in self.data
+
+    def stack(self, site: str, layers: Sequence[int]) -> torch.Tensor:
+        """(layers, rows, ...) for one site."""
+        return torch.stack([self[site, layer] for layer in layers])
+
+    def row(self, site: str, layer: int, row: int) -> torch.Tensor:
+        """One row's capture with padding removed: (its positions, ...)."""
+        value = self[site, layer][row]
+        if self.last_only:
+            return value
+        start, n = self.pad_left[row], self.lengths[row]
+        if site == "attn_weights":
+            return value[:, start:start + n, start:start + n]
+        return value[start:start + n]
+
+
+@dataclass
+class RunResult:
+    """`logits`: (rows, vocab) at each row's last position. `captures`: what `Capture` asked for."""
+
+    logits: torch.Tensor
+    captures: Captures
+
+    def probs(self) -> torch.Tensor:
+        return self.logits.float().softmax(-1)
+
+    def prob_of(self, token_id: int | torch.Tensor) -> torch.Tensor:
+        probs = self.probs()
+        if isinstance(token_id, torch.Tensor) and token_id.dim() == 1:
+            return probs.gather(1, token_id.view(-1, 1).to(probs.device)).squeeze(1)
+        return probs[:, int(token_id)]
+
+
+def _token_ids(lm, prompt) -> list[int]:
+    if isinstance(prompt, EncodedFact):
+        return list(prompt.input_ids)
+    if isinstance(prompt, Fact):
+        return list(lm.encode(prompt).input_ids)
+    if isinstance(prompt, str):
+        if not prompt.strip():
+            raise FactError("empty prompt")
+        ids = lm.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        return list(ids)
+    ids = [int(i) for i in prompt]
+    if not ids:
+        raise FactError("empty prompt: no token ids")
+    return ids
+
+
+def _forward(lm, input_ids: torch.Tensor, *, position_ids, attention_mask=None, cache=None, use_cache=False,
+             last_only_logits=True):
+    kwargs = dict(input_ids=input_ids.to(lm.device), position_ids=position_ids.to(lm.device), use_cache=use_cache)
+    if attention_mask is not None:
+        kwargs["attention_mask"] = attention_mask.to(lm.device)
+    params = _forward_params(lm.model)
+    if cache is not None:
+        kwargs["cache" if "cache" in params else "past_key_values"] = cache
+    if last_only_logits and "logits_to_keep" in params:
+        kwargs["logits_to_keep"] = 1
+    return lm.model(**kwargs)
+
+
+_PARAMS: dict[type, set] = {}
+
+
+def _forward_params(model) -> set:
+    if type(model) not in _PARAMS:
+        _PARAMS[type(model)] = set(inspect.signature(model.forward).parameters)
+    return _PARAMS[type(model)]
+
+
+def _output_cache(output):
+    return getattr(output, "cache", None) if getattr(output, "cache", None) is not None else output.past_key_values
+
+
+def run(lm, prompt, rows: Rows | None = None, *, capture: Capture | None = None,
+        shared: Sequence[Intervention] = (), bases: Rows | None = None, row_base: Sequence[int] | None = None,
+        reuse_prefix: bool = True) -> RunResult:
+    """Run one prompt under many interventions in one batched forward: row i applies `rows[i]`.
+
+    `shared` interventions apply to every row (e.g. the corruption of causal tracing). More generally, `bases`
+    lists several shared sets and `row_base[i]` picks row i's; bases are computed once each.
+
+    Prefix reuse (`reuse_prefix=True`): causality means nothing before the first position any row writes at
+    depends on the rows' interventions, and nothing below the first layer they touch either. The engine runs
+    that prefix once per base (and caches its keys/values), then computes only the remaining positions; below
+    the first intervened layer it computes them once per base and only then expands to one copy per row. The
+    result equals the full recompute (tested to 1e-5).
+    """
+    ids = _token_ids(lm, prompt)
+    n = len(ids)
+    rows = [list(r) for r in (rows if rows is not None else [[]])]
+    if bases is None:
+        bases = [list(shared)]
+        row_base = [0] * len(rows)
+    else:
+        bases = [list(b) for b in bases]
+        if row_base is None or len(row_base) != len(rows):
+            raise InterventionError("row_base must give one base index per row")
+        if shared:
+            bases = [list(shared) + b for b in bases]
+    if not rows:
+        raise InterventionError("no rows to run")
+    if any(not 0 <= b < len(bases) for b in row_base):
+        raise InterventionError(f"row_base refers to a base that does not exist (there are {len(bases)})")
+    n_rows, n_bases = len(rows), len(bases)
+    full = [bases[b] + r for b, r in zip(row_base, rows)]
+    _validate(lm, full, [n] * n_rows)
+    capture = capture or Capture()
+    expand = torch.tensor(list(row_base), dtype=torch.long)
+    all_ids = torch.tensor([ids], dtype=torch.long)
+
+    p0, l0 = _reuse_point(rows, n, lm.num_layers)
+    if not reuse_prefix or p0 <= 0:
+        layout = Layout(full, [n] * n_rows, [0] * n_rows, 0, n, lm.num_layers, lm.num_heads)
+        with attached(lm) as state:
+            state.pass_ = p = Pass(upper=layout, capture=capture)
+            out = _forward(lm, all_ids.expand(n_rows, n), position_ids=torch.arange(n)[None])
+        return RunResult(out.logits[:, -1], _assemble_full(p.captured, capture, n_rows, n))
+
+    base_lengths = [n] * n_bases
+    with attached(lm) as state:
+        # 1. the shared prefix [0, p0), once per base, keeping its keys and values
+        prefix_layout = Layout(bases, base_lengths, [0] * n_bases, 0, p0, lm.num_layers, lm.num_heads)
+        prefix_capture = None if capture.last_only else capture
+        state.pass_ = prefix = Pass(upper=prefix_layout, capture=prefix_capture)
+        prefix_out = _forward(lm, all_ids[:, :p0].expand(n_bases, p0), position_ids=torch.arange(p0)[None],
+                              use_cache=True)
+        prefix_cache = _output_cache(prefix_out)
+        # 2. positions [p0, n): per base below layer l0, per row from l0 on
+        upper = Layout(full, [n] * n_rows, [0] * n_rows, p0, n, lm.num_layers, lm.num_heads)
+        suffix_ids = all_ids[:, p0:]
+        if l0 <= 0:
+            suffix = Pass(upper=upper, capture=capture, expand_index=expand)
+            suffix_ids = suffix_ids.expand(n_rows, n - p0)
+            split = 0
+        else:
+            lower = Layout(bases, base_lengths, [0] * n_bases, p0, n, lm.num_layers, lm.num_heads)
+            split = l0
+            suffix = Pass(upper=upper, lower=lower, split=split, expand_index=expand, capture=capture)
+            suffix_ids = suffix_ids.expand(n_bases, n - p0)
+        cache = _split_cache(lm, prefix_cache, split, expand)
+        state.pass_ = suffix
+        out = _forward(lm, suffix_ids, position_ids=torch.arange(p0, n)[None], cache=cache, use_cache=True)
+    logits = out.logits[:, -1]
+    captures = _assemble_reused(prefix.captured, suffix.captured, capture, expand, n_rows, p0, n)
+    return RunResult(logits, captures)
+
+
+def _validate(lm, rows: list[list[Intervention]], lengths: list[int]) -> None:
+    Layout(rows, lengths, [0] * len(rows), 0, max(lengths), lm.num_layers, lm.num_heads).validate()
+
+
+def _reuse_point(rows: list[list[Intervention]], n: int, num_layers: int) -> tuple[int, int]:
+    """(first position, first layer) any row writes at; positions before / layers below are shared."""
+    positions, layers = [n - 1], [num_layers - 1]
+    for ivs in rows:
+        for iv in ivs:
+            positions += [p if p >= 0 else n + p for p in written_positions(iv)]
+            if isinstance(iv, AddEmbeddingNoise):
+                layers.append(-1)
+        if ivs:
+            layers.append(first_layer(ivs))
+    return min(positions), min(min(layers), num_layers - 1)
+
+
+def _split_cache(lm, prefix_cache, split: int, expand: torch.Tensor):
+    from transformers import DynamicCache
+
+    data = []
+    for layer_idx, layer in enumerate(prefix_cache.layers):
+        keys, values = layer.keys, layer.values
+        if layer_idx >= split:
+            keys = keys.index_select(0, expand.to(keys.device))
+            values = values.index_select(0, expand.to(values.device))
+        data.append((keys, values))
+    return DynamicCache(ddp_cache_data=data, config=lm.model.config)
+
+
+def _last(site: str, value: torch.Tensor) -> torch.Tensor:
+    return value[:, :, -1] if site == "attn_weights" else value[:, -1]
+
+
+def _assemble_full(captured: dict, capture: Capture, n_rows: int, n: int) -> Captures:
+    data = {key: (_last(key[0], v) if capture.last_only else v) for key, v in captured.items()}
+    return Captures(data, [n] * n_rows, [0] * n_rows, capture.last_only)
+
+
+def _assemble_reused(prefix: dict, suffix: dict, capture: Capture, expand: torch.Tensor, n_rows: int, p0: int,
+                     n: int) -> Captures:
+    data = {}
+    for key, value in suffix.items():
+        site = key[0]
+        if value.shape[0] != n_rows:
+            value = value.index_select(0, expand.to(value.device))
+        if capture.last_only:
+            data[key] = _last(site, value)
+            continue
+        head = prefix[key].index_select(0, expand.to(value.device))
+        if site == "attn_weights":  # (rows, heads, queries, keys): prefix queries see only prefix keys
+            head = torch.nn.functional.pad(head, (0, n - p0))
+            data[key] = torch.cat([head, value], dim=2)
+        else:
+            data[key] = torch.cat([head, value], dim=1)
+    return Captures(data, [n] * n_rows, [0] * n_rows, capture.last_only)
+
+
+def run_batch(lm, prompts: Sequence, rows: Rows | None = None, *, capture: Capture | None = None,
+              padding_side: str | None = None) -> RunResult:
+    """Run several prompts in one padded batch, row i = prompts[i] under rows[i] (positions are relative to each
+    prompt). Padding does not change any number: padded keys are masked and position ids follow each prompt."""
+    id_lists = [_token_ids(lm, p) for p in prompts]
+    if not id_lists:
+        raise InterventionError("no prompts to run")
+    rows = [list(r) for r in (rows if rows is not None else [[] for _ in id_lists])]
+    if len(rows) != len(id_lists):
+        raise InterventionError(f"{len(rows)} intervention rows for {len(id_lists)} prompts")
+    side = padding_side or getattr(lm.tokenizer, "padding_side", "right") or "right"
+    if side not in ("left", "right"):
+        raise InterventionError(f"padding_side must be 'left' or 'right', not {side!r}")
+    lengths = [len(i) for i in id_lists]
+    width = max(lengths)
+    pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
+    input_ids = torch.full((len(id_lists), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(id_lists), width), dtype=torch.long)
+    pad_left = [width - n if side == "left" else 0 for n in lengths]
+    for i, ids in enumerate(id_lists):
+        input_ids[i, pad_left[i]:pad_left[i] + lengths[i]] = torch.tensor(ids)
+        mask[i, pad_left[i]:pad_left[i] + lengths[i]] = 1
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    capture = capture or Capture()
+    layout = Layout(rows, lengths, pad_left, 0, width, lm.num_layers, lm.num_heads)
+    layout.validate()
+    with attached(lm) as state:
+        state.pass_ = p = Pass(upper=layout, capture=capture)
+        out = _forward(lm, input_ids, position_ids=position_ids, attention_mask=mask, last_only_logits=False)
+    last = torch.tensor([pl + n - 1 for pl, n in zip(pad_left, lengths)])
+    logits = out.logits[torch.arange(len(lengths)), last.to(out.logits.device)]
+    data = {}
+    for key, value in p.captured.items():
+        if capture.last_only:
+            idx = last.to(value.device)
+            data[key] = (value[torch.arange(len(lengths)), :, idx] if key[0] == "attn_weights"
+                         else value[torch.arange(len(lengths)), idx])
+        else:
+            data[key] = value
+    return RunResult(logits, Captures(data, lengths, pad_left, capture.last_only))
+
+
+@contextmanager
+def intervene(lm, rows: Rows, *, seq_len: int, capture: Capture | None = None,
+              lengths: Sequence[int] | None = None, pad_left: Sequence[int] | None = None) -> Iterator[Captures]:
+    """Apply `rows[i]` to batch row i of every forward the caller runs on `lm.model` inside the block.
+
+    The batch must have `len(rows)` rows of `seq_len` tokens (full sequences, no cache); with padding, give each
+    row's prompt `lengths` and `pad_left`. The yielded `Captures` fills as the forwards run. On exit the model is
+    exactly as before, also through an exception."""
+    rows = [list(r) for r in rows]
+    lengths = list(lengths or [seq_len] * len(rows))
+    pad_left = list(pad_left or [0] * len(rows))
+    capture = capture or Capture()
+    layout = Layout(rows, lengths, pad_left, 0, seq_len, lm.num_layers, lm.num_heads)
+    layout.validate()
+    captures = Captures({}, lengths, pad_left, False)
+    with attached(lm) as state:
+        state.pass_ = p = Pass(upper=layout, capture=capture)
+        p.captured = captures.data
+        yield captures

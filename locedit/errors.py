@@ -1,0 +1,27 @@
+"""Error types raised by locedit. Every user mistake maps to one of these, with a message naming the problem."""
+
+from __future__ import annotations
+
+
+class LoceditError(Exception):
+    """Base class of every error locedit raises on purpose."""
+
+
+class UnsupportedModelError(LoceditError):
+    """The model's architecture has no adapter (or is not a causal decoder-only LM)."""
+
+
+class ModelLoadError(LoceditError):
+    """A model spec could not be resolved or loaded (missing file, missing optional package, bad alias)."""
+
+
+class FactError(LoceditError):
+    """A fact is malformed: empty prompt, subject not in the prompt, a target that tokenizes to nothing."""
+
+
+class InterventionError(LoceditError):
+    """An intervention refers to layers, heads or positions that do not exist, or values of the wrong shape."""
+
+
+class DatasetError(LoceditError):
+    """A dataset file cannot be read at all (missing, not JSON, unknown format). Bad rows are reported per row."""

@@ -1,0 +1,116 @@
+"""`LM`: a Hugging Face causal LM, its tokenizer and its architecture adapter, with the few helpers every
+analysis needs (encoding facts, predicting, projecting hidden states to the vocabulary)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from .adapters import Adapter, _head_geometry, _text_config, adapter_for
+from .errors import FactError, LoceditError
+from .facts import EncodedFact, Fact, encode_fact
+
+Projection = Literal["model", "paper"]
+
+
+@dataclass
+class Prediction:
+    token_id: int
+    token: str
+    prob: float
+
+
+class LM:
+    """A causal LM ready for locedit: `.model`, `.tokenizer`, `.adapter` and its geometry."""
+
+    def __init__(self, model: nn.Module, tokenizer, adapter: Adapter | None = None, name: str | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.adapter = adapter or adapter_for(model)
+        self.name = name or getattr(model.config, "_name_or_path", None) or type(model).__name__
+        cfg = _text_config(model)
+        self.num_heads, self.num_kv_heads, self.head_dim, self.d_model = _head_geometry(cfg)
+        self.num_layers = len(self.adapter.get_layers(model))
+        self.vocab_size = self.adapter.unembed_module(model).weight.shape[0]
+        self.logit_softcap = getattr(cfg, "final_logit_softcapping", None)
+        if tokenizer is not None and tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
+
+    def __repr__(self) -> str:
+        return (f"LM({self.name!r}, family={self.adapter.family}, layers={self.num_layers}, heads={self.num_heads}, "
+                f"d_model={self.d_model})")
+
+    # --- structure ------------------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.adapter.get_layers(self.model)
+
+    @property
+    def embedding_matrix(self) -> torch.Tensor:
+        """The input token-embedding matrix E, (vocab, d_model)."""
+        return self.adapter.embed_module(self.model).weight
+
+    @property
+    def tied_embeddings(self) -> bool:
+        unembed = self.adapter.unembed_module(self.model).weight
+        embed = self.embedding_matrix
+        return unembed is embed or (unembed.shape == embed.shape and unembed.data_ptr() == embed.data_ptr())
+
+    # --- facts ---------------------------------------------------------------------------------------------
+    def encode(self, fact: Fact | EncodedFact) -> EncodedFact:
+        if isinstance(fact, EncodedFact):
+            return fact
+        if not isinstance(fact, Fact):
+            raise FactError(f"expected a locedit.Fact, got {type(fact).__name__}")
+        return encode_fact(self.tokenizer, fact)
+
+    def token_str(self, token_id: int) -> str:
+        return self.tokenizer.decode([int(token_id)])
+
+    @torch.no_grad()
+    def predict(self, fact: Fact | EncodedFact, k: int = 1) -> list[Prediction]:
+        """The model's top-k next tokens after the fact's prompt (no intervention)."""
+        enc = self.encode(fact)
+        ids = torch.tensor([enc.input_ids], device=self.device)
+        logits = self.model(input_ids=ids).logits[0, -1].float()
+        probs = logits.softmax(-1)
+        values, indices = probs.topk(k)
+        return [Prediction(int(i), self.token_str(int(i)), float(v)) for v, i in zip(values, indices)]
+
+    # --- vocabulary projection -------------------------------------------------------------------------------
+    def unembed(self, hidden: torch.Tensor, *, normalize: bool = True) -> torch.Tensor:
+        """Logits of residual-stream states: final norm (if `normalize`), unembedding (+bias), logit soft-cap."""
+        if normalize:
+            hidden = self.adapter.final_norm_module(self.model)(hidden)
+        logits = self.adapter.unembed_module(self.model)(hidden.to(self.dtype))
+        if self.logit_softcap:
+            logits = torch.tanh(logits / self.logit_softcap) * self.logit_softcap
+        return logits
+
+    def project(self, hidden: torch.Tensor, projection: Projection = "model") -> torch.Tensor:
+        """Vocabulary scores of a hidden state (or a sublayer output).
+
+        `"paper"`: multiply by the input embedding matrix with no final norm, as the official code does (only
+        exact for tied-embedding GPT-2). `"model"`: the model's own final norm and unembedding, the right lens
+        for untied models and for models whose norm rescales dimensions.
+        """
+        if projection == "paper":
+            return hidden.to(self.dtype) @ self.embedding_matrix.T
+        if projection == "model":
+            return self.unembed(hidden)
+        raise LoceditError(f"unknown projection {projection!r}; use 'model' or 'paper'")
+
+    def default_projection(self) -> Projection:
+        """The paper's projection for tied models, the model's own unembedding for untied ones."""
+        return "paper" if self.tied_embeddings and self.adapter.family == "gpt2" else "model"

