@@ -36,7 +36,8 @@ def load(spec, *, dtype: torch.dtype | str | None = None, device: str | torch.de
     """Load a causal LM for locedit.
 
     `spec` is a hub id or local directory (`from_pretrained`), a path to a `.gguf` file, the alias
-    `"smollm2-135m"`, or an already-built `(model, tokenizer)` pair. The model is put in eval mode.
+    `"smollm2-135m"`, or an already-built `(model, tokenizer)` pair. The model is put in eval mode and its
+    parameters stop requiring gradients (locedit differentiates only w.r.t. its own tensors).
     `dtype` defaults to float32 (GGUF files are dequantized to it); `device` moves the model, `device_map` is
     passed to `from_pretrained` for multi-device placement.
     """
@@ -44,8 +45,7 @@ def load(spec, *, dtype: torch.dtype | str | None = None, device: str | torch.de
         model, tokenizer = spec
         if device is not None:
             model.to(device)
-        model.eval()
-        return LM(model, tokenizer)
+        return LM(_frozen(model), tokenizer)
     if not isinstance(spec, (str, os.PathLike)):
         raise ModelLoadError(f"cannot load {type(spec).__name__}: give a hub id, a directory, a .gguf file, "
                              f"an alias ({', '.join(ALIASES)}) or a (model, tokenizer) pair")
@@ -61,11 +61,18 @@ def load(spec, *, dtype: torch.dtype | str | None = None, device: str | torch.de
         model, tokenizer = _load_gguf(gguf, torch_dtype)
         if device is not None:
             model.to(device)
-        return LM(model.eval(), tokenizer, name=gguf.name)
+        return LM(_frozen(model), tokenizer, name=gguf.name)
     if os.path.sep in spec or spec.startswith("."):
         if not Path(spec).exists():
             raise ModelLoadError(f"model directory not found: {spec}")
     return _from_pretrained(spec, name=spec, dtype=torch_dtype, device=device, device_map=device_map)
+
+
+def _frozen(model):
+    """Eval mode, no parameter gradients: analyses and edits differentiate w.r.t. their own tensors only."""
+    model.eval()
+    model.requires_grad_(False)
+    return model
 
 
 def _dtype(dtype) -> torch.dtype:
@@ -94,7 +101,7 @@ def _from_pretrained(spec: str, *, name: str, dtype, device, device_map) -> LM:
         raise ModelLoadError(f"could not load {spec!r}: {str(exc).splitlines()[0]}") from exc
     if device is not None and device_map is None:
         model.to(device)
-    return LM(model.eval(), tokenizer, name=name)
+    return LM(_frozen(model), tokenizer, name=name)
 
 
 def _load_gguf(path: Path, dtype):

@@ -1,0 +1,236 @@
+"""Engine conformance on randomly initialised tiny models of every supported family."""
+
+import pytest
+import torch
+
+import locedit
+import tiny
+from locedit import (AddEmbeddingNoise, BlockAttention, Capture, Fact, SetHeads, SetResidual, SetSublayer,
+                     UniformAttention, run, run_batch)
+from locedit.engine import registered
+
+TOL = 1e-5
+FACT = Fact("Eiffel Tower", "The Eiffel Tower is located in the city of")
+SHORT = Fact("Rome", "Rome is the capital of")
+
+
+@pytest.fixture(scope="module", params=tiny.FAMILIES)
+def lm(request):
+    return tiny.lm(request.param)
+
+
+def plain_logits(lm, enc):
+    with torch.no_grad():
+        return lm.model(input_ids=torch.tensor([enc.input_ids])).logits[0, -1]
+
+
+def reference_knockout(family, enc, blocks):
+    """Independent slow reference: the eager model, with each attention module's mask kwarg replaced by an
+    explicit additive mask (causal, plus the blocked edges of that layer)."""
+    model = tiny.model(family, attn="eager")
+    adapter = locedit.adapters.adapter_for(model)
+    n = len(enc.input_ids)
+    handles = []
+    for layer, block in enumerate(adapter.get_layers(model)):
+        mask = torch.zeros(1, 1, n, n)
+        mask.masked_fill_(~torch.ones(n, n, dtype=torch.bool).tril(), torch.finfo(torch.float32).min)
+        for layers, queries, keys in blocks:
+            if layer in layers:
+                for q in queries:
+                    for k in keys:
+                        mask[0, 0, q % n, k % n] = torch.finfo(torch.float32).min
+
+        def pre(module, args, kwargs, mask=mask):
+            return args, {**kwargs, "attention_mask": mask}
+
+        handles.append(locedit.adapters._get(block, adapter.attn).register_forward_pre_hook(pre, with_kwargs=True))
+    try:
+        with torch.no_grad():
+            return model(input_ids=torch.tensor([enc.input_ids])).logits[0, -1]
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def test_no_intervention_equals_hf(lm):
+    enc = lm.encode(FACT)
+    with torch.no_grad():
+        out = run(lm, enc)
+    assert (out.logits[0] - plain_logits(lm, enc)).abs().max() <= TOL
+
+
+def test_knockout_equals_slow_reference(lm):
+    enc = lm.encode(FACT)
+    P = enc.positions
+    blocks = [(range(0, 2), [P.last], P.subject), (range(1, 4), [P.last], P.non_subject)]
+    with torch.no_grad():
+        ours = run(lm, enc, [[BlockAttention(l, q, k) for l, q, k in blocks]]).logits[0]
+    ref = reference_knockout(lm._family, enc, blocks)
+    assert (ours - ref).abs().max() <= TOL
+    assert (ours - plain_logits(lm, enc)).abs().max() > 1e-3  # the knockout did something
+
+
+def _rows(lm, P):
+    L = lm.num_layers
+    return [
+        [],
+        [BlockAttention(range(L), [P.last], P.subject)],
+        [BlockAttention([L - 1], [P.last], P.non_subject, heads=[0, 2])],
+        [SetSublayer("mlp", [1], P.subject)],
+        [SetSublayer("attn", [2, 3], [P.last])],
+        [SetHeads([0, L - 1], [1, 3], [P.last])],
+        [UniformAttention([1], [P.last])],
+        [SetResidual(2, [P.subject_last], torch.randn(lm.d_model))],
+        [AddEmbeddingNoise(P.subject, torch.randn(len(P.subject), lm.d_model))],
+        [SetResidual(L, [P.last], torch.randn(lm.d_model))],
+    ]
+
+
+def test_mixed_batch_rows_equal_single_runs(lm):
+    enc = lm.encode(FACT)
+    rows = _rows(lm, enc.positions)
+    with torch.no_grad():
+        batched = run(lm, enc, rows).logits
+        for i, row in enumerate(rows):
+            alone = run(lm, enc, [row], reuse_prefix=False).logits[0]
+            assert (batched[i] - alone).abs().max() <= TOL, f"row {i}: {row}"
+    # every non-empty row changes the output
+    assert all((batched[i] - batched[0]).abs().max() > 1e-4 for i in range(1, len(rows)))
+
+
+def test_prefix_reuse_equals_full_recompute(lm):
+    enc = lm.encode(FACT)
+    P = enc.positions
+    L = lm.num_layers
+    rows = [[BlockAttention(range(max(0, l - 1), min(L, l + 2)), [P.last], g)]
+            for g in (P.subject, P.non_subject, (P.last,)) for l in range(L)]
+    rows += [[SetResidual(l, [P.subject_last], torch.randn(lm.d_model))] for l in range(L)]
+    capture = Capture(residual=True, attn=True, mlp=True, heads=True, mlp_keys=True)
+    with torch.no_grad():
+        full = run(lm, enc, rows, capture=capture, reuse_prefix=False)
+        reused = run(lm, enc, rows, capture=capture)
+    assert (full.logits - reused.logits).abs().max() <= TOL
+    for key, value in full.captures.data.items():
+        assert torch.allclose(value, reused.captures[key], atol=1e-4, rtol=1e-5), key
+
+
+def test_prefix_reuse_with_several_bases(lm):
+    enc = lm.encode(FACT)
+    P = enc.positions
+    g = torch.Generator().manual_seed(0)
+    bases = [[AddEmbeddingNoise(P.subject, torch.randn(len(P.subject), lm.d_model, generator=g))] for _ in range(3)]
+    rows, row_base = [], []
+    for b in range(3):
+        for layer in range(lm.num_layers):
+            rows.append([SetSublayer("mlp", [layer], [P.subject_last], torch.randn(lm.d_model, generator=g))])
+            row_base.append(b)
+    with torch.no_grad():
+        full = run(lm, enc, rows, bases=bases, row_base=row_base, reuse_prefix=False)
+        reused = run(lm, enc, rows, bases=bases, row_base=row_base)
+    assert (full.logits - reused.logits).abs().max() <= TOL
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("kind", ["bytelevel", "metaspace"])
+def test_padding_gives_same_numbers(side, kind):
+    for family in ("llama", "gpt2", "gemma2"):
+        lm = tiny.lm(family, tokenizer_kind=kind)
+        facts = [lm.encode(FACT), lm.encode(SHORT)]
+        rows = [[BlockAttention([0, 1], [-1], facts[0].positions.subject)],
+                [SetSublayer("mlp", [1], facts[1].positions.subject)]]
+        capture = Capture(residual=True, heads=True, layers=[1, 2])
+        with torch.no_grad():
+            batch = run_batch(lm, facts, rows, capture=capture, padding_side=side)
+            for i, (enc, row) in enumerate(zip(facts, rows)):
+                alone = run(lm, enc, [row], capture=capture, reuse_prefix=False)
+                assert (batch.logits[i] - alone.logits[0]).abs().max() <= TOL, (family, kind, side, i)
+                for key in [("residual", 1), ("heads", 2)]:
+                    got = batch.captures.row(key[0], key[1], i)
+                    assert (got - alone.captures[key][0]).abs().max() <= TOL
+
+
+def test_captures_match_hf_hidden_states(lm):
+    enc = lm.encode(FACT)
+    ids = torch.tensor([enc.input_ids])
+    with torch.no_grad():
+        hf = lm.model(input_ids=ids, output_hidden_states=True).hidden_states
+        out = run(lm, enc, capture=Capture(residual=True))
+    for layer in range(lm.num_layers):  # HF's last entry is after the final norm; ours is before it
+        assert (out.captures["residual", layer][0] - hf[layer][0]).abs().max() <= TOL
+    final = lm.adapter.final_norm_module(lm.model)(out.captures["residual", lm.num_layers])
+    assert (final[0] - hf[-1][0]).abs().max() <= TOL
+
+
+def test_head_weights_reconstruct_attention_output(lm):
+    """Per-head W_V / W_O slices (fused, interleaved, Conv1D, grouped-query) reproduce the attention output."""
+    enc = lm.encode(FACT)
+    layer = 1
+    inputs = {}
+    module = locedit.adapters._get(lm.layers[layer], lm.adapter.attn)
+    def keep_input(module, args, kwargs):
+        inputs["x"] = kwargs.get("hidden_states", args[0] if args else None)
+
+    handle = module.register_forward_pre_hook(keep_input, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            out = run(lm, enc, capture=Capture(heads=True, attn=True, attn_weights=True, layers=[layer]),
+                      reuse_prefix=False)
+    finally:
+        handle.remove()
+    x = inputs["x"][0]  # (n, d): the attention module's (normalised) input
+    z = out.captures["heads", layer][0]  # (n, heads, head_dim)
+    weights = out.captures["attn_weights", layer][0]  # (heads, n, n)
+    total = torch.zeros(lm.d_model)
+    for h in range(lm.num_heads):
+        w_v, b_v = lm.adapter.head_value_weight(lm.model, layer, h)
+        v = x @ w_v.T + (b_v if b_v is not None else 0)
+        z_last = weights[h, -1] @ v
+        assert (z_last - z[-1, h]).abs().max() <= 1e-4, f"head {h} value slice"
+        total = total + lm.adapter.head_output_weight(lm.model, layer, h) @ z[-1, h]
+    bias = lm.adapter.attn_output_bias(lm.model, layer)
+    total = total + (bias if bias is not None else 0)
+    if not lm.adapter.post_norms:
+        assert (total - out.captures["attn", layer][0, -1]).abs().max() <= 1e-4
+
+
+def test_gradients_flow_through_interventions(lm):
+    enc = lm.encode(FACT)
+    value = torch.zeros(lm.d_model, requires_grad=True)
+    out = run(lm, enc, [[SetResidual(1, [enc.positions.subject_last], value)]])
+    out.logits[0].logsumexp(-1).backward()
+    assert value.grad is not None and value.grad.abs().sum() > 0
+    assert all(p.grad is None for p in lm.model.parameters())
+
+
+def test_exception_inside_context_leaves_model_untouched(lm):
+    enc = lm.encode(FACT)
+    before = plain_logits(lm, enc)
+    impl = lm.model.config._attn_implementation
+    hooks_before = _hook_ids(lm.model)
+    with pytest.raises(RuntimeError, match="boom"):
+        with locedit.intervene(lm, [[SetSublayer("mlp", [0], [0])]], seq_len=len(enc.input_ids),
+                               capture=Capture(residual=True)):
+            with torch.no_grad():
+                lm.model(input_ids=torch.tensor([enc.input_ids]))
+            raise RuntimeError("boom")
+    assert (plain_logits(lm, enc) - before).abs().max() == 0
+    assert lm.model.config._attn_implementation == impl
+    assert not registered()
+    assert _hook_ids(lm.model) == hooks_before
+
+
+def _hook_ids(model):
+    return {(name, kind, key) for name, module in model.named_modules()
+            for kind in ("_forward_hooks", "_forward_pre_hooks") for key in getattr(module, kind)}
+
+
+def test_intervene_context_applies_interventions(lm):
+    enc = lm.encode(FACT)
+    ids = torch.tensor([enc.input_ids] * 2)
+    with torch.no_grad():
+        with locedit.intervene(lm, [[], [SetSublayer("attn", [0], enc.positions.subject)]],
+                               seq_len=len(enc.input_ids), capture=Capture(mlp=True, layers=[0])) as cap:
+            logits = lm.model(input_ids=ids).logits[:, -1]
+    assert (logits[0] - plain_logits(lm, enc)).abs().max() <= TOL
+    assert (logits[1] - logits[0]).abs().max() > 1e-4
+    assert cap["mlp", 0].shape == (2, len(enc.input_ids), lm.d_model)
