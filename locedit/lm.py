@@ -114,3 +114,26 @@ class LM:
     def default_projection(self) -> Projection:
         """The paper's projection for tied models, the model's own unembedding for untied ones."""
         return "paper" if self.tied_embeddings and self.adapter.family == "gpt2" else "model"
+
+
+def validate_adapter(lm: LM, prompt_ids: list[int] | None = None) -> None:
+    """Check that the adapter really controls the model: a no-op run equals the plain forward, and knocking out
+    every attention edge of the last position (and every MLP) changes the output. Raises UnsupportedModelError."""
+    from .engine import BlockAttention, SetSublayer, run
+    from .errors import UnsupportedModelError
+
+    ids = prompt_ids or [int(i) % lm.vocab_size for i in (11, 12, 13, 14, 15, 16)]
+    n = len(ids)
+    with torch.no_grad():
+        plain = lm.model(input_ids=torch.tensor([ids], device=lm.device)).logits[0, -1].float()
+        out = run(lm, ids, [[], [BlockAttention(range(lm.num_layers), [n - 1], range(n - 1))],
+                            [SetSublayer("mlp", range(lm.num_layers), range(n))]], reuse_prefix=False)
+    logits = out.logits.float()
+    scale = plain.abs().max().clamp(min=1.0)
+    if (logits[0] - plain).abs().max() > 1e-3 * scale:
+        raise UnsupportedModelError(f"adapter {lm.adapter.family!r} changes {lm.name}'s output without any "
+                                    "intervention; the model does not match the adapter")
+    for row, what in ((1, "an attention knockout"), (2, "an MLP knockout")):
+        if (logits[row] - plain).abs().max() <= 1e-6 * scale:
+            raise UnsupportedModelError(f"{what} through adapter {lm.adapter.family!r} does not change "
+                                        f"{lm.name}'s output; the adapter does not reach the model's modules")

