@@ -234,3 +234,24 @@ def test_intervene_context_applies_interventions(lm):
     assert (logits[0] - plain_logits(lm, enc)).abs().max() <= TOL
     assert (logits[1] - logits[0]).abs().max() > 1e-4
     assert cap["mlp", 0].shape == (2, len(enc.input_ids), lm.d_model)
+
+
+def test_chunked_passes_equal_full_recompute(lm):
+    """Rows restoring states at every (position, layer), as causal tracing does, split into several passes."""
+    from locedit.engine.run import _reuse_point, plan_chunks
+
+    enc = lm.encode(FACT)
+    n, L = len(enc), lm.num_layers
+    g = torch.Generator().manual_seed(1)
+    rows = [[SetResidual(l, [t], torch.randn(lm.d_model, generator=g))] for t in range(n) for l in range(L + 1)]
+    bases = [[AddEmbeddingNoise(enc.positions.subject, torch.randn(lm.d_model, generator=g))] for _ in range(2)]
+    row_base = [i % 2 for i in range(len(rows))]
+    chunks = plan_chunks([_reuse_point([r], n, L) for r in rows], n, L, 2)
+    assert len(chunks) > 1
+    capture = Capture(residual=True, layers=[0, L])
+    with torch.no_grad():
+        full = run(lm, enc, rows, bases=bases, row_base=row_base, capture=capture, reuse_prefix=False)
+        chunked = run(lm, enc, rows, bases=bases, row_base=row_base, capture=capture)
+    assert (full.logits - chunked.logits).abs().max() <= TOL
+    for key in full.captures.data:
+        assert torch.allclose(full.captures[key], chunked.captures[key], atol=1e-4, rtol=1e-5)
