@@ -211,21 +211,17 @@ def plan_chunks(points: list[tuple[int, int]], n: int, num_layers: int, n_bases:
     counts = [len(members[k]) for k in keys]
     overhead = PASS_OVERHEAD_ROW_TOKENS * num_layers
 
-    def cost(i: int, j: int) -> float:  # keys i..j-1 in one pass
-        p0 = keys[i][0]
-        l0 = max(0, min(k[1] for k in keys[i:j]))
-        rows = sum(counts[i:j])
-        return overhead + rows * (n - p0) * (num_layers - l0) + n_bases * (n - p0) * l0
-
     best = [0.0] + [float("inf")] * len(keys)
     cut = [0] * (len(keys) + 1)
     for j in range(1, len(keys) + 1):
-        rows = 0
+        rows, lowest = 0, num_layers
         for i in range(j - 1, -1, -1):
             rows += counts[i]
+            lowest = min(lowest, keys[i][1])
             if rows > max_rows and i < j - 1:
                 break
-            c = best[i] + cost(i, j)
+            p0, l0 = keys[i][0], max(0, lowest)
+            c = best[i] + overhead + rows * (n - p0) * (num_layers - l0) + n_bases * (n - p0) * l0
             if c < best[j]:
                 best[j], cut[j] = c, i
     bounds, j = [], len(keys)

@@ -1,0 +1,134 @@
+"""Shared pieces of the flow analyses: targets, layer windows, result objects, vocabulary projection and cleaning."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, fields, is_dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from ..errors import FactError
+from ..facts import EncodedFact, Fact
+from ..lm import LM, Projection
+
+# NLTK's English stopword list (the official code filters with it), inlined so nothing is downloaded.
+STOPWORDS = frozenset("""
+i me my myself we our ours ourselves you you're you've you'll you'd your yours yourself yourselves he him his
+himself she she's her hers herself it it's its itself they them their theirs themselves what which who whom this
+that that'll these those am is are was were be been being have has had having do does did doing a an the and but
+if or because as until while of at by for with about against between into through during before after above below
+to from up down in out on off over under again further then once here there when where why how all any both each
+few more most other some such no nor not only own same so than too very s t can will just don don't should
+should've now d ll m o re ve y ain aren aren't couldn couldn't didn didn't doesn doesn't hadn hadn't hasn hasn't
+haven haven't isn isn't ma mightn mightn't mustn mustn't needn needn't shan shan't shouldn shouldn't wasn wasn't
+weren weren't won won't wouldn wouldn't
+""".split())
+
+
+def clean_token(token: str) -> bool:
+    """The paper's token filter: keep tokens whose stripped text is longer than 2 characters and no stopword."""
+    stripped = token.strip()
+    return len(stripped) > 2 and stripped.lower() not in STOPWORDS
+
+
+@dataclass
+class Target:
+    """The token an analysis tracks: the model's top-1 by default (the paper's convention) or the fact's target."""
+
+    token_id: int
+    token: str
+    base_prob: float
+    is_top1: bool
+
+
+def resolve_target(lm: LM, enc: EncodedFact, use_fact_target: bool = False) -> Target:
+    """The fact's given target if `use_fact_target` (and one is given), else the model's top-1 prediction."""
+    with torch.no_grad():
+        logits = lm.model(input_ids=torch.tensor([enc.input_ids], device=lm.device)).logits[0, -1].float()
+    probs = logits.softmax(-1)
+    top = int(probs.argmax())
+    token_id = enc.target_id if (use_fact_target and enc.target_id is not None) else top
+    return Target(int(token_id), lm.token_str(token_id), float(probs[token_id]), token_id == top)
+
+
+def as_encoded(lm: LM, fact: Fact | EncodedFact) -> EncodedFact:
+    if not isinstance(fact, (Fact, EncodedFact)):
+        raise FactError(f"expected a locedit.Fact, got {type(fact).__name__}")
+    return lm.encode(fact)
+
+
+def window_layers(center: int, window: int, num_layers: int) -> range:
+    """Layers of a window of `window` layers centred on `center`, clipped at the ends: with window 9,
+    center-4 .. center+4 (the official code's `range(max(0, l - w//2), min(L, l - w//2 + w))`)."""
+    start = center - window // 2
+    return range(max(0, start), min(num_layers, start + window))
+
+
+def project_topk(lm: LM, states: torch.Tensor, projection: Projection, k: int) -> torch.Tensor:
+    """Top-k token ids of each state's vocabulary projection: (..., d) -> (..., k)."""
+    with torch.no_grad():
+        return lm.project(states, projection).topk(k, dim=-1).indices
+
+
+def rank_of(scores: torch.Tensor, token_id: int) -> torch.Tensor:
+    """Rank (0 = top) of `token_id` in each row of `scores` (..., vocab)."""
+    return (scores > scores[..., token_id: token_id + 1]).sum(-1)
+
+
+def mean_ci(values: Sequence[float] | np.ndarray, axis: int = 0, confidence: float = 0.95):
+    """Mean and the half-width of its confidence interval (Student t) along `axis`, ignoring NaNs."""
+    from scipy import stats
+
+    arr = np.asarray(values, dtype=float)
+    mean = np.nanmean(arr, axis=axis)
+    count = np.sum(~np.isnan(arr), axis=axis)
+    std = np.nanstd(arr, axis=axis, ddof=1) if arr.shape[axis] > 1 else np.zeros_like(mean)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        half = stats.t.ppf((1 + confidence) / 2, np.maximum(count - 1, 1)) * std / np.sqrt(np.maximum(count, 1))
+    return mean, np.where(count > 1, half, np.nan)
+
+
+def _jsonable(value):
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().tolist()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if is_dataclass(value):
+        return _jsonable(asdict(value))
+    return value
+
+
+class FlowResult:
+    """Base of every analysis result: a dataclass with `to_dict()`, `save_json()` and `plot()`."""
+
+    analysis: str = "flow"
+
+    def to_dict(self) -> dict:
+        data = {f.name: getattr(self, f.name) for f in fields(self) if not f.name.startswith("_")}
+        return {"analysis": self.analysis, **_jsonable(data)}
+
+    def save_json(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.write_text(json.dumps(self.to_dict(), indent=1))
+        return path
+
+    def plot(self, ax=None):  # pragma: no cover - overridden
+        raise NotImplementedError
+
+
+def fact_summary(enc: EncodedFact) -> dict:
+    """JSON-ready description of an encoded fact (prompt, subject, tokens, span)."""
+    return {"subject": enc.fact.subject, "prompt": enc.fact.prompt, "tokens": list(enc.tokens),
+            "subject_span": [enc.subject_start, enc.subject_end], "relation": enc.fact.relation}

@@ -1,0 +1,151 @@
+"""Attention heads: subject->attribute mappings in their parameters (head projection, paper §6 with Dar et al.'s
+embedding-space reading), and per-head evidence of extraction at the last position (head effects)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ..engine import BlockAttention, Capture, SetHeads, run
+from ..facts import EncodedFact, Fact
+from ..lm import LM, Projection
+from .common import FlowResult, as_encoded, fact_summary, rank_of, resolve_target
+
+
+def head_ov(lm: LM, layer: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """W_V (heads, head_dim, d), b_V (heads, head_dim) or None, W_O (heads, d, head_dim) of one layer."""
+    w_v, b_v, w_o = [], [], []
+    for h in range(lm.num_heads):
+        wv, bv = lm.adapter.head_value_weight(lm.model, layer, h)
+        w_v.append(wv)
+        b_v.append(bv)
+        w_o.append(lm.adapter.head_output_weight(lm.model, layer, h))
+    bias = torch.stack(b_v) if b_v[0] is not None else None
+    return torch.stack(w_v), bias, torch.stack(w_o)
+
+
+def ov_apply(lm: LM, layer: int, x: torch.Tensor) -> torch.Tensor:
+    """Every head's OV circuit applied to input vectors x (m, d): (heads, m, d) = W_O (W_V x + b_V)."""
+    w_v, b_v, w_o = head_ov(lm, layer)
+    v = torch.einsum("hkd,md->hmk", w_v, x.to(w_v.dtype))
+    if b_v is not None:
+        v = v + b_v[:, None, :]
+    return torch.einsum("hdk,hmk->hmd", w_o, v)
+
+
+@dataclass
+class HeadProjectionResult(FlowResult):
+    """`rank_subject_tokens[layer][head]`: best (lowest) rank of the target among the projections of the subject's
+    token embeddings through the head's OV circuit; `rank_subject_last[layer][head]`: the same for the
+    (normalised) subject-last state entering that layer. `top_heads`: heads sorted by the better of the two."""
+
+    target: str
+    target_id: int
+    base_prob: float
+    projection: str
+    rank_subject_tokens: list
+    rank_subject_last: list
+    top_heads: list
+    fact: dict = field(default_factory=dict)
+    analysis = "head_projection"
+
+    def plot(self, ax=None):
+        from ..plots import heads_table
+
+        return heads_table(self.top_heads[:15], ax=ax)
+
+
+def head_projection(lm: LM, fact: Fact | EncodedFact, *, projection: Projection | None = None,
+                    use_fact_target: bool = False, top: int = 20, top_tokens: int = 10) -> HeadProjectionResult:
+    """Read each head's OV circuit in vocabulary space: where does the target rank when the subject's token
+    embeddings (Dar et al.'s E W_VO reading) and the subject-last representation go through the head?
+
+    The subject-last state is taken entering the layer and passed through the layer's pre-attention norm
+    (what the head actually reads); token embeddings are read raw, as in the embedding-space analysis."""
+    enc = as_encoded(lm, fact)
+    target = resolve_target(lm, enc, use_fact_target)
+    projection = projection or lm.default_projection()
+    subject_ids = torch.tensor(enc.input_ids[enc.subject_start:enc.subject_end], device=lm.device)
+    L, H = lm.num_layers, lm.num_heads
+    rank_tokens = np.zeros((L, H), dtype=int)
+    rank_last = np.zeros((L, H), dtype=int)
+    top_tok: dict = {}
+    with torch.no_grad():
+        states = run(lm, enc, capture=Capture(residual=True)).captures
+        embeddings = lm.adapter.embed_module(lm.model)(subject_ids)
+        for layer in range(L):
+            x_last = states["residual", layer][0, enc.positions.subject_last]
+            norm_path = lm.adapter.pre_attn_norm
+            if norm_path:
+                x_last = lm.adapter.layer_part(lm.model, layer, norm_path)(x_last)
+            outputs = ov_apply(lm, layer, torch.cat([embeddings, x_last[None]]))  # (H, m+1, d)
+            scores = lm.project(outputs, projection).float()
+            ranks = rank_of(scores, target.token_id)  # (H, m+1)
+            rank_tokens[layer] = ranks[:, :-1].min(-1).values.cpu().numpy()
+            rank_last[layer] = ranks[:, -1].cpu().numpy()
+            for h in range(H):
+                top_tok[(layer, h)] = scores[h, -1].topk(top_tokens).indices.tolist()
+    order = sorted(((min(rank_tokens[l, h], rank_last[l, h]), l, h) for l in range(L) for h in range(H)))
+    top_heads = [{"layer": l, "head": h, "rank_subject_tokens": int(rank_tokens[l, h]),
+                  "rank_subject_last": int(rank_last[l, h]),
+                  "top_tokens_subject_last": [lm.token_str(t) for t in top_tok[(l, h)]]}
+                 for _, l, h in order[:top]]
+    return HeadProjectionResult(target.token, target.token_id, target.base_prob, projection,
+                                rank_tokens.tolist(), rank_last.tolist(), top_heads, fact_summary(enc))
+
+
+@dataclass
+class HeadEffectsResult(FlowResult):
+    """Per head (layer, head) at the last position:
+    `direct_logit`: how much the head's output raises the target's logit directly (the final-residual logit minus
+    the logit without that head's contribution, everything else fixed);
+    `edge_knockout`: relative change (%) of p(target) when only that head's last->subject edges are blocked;
+    `output_knockout`: relative change (%) of p(target) when that head's output at the last position is zeroed."""
+
+    target: str
+    target_id: int
+    base_prob: float
+    direct_logit: list
+    edge_knockout: list
+    output_knockout: list
+    fact: dict = field(default_factory=dict)
+    analysis = "head_effects"
+
+
+def head_effects(lm: LM, fact: Fact | EncodedFact, *, use_fact_target: bool = False) -> HeadEffectsResult:
+    """Direct logit attribution and two knockouts for every head, all batched (2 x layers x heads rows)."""
+    enc = as_encoded(lm, fact)
+    target = resolve_target(lm, enc, use_fact_target)
+    L, H = lm.num_layers, lm.num_heads
+    last, subject = enc.positions.last, enc.positions.subject
+    with torch.no_grad():
+        clean = run(lm, enc, capture=Capture(heads=True, attn=True, residual=True, last_only=True)).captures
+        final = clean["residual", L][0]
+        contributions = torch.stack([_head_contributions(lm, layer, clean) for layer in range(L)])  # (L, H, d)
+        without = final - contributions
+        logit = lm.unembed(final)[target.token_id].float()
+        logits_without = lm.unembed(without)[..., target.token_id].float()
+        direct = (logit - logits_without).cpu().numpy()
+        rows = [[BlockAttention([l], [last], subject, heads=[h])] for l in range(L) for h in range(H)]
+        rows += [[SetHeads([l], [h], [last])] for l in range(L) for h in range(H)]
+        probs = run(lm, enc, rows).prob_of(target.token_id).cpu().numpy()
+    change = 100 * (probs - target.base_prob) / target.base_prob
+    return HeadEffectsResult(target.token, target.token_id, target.base_prob, direct.tolist(),
+                             change[: L * H].reshape(L, H).tolist(), change[L * H:].reshape(L, H).tolist(),
+                             fact_summary(enc))
+
+
+def _head_contributions(lm: LM, layer: int, clean) -> torch.Tensor:
+    """(heads, d): what each head adds to the residual stream at the last position. With a post-attention norm
+    (Gemma-2/3, OLMo-2), a head's share is norm(total) - norm(total without the head)."""
+    z = clean["heads", layer][0]  # (H, head_dim)
+    w_o = torch.stack([lm.adapter.head_output_weight(lm.model, layer, h) for h in range(lm.num_heads)])
+    per_head = torch.einsum("hdk,hk->hd", w_o, z)
+    if not lm.adapter.post_norms:
+        return per_head
+    bias = lm.adapter.attn_output_bias(lm.model, layer)
+    total = per_head.sum(0) + (bias if bias is not None else 0)
+    norm = lm.adapter.layer_part(lm.model, layer, lm.adapter.attn_out)
+    return norm(total)[None] - norm(total[None] - per_head)

@@ -1,0 +1,338 @@
+"""Run one analysis over a fact set, resumably, into a JSONL file; aggregate the per-fact results.
+
+Each fact becomes one line: `{"id", "analysis_fn", "options", "fact", "result"}` or, when the analysis raised a
+`LoceditError` for that fact, `{"id", "analysis_fn", "options", "fact", "error"}`. Lines are written, flushed and
+fsync'd whole, so an interruption leaves at most a truncated last line, which the next run removes before it skips
+every fact that already has a line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import logging
+import os
+import sys
+import tempfile
+import typing
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from ..errors import DatasetError, LoceditError
+from ..facts import Fact
+from .common import FlowResult, _jsonable, mean_ci
+
+logger = logging.getLogger("locedit")
+
+Analysis = Callable[..., FlowResult]
+
+# Analysis names -> "module:function" (resolved on first use, so a missing module only fails when asked for) or
+# the callable itself. Add entries to register more analyses.
+ANALYSES: dict[str, str | Analysis] = {
+    "knockout": "locedit.flow.knockout:attention_knockout",
+    "attribute_rate": "locedit.flow.attribute_rate:attribute_rate",
+    "sublayer": "locedit.flow.sublayer:sublayer_knockout",
+    "extraction": "locedit.flow.extraction:extraction_events",
+    "heads": "locedit.flow.heads:head_projection",
+    "patching": "locedit.flow.patching:state_patching",
+    "trace": "locedit.flow.causal_trace:causal_trace",
+}
+
+
+# --- resolving analyses ----------------------------------------------------------------------------------------------
+def _import(spec: str) -> Analysis:
+    module_name, _, attr = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        raise LoceditError(f"analysis {spec!r} is not available: module {e.name!r} cannot be imported") from e
+    try:
+        return getattr(module, attr)
+    except AttributeError:
+        raise LoceditError(f"analysis {spec!r} is not available: {module_name} has no {attr!r}") from None
+
+
+def _spec_of(fn: Callable) -> str:
+    return f"{getattr(fn, '__module__', '?')}:{getattr(fn, '__qualname__', type(fn).__name__)}"
+
+
+def resolve_analysis(analysis: str | Analysis) -> tuple[str, Analysis]:
+    """`(spec, callable)` of a registry name, a "module:function" string or a callable; `spec` identifies the
+    analysis in the output file ("module:function")."""
+    if callable(analysis):
+        return _spec_of(analysis), analysis
+    if not isinstance(analysis, str):
+        raise LoceditError(f"analysis must be a name, 'module:function' or a callable, not {type(analysis).__name__}")
+    entry = ANALYSES.get(analysis, analysis if ":" in analysis else None)
+    if entry is None:
+        raise LoceditError(f"unknown analysis {analysis!r}; known: {', '.join(sorted(ANALYSES))}")
+    fn = _import(entry) if isinstance(entry, str) else entry
+    return _spec_of(fn), fn
+
+
+# --- fact ids and lines ----------------------------------------------------------------------------------------------
+def fact_id(fact: Fact) -> str:
+    """The fact's `meta["id"]` (set by `read_facts`), else a hash of its subject, prompt, target and relation."""
+    ident = fact.meta.get("id") if isinstance(fact.meta, dict) else None
+    if ident is not None:
+        return str(ident)
+    key = json.dumps([fact.subject, fact.prompt, fact.target, fact.relation])
+    return "h" + hashlib.sha1(key.encode()).hexdigest()[:12]
+
+
+def fact_record(fact: Fact) -> dict:
+    return _jsonable({"subject": fact.subject, "prompt": fact.prompt, "target": fact.target,
+                      "relation": fact.relation, "meta": dict(fact.meta)})
+
+
+def _option_value(value: Any) -> Any:
+    if isinstance(value, (range, set, frozenset)):
+        return sorted(value) if isinstance(value, (set, frozenset)) else list(value)
+    return repr(value)
+
+
+def _normalize(options: Mapping[str, Any]) -> dict:
+    """Options as they read back from JSON (tuples and ranges become lists, other objects their repr), for
+    recording and comparing runs."""
+    return json.loads(json.dumps(_jsonable(dict(options)), default=_option_value))
+
+
+# --- the output file -------------------------------------------------------------------------------------------------
+def read_lines(path: Path) -> tuple[list[dict], bool]:
+    """Parsed lines of an output file, and whether a truncated/corrupt last line was dropped (the file is then
+    rewritten without it, atomically). A corrupt line before the last raises `DatasetError`."""
+    if not path.exists():
+        return [], False
+    raw = path.read_bytes()
+    pieces = raw.split(b"\n")
+    lines: list[dict] = []
+    dropped = False
+    for number, piece in enumerate(pieces, start=1):
+        if not piece.strip():
+            continue
+        try:
+            value = json.loads(piece)
+            if not isinstance(value, dict) or "id" not in value:
+                raise ValueError("not a result line")
+        except ValueError as e:
+            if any(p.strip() for p in pieces[number:]):
+                raise DatasetError(f"{str(path)!r} line {number} is corrupt ({e}); only a truncated last line "
+                                   "is repaired automatically") from None
+            dropped = True
+            continue
+        lines.append(value)
+    if dropped or (raw and not raw.endswith(b"\n")):
+        _rewrite(path, lines)
+    return lines, dropped
+
+
+def _rewrite(path: Path, lines: Sequence[dict]) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for line in lines:
+                f.write(json.dumps(line) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _append(f, line: dict) -> None:
+    f.write(json.dumps(line) + "\n")
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def _check_compatible(path: Path, lines: Sequence[dict], spec: str, options: dict) -> None:
+    for line in lines:
+        if line.get("analysis_fn", spec) != spec or line.get("options", options) != options:
+            raise DatasetError(f"{str(path)!r} holds results of {line.get('analysis_fn')} with options "
+                               f"{line.get('options')}, not of {spec} with {options}; use another output file")
+
+
+# --- the run ---------------------------------------------------------------------------------------------------------
+@dataclass
+class DatasetRun:
+    """The lines of `path` for the facts asked for: `.results` (successful lines), `.errors` (error lines),
+    `.skipped` (facts already in the file before this run), `.ran` (facts run now), `.repaired` (a truncated last
+    line was removed), `.known` (facts kept by `only_known`, else None)."""
+
+    path: Path
+    analysis: str
+    results: list[dict] = field(default_factory=list)
+    errors: list[dict] = field(default_factory=list)
+    skipped: int = 0
+    ran: int = 0
+    repaired: bool = False
+    known: int | None = None
+    result_type: type | None = field(default=None, repr=False)
+
+    def aggregate(self) -> dict[str, dict]:
+        """Per analysis name (the results' "analysis" field): the registered aggregator's summary, else the result
+        class's `aggregate(dicts)`, else `aggregate_all_series`."""
+        groups: dict[str, list[dict]] = {}
+        for line in self.results:
+            groups.setdefault(line["result"].get("analysis", "flow"), []).append(line)
+        return {name: _aggregator(name, self.result_type)(rows) for name, rows in groups.items()}
+
+
+def run_dataset(lm, analysis: str | Analysis, facts: Iterable[Fact], out_path: str | Path, *,
+                options: Mapping[str, Any] | None = None, progress: bool = True,
+                only_known: bool = False) -> DatasetRun:
+    """Run `analysis(lm, fact, **options)` for every fact without a line in `out_path` yet, appending one JSONL line
+    per fact. A `LoceditError` for one fact becomes an error line; any other exception propagates (the lines
+    written so far stay, and the next call resumes)."""
+    from tqdm.auto import tqdm
+
+    spec, fn = resolve_analysis(analysis)
+    options = dict(options or {})
+    recorded = _normalize(options)
+    facts = list(getattr(facts, "facts", facts))
+    if only_known:
+        facts = _keep_known(lm, facts, progress)
+    ids = [fact_id(f) for f in facts]
+    _check_unique(ids)
+    path = Path(out_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines, repaired = read_lines(path)
+    _check_compatible(path, lines, spec, recorded)
+    done = {line["id"]: line for line in lines}
+    todo = [(i, f) for i, f in zip(ids, facts) if i not in done]
+    run = DatasetRun(path, spec, skipped=len(facts) - len(todo), repaired=repaired,
+                     known=len(facts) if only_known else None, result_type=_result_type(fn))
+    bar = tqdm(total=len(todo), desc=spec.rpartition(":")[2], unit="fact", disable=None if progress else True,
+               file=sys.stderr)
+    with open(path, "a", encoding="utf-8") as f, bar:
+        for ident, fact in todo:
+            done[ident] = line = _run_one(lm, fn, fact, ident, spec, options, recorded)
+            _append(f, line)
+            run.ran += 1
+            bar.update(1)
+    for ident in ids:
+        line = done[ident]
+        (run.errors if "error" in line else run.results).append(line)
+    return run
+
+
+def _run_one(lm, fn: Analysis, fact: Fact, ident: str, spec: str, options: dict, recorded: dict) -> dict:
+    line = {"id": ident, "analysis_fn": spec, "options": recorded, "fact": fact_record(fact)}
+    try:
+        result = fn(lm, fact, **options)
+    except LoceditError as e:
+        return {**line, "error": f"{type(e).__name__}: {e}"}
+    return {**line, "result": result.to_dict() if hasattr(result, "to_dict") else _jsonable(result)}
+
+
+def _keep_known(lm, facts: list[Fact], progress: bool) -> list[Fact]:
+    from ..datasets import known_facts
+
+    kept = known_facts(lm, facts, progress=progress)
+    message = f"only_known: the model knows {len(kept)} of {len(facts)} facts"
+    logger.info(message)
+    if progress:
+        print(message, file=sys.stderr)
+    return kept
+
+
+def _check_unique(ids: Sequence[str]) -> None:
+    seen: set[str] = set()
+    for ident in ids:
+        if ident in seen:
+            raise DatasetError(f"two facts share the id {ident!r}; ids must be unique to resume a run")
+        seen.add(ident)
+
+
+def _result_type(fn: Callable) -> type | None:
+    try:
+        hint = typing.get_type_hints(fn).get("return")
+    except Exception:  # unresolvable annotations: no class-level aggregate
+        return None
+    return hint if isinstance(hint, type) else None
+
+
+# --- aggregation -----------------------------------------------------------------------------------------------------
+def _at(record: dict, key_path: str | Sequence[str]):
+    value = record["result"] if "result" in record else record
+    for key in (key_path.split(".") if isinstance(key_path, str) else key_path):
+        if not isinstance(value, dict) or key not in value:
+            return None
+        value = value[key]
+    return value
+
+
+def _series_stats(series: list[list]) -> dict:
+    lengths = {len(s) for s in series}
+    if len(lengths) > 1:
+        raise LoceditError(f"cannot average series of different lengths {sorted(lengths)}")
+    arr = np.array([[np.nan if v is None else v for v in s] for s in series], dtype=float)
+    with warnings.catch_warnings():  # a column with a single value has no CI (NaN), which is expected
+        warnings.simplefilter("ignore", RuntimeWarning)
+        mean, half = mean_ci(arr, axis=0)
+    return {"mean": np.atleast_1d(mean).tolist(), "ci95": np.atleast_1d(half).tolist(), "n": len(series)}
+
+
+def aggregate_series(dicts: Sequence[dict], key_path: str | Sequence[str]) -> dict:
+    """Mean and 95% CI half-width per index of the per-layer list at `key_path` ("a.b" or ("a", "b")) of each
+    result (or result line): `{"mean", "ci95", "n"}`; for a dict of lists, that per key. Rows without the key are
+    left out; None counts as NaN (ignored)."""
+    values = [v for v in (_at(d, key_path) for d in dicts) if v is not None]
+    if not values:
+        return {"mean": [], "ci95": [], "n": 0}
+    if all(isinstance(v, dict) for v in values):
+        keys = list(dict.fromkeys(k for v in values for k in v))
+        return {k: _series_stats([v[k] for v in values if v.get(k) is not None]) for k in keys}
+    if all(isinstance(v, list) for v in values):
+        return _series_stats(values)
+    raise LoceditError(f"{key_path!r} is not a per-layer list (or a dict of them) in every result")
+
+
+def _is_series(value: Any) -> bool:
+    def numbers(v):
+        return isinstance(v, list) and bool(v) and all(x is None or isinstance(x, (int, float)) for x in v)
+    return numbers(value) or (isinstance(value, dict) and bool(value) and all(numbers(v) for v in value.values()))
+
+
+def aggregate_all_series(dicts: Sequence[dict]) -> dict:
+    """Generic summary: `aggregate_series` of every top-level per-layer field whose lengths agree across rows."""
+    first = _at(dicts[0], ()) if dicts else {}
+    out: dict[str, Any] = {"n": len(dicts)}
+    for key, value in first.items():
+        if _is_series(value):
+            try:
+                out[key] = aggregate_series(dicts, (key,))
+            except LoceditError:
+                continue
+    return out
+
+
+def aggregate_knockout(dicts: Sequence[dict]) -> dict:
+    """Attention knockout: mean and CI of the relative change (%) per group and layer."""
+    windows = sorted({_at(d, ("window",)) for d in dicts} - {None})
+    return {"analysis": "attention_knockout", "n": len(dicts), "window": windows,
+            "relative_change": aggregate_series(dicts, ("relative_change",))}
+
+
+# Result "analysis" name -> aggregator (or "module:function"). Add entries for other analyses.
+AGGREGATORS: dict[str, str | Callable[[Sequence[dict]], dict]] = {"attention_knockout": aggregate_knockout}
+
+
+def _aggregator(name: str, result_type: type | None) -> Callable[[Sequence[dict]], dict]:
+    entry = AGGREGATORS.get(name)
+    if isinstance(entry, str):
+        return _import(entry)
+    if entry is not None:
+        return entry
+    if result_type is not None and getattr(result_type, "analysis", None) == name:
+        method = getattr(result_type, "aggregate", None)
+        if callable(method):
+            return method
+    return aggregate_all_series
