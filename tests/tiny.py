@@ -93,3 +93,34 @@ def lm(family: str, tokenizer_kind: str = "bytelevel", seed: int = 0, attn: str 
     loaded = locedit.load((model(family, seed, attn), tokenizer(tokenizer_kind)))
     loaded._family = family  # lets tests rebuild the same model
     return loaded
+
+
+def reference_knockout(family: str, input_ids, blocks) -> torch.Tensor:
+    """Independent slow reference for attention knockout: the eager model, with each attention module's mask
+    kwarg replaced by an explicit additive mask (causal, plus that layer's blocked (query, key) edges).
+    `blocks` = [(layers, queries, keys)]. Returns the last position's logits."""
+    import locedit
+
+    model_ = model(family, attn="eager")
+    adapter = locedit.adapters.adapter_for(model_)
+    n = len(input_ids)
+    handles = []
+    for layer, block in enumerate(adapter.get_layers(model_)):
+        mask = torch.zeros(1, 1, n, n)
+        mask.masked_fill_(~torch.ones(n, n, dtype=torch.bool).tril(), torch.finfo(torch.float32).min)
+        for layers, queries, keys in blocks:
+            if layer in layers:
+                for q in queries:
+                    for k in keys:
+                        mask[0, 0, q % n, k % n] = torch.finfo(torch.float32).min
+
+        def pre(module, args, kwargs, mask=mask):
+            return args, {**kwargs, "attention_mask": mask}
+
+        handles.append(locedit.adapters._get(block, adapter.attn).register_forward_pre_hook(pre, with_kwargs=True))
+    try:
+        with torch.no_grad():
+            return model_(input_ids=torch.tensor([list(input_ids)])).logits[0, -1]
+    finally:
+        for h in handles:
+            h.remove()
