@@ -61,7 +61,9 @@ def causal_trace(lm: LM, fact: Fact | EncodedFact, *, kind: str = "hidden", samp
                  noise_std: float | None = None, window: int = 10, seed: int = 1,
                  use_fact_target: bool = False) -> CausalTraceResult:
     """ROME's causal trace. Noise: `noise` x `noise_std` (default the embedding std, see `embedding_std`), drawn
-    once with `seed` and shared by every cell (ROME's paired design). `window` applies to mlp/attn restores."""
+    once with `seed` and shared by every cell (ROME's paired design). `window` applies to mlp/attn restores.
+    Cells before the subject are not run: noise cannot reach them, so restoring them is a no-op and their score
+    is the corrupted score (ROME computes the same number the long way)."""
     if kind not in KINDS:
         raise LoceditError(f"unknown trace kind {kind!r}; use one of {KINDS}")
     enc = as_encoded(lm, fact)
@@ -76,7 +78,8 @@ def causal_trace(lm: LM, fact: Fact | EncodedFact, *, kind: str = "hidden", samp
     with torch.no_grad():
         clean = run(lm, enc, capture=Capture(**{site: True})).captures
         cells = []
-        for position in range(n):
+        first = subject[0]  # states before the subject are identical in the clean and corrupted runs
+        for position in range(first, n):
             for layer in range(L):
                 if kind == "hidden":
                     cells.append([SetResidual(layer + 1, [position], clean["residual", layer + 1][0, position])])
@@ -89,8 +92,9 @@ def causal_trace(lm: LM, fact: Fact | EncodedFact, *, kind: str = "hidden", samp
         row_base.append(0)
         probs = run(lm, enc, rows + [[] for _ in range(samples - 1)], bases=bases,
                     row_base=row_base + list(range(1, samples))).prob_of(target.token_id)
-    cell_probs = probs[: len(cells) * samples].view(n, L, samples).mean(-1)
     low = float(probs[len(cells) * samples:].mean())
+    cell_probs = torch.full((n, L), low)
+    cell_probs[first:] = probs[: len(cells) * samples].view(n - first, L, samples).mean(-1)
     return CausalTraceResult(kind, target.token, target.token_id, target.base_prob, low, cell_probs.tolist(),
                              list(enc.tokens), [enc.subject_start, enc.subject_end], window, samples, std,
                              fact_summary(enc))
