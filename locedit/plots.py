@@ -23,6 +23,8 @@ COLORS = {"subject": "tab:green", "non_subject": "tab:purple", "last": "tab:oran
 def _dicts(results) -> list[dict]:
     if isinstance(results, dict):
         return [results]
+    if hasattr(results, "to_dict"):
+        return [results.to_dict()]
     return [r if isinstance(r, dict) else r.to_dict() for r in results]
 
 
@@ -188,4 +190,42 @@ def causal_trace_heatmap(result, ax=None):
     ax.set_title(f"Causal trace ({d['kind']}): p({d['target']!r}), corrupted {d['low_score']:.3f}, "
                  f"clean {d['high_score']:.3f}", fontsize=9)
     fig.colorbar(im, ax=ax, fraction=0.04)
+    return fig
+
+
+def sitemap_figure(sitemap):
+    """Four panels: the hidden-state trace at the subject's tokens, the MLP site scores, the knockout curves and
+    the head scores."""
+    d = _dicts(sitemap)[0]
+    ev = d["evidence"]
+    subject_tokens = [repr(ev["tokens"][p])[1:-1] for p in ev["subject_positions"]]
+    fig, axes = plt.subplots(2, 2, figsize=(11, 6.5), constrained_layout=True)
+    im = axes[0, 0].imshow(np.array(ev["hidden_trace"], dtype=float), aspect="auto", cmap="Purples",
+                           vmin=ev["trace_low"])
+    axes[0, 0].set_yticks(range(len(subject_tokens)), subject_tokens, fontsize=8)
+    axes[0, 0].set_title("Causal trace: p(target) with a subject token's state restored", fontsize=9)
+    axes[0, 0].set_xlabel("layer")
+    fig.colorbar(im, ax=axes[0, 0], fraction=0.04)
+    ko = -np.array(ev["mlp_knockout_change"], dtype=float)
+    im = axes[0, 1].imshow(ko, aspect="auto", cmap="Greens")
+    axes[0, 1].set_yticks(range(len(subject_tokens)), subject_tokens, fontsize=8)
+    axes[0, 1].set_title("MLP knockout at one (token, layer): drop in p(target) (%)", fontsize=9)
+    axes[0, 1].set_xlabel("layer")
+    fig.colorbar(im, ax=axes[0, 1], fraction=0.04)
+    ax = axes[1, 0]
+    for group, values in ev["knockout"].items():
+        ax.plot(values, label=group.replace("_", "-"), color=COLORS.get(group))
+    ax.axhline(0, color="black", lw=0.6)
+    ax.set_title("Attention knockout from the last position (% change)", fontsize=9)
+    ax.set_xlabel("layer (window centre)")
+    ax.legend(frameon=False, fontsize=7)
+    head_scores = np.zeros_like(np.array(ev["head_direct_logit"], dtype=float))
+    for h in d["heads"]:
+        head_scores[h["layer"], h["head"]] = h["score"]
+    im = axes[1, 1].imshow(head_scores.T, aspect="auto", cmap="Oranges")
+    axes[1, 1].set_title("Top extraction heads (score)", fontsize=9)
+    axes[1, 1].set_xlabel("layer")
+    axes[1, 1].set_ylabel("head")
+    fig.colorbar(im, ax=axes[1, 1], fraction=0.04)
+    fig.suptitle(f"{d['fact'].get('prompt')!r} → {d['target']!r} (p={d['base_prob']:.2f})", fontsize=10)
     return fig

@@ -5,6 +5,7 @@ target's probability comes back. Cells are batched and share the corrupted prefi
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -54,16 +55,17 @@ class CausalTraceResult(FlowResult):
 
     def indirect_effect(self) -> np.ndarray:
         """(positions, layers): restored p minus corrupted p."""
-        return np.asarray(self.scores) - self.low_score
+        return np.asarray(self.scores, dtype=float) - self.low_score
 
 
 def causal_trace(lm: LM, fact: Fact | EncodedFact, *, kind: str = "hidden", samples: int = 10, noise: float = 3.0,
                  noise_std: float | None = None, window: int = 10, seed: int = 1,
-                 use_fact_target: bool = False) -> CausalTraceResult:
+                 use_fact_target: bool = False, positions: Sequence[int] | None = None) -> CausalTraceResult:
     """ROME's causal trace. Noise: `noise` x `noise_std` (default the embedding std, see `embedding_std`), drawn
     once with `seed` and shared by every cell (ROME's paired design). `window` applies to mlp/attn restores.
     Cells before the subject are not run: noise cannot reach them, so restoring them is a no-op and their score
-    is the corrupted score (ROME computes the same number the long way)."""
+    is the corrupted score (ROME computes the same number the long way). `positions` restricts the traced
+    positions (the others are reported as NaN)."""
     if kind not in KINDS:
         raise LoceditError(f"unknown trace kind {kind!r}; use one of {KINDS}")
     enc = as_encoded(lm, fact)
@@ -79,7 +81,9 @@ def causal_trace(lm: LM, fact: Fact | EncodedFact, *, kind: str = "hidden", samp
         clean = run(lm, enc, capture=Capture(**{site: True})).captures
         cells = []
         first = subject[0]  # states before the subject are identical in the clean and corrupted runs
-        for position in range(first, n):
+        wanted = [p % n for p in positions] if positions is not None else list(range(n))
+        traced = [p for p in range(first, n) if p in wanted]
+        for position in traced:
             for layer in range(L):
                 if kind == "hidden":
                     cells.append([SetResidual(layer + 1, [position], clean["residual", layer + 1][0, position])])
@@ -93,8 +97,9 @@ def causal_trace(lm: LM, fact: Fact | EncodedFact, *, kind: str = "hidden", samp
         probs = run(lm, enc, rows + [[] for _ in range(samples - 1)], bases=bases,
                     row_base=row_base + list(range(1, samples))).prob_of(target.token_id)
     low = float(probs[len(cells) * samples:].mean())
-    cell_probs = torch.full((n, L), low)
-    cell_probs[first:] = probs[: len(cells) * samples].view(n - first, L, samples).mean(-1)
+    cell_probs = torch.full((n, L), float("nan"))
+    cell_probs[[p for p in wanted if p < first]] = low
+    cell_probs[traced] = probs[: len(cells) * samples].view(len(traced), L, samples).mean(-1)
     return CausalTraceResult(kind, target.token, target.token_id, target.base_prob, low, cell_probs.tolist(),
                              list(enc.tokens), [enc.subject_start, enc.subject_end], window, samples, std,
                              fact_summary(enc))
