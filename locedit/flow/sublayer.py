@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from typing import Literal, Sequence
+from typing import Literal, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -23,7 +23,7 @@ from ..engine import Capture, Intervention, SetSublayer, UniformAttention, run
 from ..errors import InterventionError
 from ..facts import EncodedFact, Fact
 from ..lm import LM, Projection
-from .attribute_rate import state_rates
+from .attribute_rate import state_rates, unwrap
 from .attributes import AttributeSet, attribute_set
 from .common import FlowResult, as_encoded, fact_summary, resolve_target
 from .common import mean_ci as _mean_ci
@@ -102,25 +102,18 @@ class SublayerKnockoutResult(FlowResult):
         return aggregate(results)
 
     def plot(self, ax=None):
-        import matplotlib.pyplot as plt
+        from ..plots import sublayer_curves
 
-        ax = ax or plt.gca()
-        for name, values in self.attribute_rate.items():
-            ax.plot(self.starts, [np.nan if v is None else v for v in values], label=f"{name} knocked out")
-        ax.axhline(self.baseline_rate, color="gray", linestyle="--", label="no knockout")
-        ax.set_xlabel(f"first knocked-out layer ({self.window}-layer window)")
-        ax.set_ylabel(f"attribute rate at layer {self.measure_layer} (%)")
-        ax.legend()
-        return ax
+        return sublayer_curves([self], ax=ax)
 
 
 def sublayer_knockout(lm: LM, fact: Fact | EncodedFact, *, attributes: AttributeSet | None = None,
-                      window: int = 10, measure_layer: int | None = None, mode: Mode = "zero",
+                      paragraphs: Mapping[str, str] | None = None, window: int = 10, measure_layer: int | None = None, mode: Mode = "zero",
                       projection: Projection | None = None, k: int = 500, m: int = 50,
                       use_fact_target: bool = False) -> SublayerKnockoutResult:
     """Knock out the MLP / attention sublayers of each window start s = 0..measure_layer-1 (both sublayers,
     every start and a clean row in one batched run) and measure the subject-last attribute rate leaving
-    `measure_layer`, and p(target)."""
+    `measure_layer`, and p(target). A_s: `attributes`, else `attribute_set(lm, subject, paragraphs)`."""
     enc = as_encoded(lm, fact)
     n, L = len(enc), lm.num_layers
     measure_layer = default_measure_layer(L) if measure_layer is None else int(measure_layer)
@@ -129,7 +122,7 @@ def sublayer_knockout(lm: LM, fact: Fact | EncodedFact, *, attributes: Attribute
     if window < 1:
         raise ValueError(f"window must be at least 1, not {window}")
     projection = projection or lm.default_projection()
-    attributes = attributes if attributes is not None else attribute_set(lm, enc.fact.subject)
+    attributes = attributes if attributes is not None else attribute_set(lm, enc.fact.subject, paragraphs)
     target = resolve_target(lm, enc, use_fact_target)
     position = enc.positions.subject_last
     starts = list(range(measure_layer))
@@ -160,8 +153,9 @@ def mean_ci(values: np.ndarray):
 
 def aggregate(results: Sequence) -> dict:
     """Mean and 95% CI over facts of the attribute rate and p(target) per sublayer and start, and of the
-    no-knockout baselines. Accepts `SublayerKnockoutResult`s or their `to_dict()`s."""
-    dicts = [r.to_dict() if isinstance(r, FlowResult) else r for r in results]
+    no-knockout baselines. Accepts `SublayerKnockoutResult`s, their `to_dict()`s or `run_dataset` lines; each
+    entry is `{"mean", "ci95", "n"}`."""
+    dicts = [unwrap(r) for r in results]
     if not dicts:
         raise ValueError("nothing to aggregate")
     starts = dicts[0]["starts"]
@@ -173,8 +167,8 @@ def aggregate(results: Sequence) -> dict:
         for sublayer in SUBLAYERS:
             rows = np.asarray([[np.nan if v is None else v for v in d[key][sublayer]] for d in dicts], dtype=float)
             mean, ci = mean_ci(rows.reshape(len(dicts), -1))
-            out[key][sublayer] = {"mean": mean.tolist(), "ci": ci.tolist()}
+            out[key][sublayer] = {"mean": mean.tolist(), "ci95": ci.tolist(), "n": len(dicts)}
     for key in ("baseline_rate", "base_prob"):
         mean, ci = mean_ci(np.asarray([np.nan if d[key] is None else d[key] for d in dicts], dtype=float))
-        out[key] = {"mean": float(mean), "ci": float(ci)}
+        out[key] = {"mean": float(mean), "ci95": float(ci), "n": len(dicts)}
     return out
