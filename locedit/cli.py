@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(loc)
     _fact_args(loc)
     loc.add_argument("--out", type=Path, default=Path("results"), help="output directory (default: results/)")
-    loc.add_argument("--samples", type=int, default=3, help="noise samples for the causal traces (default 3)")
+    loc.add_argument("--samples", type=int, default=2, help="noise samples for the causal traces (default 2)")
 
     ana = sub.add_parser("analyze", help="run one flow analysis of Geva et al. 2023 (or ROME's causal trace)",
                          description="Run one analysis on a fact or a fact file; writes JSON (JSONL for a file) "

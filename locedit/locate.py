@@ -30,7 +30,7 @@ import torch
 from .engine import SetSublayer, run
 from .facts import EncodedFact, Fact
 from .flow.causal_trace import causal_trace
-from .flow.common import FlowResult, as_encoded, fact_summary, resolve_target
+from .flow.common import FlowResult, as_encoded, fact_summary, resolve_target, window_layers
 from .flow.heads import head_effects, head_projection
 from .flow.knockout import attention_knockout
 from .lm import LM
@@ -105,23 +105,27 @@ class SiteMap(FlowResult):
         return out
 
 
-def locate(lm: LM, fact: Fact | EncodedFact, *, samples: int = 3, noise: float = 3.0, trace_window: int = 3,
-           knockout_window: int = 9, top_heads: int = 10, edit_layers: int = 1, edit_heads: int = 3,
-           use_fact_target: bool = False) -> SiteMap:
+def locate(lm: LM, fact: Fact | EncodedFact, *, samples: int = 2, noise: float = 3.0, trace_window: int = 3,
+           trace_stride: int = 2, knockout_window: int = 9, top_heads: int = 10, edit_layers: int = 1,
+           edit_heads: int = 3, ov_candidates: int = 30, use_fact_target: bool = False) -> SiteMap:
     """Locate one fact. All evidence comes from batched analyses (a few thousand intervention rows in a handful
-    of forward passes); `samples` noise draws for the causal traces (ROME uses 10; 3 keep `locate` fast)."""
+    of forward passes). Cost-saving defaults: `samples` noise draws for the causal traces (ROME uses 10), the
+    hidden-state trace every `trace_stride` layers, the MLP trace in non-overlapping windows of `trace_window`
+    layers, and the OV reading only for the `ov_candidates` heads with the largest direct or knockout effect."""
     start = time.perf_counter()
     enc = as_encoded(lm, fact)
     target = resolve_target(lm, enc, use_fact_target)
     subject = site_positions(enc)
     L = lm.num_layers
     trace_opts = dict(samples=samples, noise=noise, positions=subject, use_fact_target=use_fact_target)
-    hidden = causal_trace(lm, enc, kind="hidden", **trace_opts)
-    mlp_trace = causal_trace(lm, enc, kind="mlp", window=trace_window, **trace_opts)
+    hidden = causal_trace(lm, enc, kind="hidden", layers=range(0, L, trace_stride), **trace_opts)
+    centers = list(range(trace_window // 2, L, trace_window))
+    mlp_trace = causal_trace(lm, enc, kind="mlp", window=trace_window, layers=centers, **trace_opts)
     cell_drop, layer_drop = _mlp_knockouts(lm, enc, target.token_id, target.base_prob)
     knockout = attention_knockout(lm, enc, window=knockout_window, use_fact_target=use_fact_target)
     effects = head_effects(lm, enc, use_fact_target=use_fact_target)
-    projection = head_projection(lm, enc, use_fact_target=use_fact_target, top=0)
+    candidates = _head_candidates(effects, ov_candidates)
+    projection = head_projection(lm, enc, use_fact_target=use_fact_target, top=0, heads=candidates)
 
     # carrier token: the subject position whose restored hidden state recovers p(target) best
     hidden_scores = np.array(hidden.scores, dtype=float)[subject]  # (|subject|, L)
@@ -132,8 +136,12 @@ def locate(lm: LM, fact: Fact | EncodedFact, *, samples: int = 3, noise: float =
                "trace_layer": int(np.nanargmax(hidden_scores[best_row])),
                "per_token": {str(p): float(np.nanmax(hidden_scores[i])) for i, p in enumerate(subject)}}
 
-    # MLP sites (subject position x layer)
-    trace_effect = np.array(mlp_trace.scores, dtype=float)[subject] - mlp_trace.low_score
+    # MLP sites (subject position x layer); each traced window's effect is credited to every layer in it
+    window_effect = np.array(mlp_trace.scores, dtype=float)[subject] - mlp_trace.low_score
+    trace_effect = np.zeros_like(window_effect)
+    for center in centers:
+        for layer in window_layers(center, trace_window, L):
+            trace_effect[:, layer] = window_effect[:, center]
     cell_score = (MLP_WEIGHTS["knockout_cell"] * _positive_scaled(-cell_drop) +
                   MLP_WEIGHTS["trace"] * _positive_scaled(trace_effect) +
                   MLP_WEIGHTS["knockout_layer"] * _positive_scaled(-layer_drop)[None, :])
@@ -153,7 +161,6 @@ def locate(lm: LM, fact: Fact | EncodedFact, *, samples: int = 3, noise: float =
     # relation propagation
     non_subject = np.array(knockout.relative_change["non_subject"], dtype=float)
     center = int(np.argmin(non_subject))
-    from .flow.common import window_layers
     relation = {"center": center, "layers": list(window_layers(center, knockout_window, L)),
                 "relative_change": float(non_subject[center]),
                 "subject_center": int(np.argmin(knockout.relative_change["subject"])),
@@ -202,6 +209,18 @@ def site_positions(enc: EncodedFact) -> list[int]:
     its MLP breaks every prediction, which says nothing about this fact."""
     subject = list(enc.positions.subject)
     return [p for p in subject if p != 0] or subject
+
+
+def _head_candidates(effects, count: int) -> list[tuple[int, int]]:
+    """The heads worth reading the OV circuit of: the largest direct logit contributions and output-knockout drops."""
+    direct = np.array(effects.direct_logit, dtype=float)
+    drop = -np.array(effects.output_knockout, dtype=float)
+    heads = direct.shape[1]
+    chosen: set[tuple[int, int]] = set()
+    for values in (direct, drop):
+        for flat in np.argsort(-values, axis=None)[: count // 2]:
+            chosen.add(divmod(int(flat), heads))
+    return sorted(chosen)
 
 
 def _mlp_knockouts(lm: LM, enc: EncodedFact, target_id: int, base_prob: float) -> tuple[np.ndarray, np.ndarray]:

@@ -60,12 +60,13 @@ class CausalTraceResult(FlowResult):
 
 def causal_trace(lm: LM, fact: Fact | EncodedFact, *, kind: str = "hidden", samples: int = 10, noise: float = 3.0,
                  noise_std: float | None = None, window: int = 10, seed: int = 1,
-                 use_fact_target: bool = False, positions: Sequence[int] | None = None) -> CausalTraceResult:
+                 use_fact_target: bool = False, positions: Sequence[int] | None = None,
+                 layers: Sequence[int] | None = None) -> CausalTraceResult:
     """ROME's causal trace. Noise: `noise` x `noise_std` (default the embedding std, see `embedding_std`), drawn
     once with `seed` and shared by every cell (ROME's paired design). `window` applies to mlp/attn restores.
     Cells before the subject are not run: noise cannot reach them, so restoring them is a no-op and their score
     is the corrupted score (ROME computes the same number the long way). `positions` restricts the traced
-    positions (the others are reported as NaN)."""
+    positions and `layers` the traced layers (the others are reported as NaN)."""
     if kind not in KINDS:
         raise LoceditError(f"unknown trace kind {kind!r}; use one of {KINDS}")
     enc = as_encoded(lm, fact)
@@ -83,8 +84,9 @@ def causal_trace(lm: LM, fact: Fact | EncodedFact, *, kind: str = "hidden", samp
         first = subject[0]  # states before the subject are identical in the clean and corrupted runs
         wanted = [p % n for p in positions] if positions is not None else list(range(n))
         traced = [p for p in range(first, n) if p in wanted]
+        traced_layers = sorted({int(l) % L for l in layers}) if layers is not None else list(range(L))
         for position in traced:
-            for layer in range(L):
+            for layer in traced_layers:
                 if kind == "hidden":
                     cells.append([SetResidual(layer + 1, [position], clean["residual", layer + 1][0, position])])
                 else:
@@ -99,7 +101,8 @@ def causal_trace(lm: LM, fact: Fact | EncodedFact, *, kind: str = "hidden", samp
     low = float(probs[len(cells) * samples:].mean())
     cell_probs = torch.full((n, L), float("nan"))
     cell_probs[[p for p in wanted if p < first]] = low
-    cell_probs[traced] = probs[: len(cells) * samples].view(len(traced), L, samples).mean(-1)
+    means = probs[: len(cells) * samples].view(len(traced), len(traced_layers), samples).mean(-1)
+    cell_probs[torch.tensor(traced, dtype=torch.long)[:, None], torch.tensor(traced_layers)[None, :]] = means
     return CausalTraceResult(kind, target.token, target.token_id, target.base_prob, low, cell_probs.tolist(),
                              list(enc.tokens), [enc.subject_start, enc.subject_end], window, samples, std,
                              fact_summary(enc))

@@ -4,6 +4,7 @@ embedding-space reading), and per-head evidence of extraction at the last positi
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -58,36 +59,41 @@ class HeadProjectionResult(FlowResult):
 
 
 def head_projection(lm: LM, fact: Fact | EncodedFact, *, projection: Projection | None = None,
-                    use_fact_target: bool = False, top: int = 20, top_tokens: int = 10) -> HeadProjectionResult:
+                    use_fact_target: bool = False, top: int = 20, top_tokens: int = 10,
+                    heads: Sequence[tuple[int, int]] | None = None) -> HeadProjectionResult:
     """Read each head's OV circuit in vocabulary space: where does the target rank when the subject's token
     embeddings (Dar et al.'s E W_VO reading) and the subject-last representation go through the head?
 
     The subject-last state is taken entering the layer and passed through the layer's pre-attention norm
-    (what the head actually reads); token embeddings are read raw, as in the embedding-space analysis."""
+    (what the head actually reads); token embeddings are read raw, as in the embedding-space analysis.
+    `heads` restricts the computation to those (layer, head) pairs; the others get rank = vocabulary size."""
     enc = as_encoded(lm, fact)
     target = resolve_target(lm, enc, use_fact_target)
     projection = projection or lm.default_projection()
     subject_ids = torch.tensor(enc.input_ids[enc.subject_start:enc.subject_end], device=lm.device)
     L, H = lm.num_layers, lm.num_heads
-    rank_tokens = np.zeros((L, H), dtype=int)
-    rank_last = np.zeros((L, H), dtype=int)
+    rank_tokens = np.full((L, H), lm.vocab_size, dtype=int)
+    rank_last = np.full((L, H), lm.vocab_size, dtype=int)
+    wanted = {l: sorted(h for ll, h in heads if ll == l) for l, _ in heads} if heads is not None else \
+        {l: list(range(H)) for l in range(L)}
     top_tok: dict = {}
     with torch.no_grad():
         states = run(lm, enc, capture=Capture(residual=True)).captures
         embeddings = lm.adapter.embed_module(lm.model)(subject_ids)
-        for layer in range(L):
+        for layer, layer_heads in sorted(wanted.items()):
             x_last = states["residual", layer][0, enc.positions.subject_last]
             norm_path = lm.adapter.pre_attn_norm
             if norm_path:
                 x_last = lm.adapter.layer_part(lm.model, layer, norm_path)(x_last)
-            outputs = ov_apply(lm, layer, torch.cat([embeddings, x_last[None]]))  # (H, m+1, d)
+            outputs = ov_apply(lm, layer, torch.cat([embeddings, x_last[None]]))[layer_heads]  # (h, m+1, d)
             scores = lm.project(outputs, projection).float()
-            ranks = rank_of(scores, target.token_id)  # (H, m+1)
-            rank_tokens[layer] = ranks[:, :-1].min(-1).values.cpu().numpy()
-            rank_last[layer] = ranks[:, -1].cpu().numpy()
-            for h in range(H):
-                top_tok[(layer, h)] = scores[h, -1].topk(top_tokens).indices.tolist()
-    order = sorted(((min(rank_tokens[l, h], rank_last[l, h]), l, h) for l in range(L) for h in range(H)))
+            ranks = rank_of(scores, target.token_id)  # (h, m+1)
+            rank_tokens[layer, layer_heads] = ranks[:, :-1].min(-1).values.cpu().numpy()
+            rank_last[layer, layer_heads] = ranks[:, -1].cpu().numpy()
+            if top:
+                for i, h in enumerate(layer_heads):
+                    top_tok[(layer, h)] = scores[i, -1].topk(top_tokens).indices.tolist()
+    order = sorted(((min(rank_tokens[l, h], rank_last[l, h]), l, h) for l in wanted for h in wanted[l]))
     top_heads = [{"layer": l, "head": h, "rank_subject_tokens": int(rank_tokens[l, h]),
                   "rank_subject_last": int(rank_last[l, h]),
                   "top_tokens_subject_last": [lm.token_str(t) for t in top_tok[(l, h)]]}
