@@ -1,7 +1,6 @@
 """Loading, fact encoding and bad-input errors."""
 
 import json
-import os
 
 import pytest
 import torch
@@ -98,6 +97,10 @@ def test_bad_interventions():
         run(lm, "The capital of France is", [[BlockAttention([0], [-1], [50])]])
     with pytest.raises(InterventionError, match="head 7"):
         run(lm, "The capital of France is", [[locedit.SetHeads([0], [7], [-1])]])
+    with pytest.raises(InterventionError, match="width 5, expected 32"):
+        run(lm, "The capital of France is", [[locedit.SetResidual(1, [-1], torch.zeros(5))]])
+    with pytest.raises(InterventionError, match="more than 2 dimensions"):
+        run(lm, "The capital of France is", [[locedit.SetSublayer("mlp", [1], [-1], torch.zeros(1, 1, 32))]])
 
 
 def test_missing_paths():

@@ -81,7 +81,7 @@ def model(family: str, seed: int = 0, attn: str | None = None) -> T.PreTrainedMo
     m = T.AutoModelForCausalLM.from_config(config, dtype=torch.float32, **kwargs)
     # random init is small; scale weights up so interventions have visible effects
     with torch.no_grad():
-        for name, p in m.named_parameters():
+        for p in m.parameters():
             if p.dim() >= 2:
                 p.normal_(0, 0.15)
     return m.eval()

@@ -183,8 +183,10 @@ def _broadcast(value: torch.Tensor | None, n: int, width: int | None, what: str)
     if value is None:
         return None
     value = torch.as_tensor(value)
+    if value.dim() > 2:
+        raise InterventionError(f"{what}: value of shape {tuple(value.shape)} has more than 2 dimensions")
     try:
-        return value.expand(n, width if width is not None else value.shape[-1]) if value.dim() <= 2 else None
+        return value.expand(n, width if width is not None else value.shape[-1])
     except RuntimeError:
         raise InterventionError(
             f"{what}: value of shape {tuple(value.shape)} does not broadcast to ({n}, {width})"

@@ -13,7 +13,7 @@ import torch
 from ..errors import FactError, InterventionError
 from ..facts import EncodedFact, Fact
 from .hooks import Layout, Pass, attached
-from .interventions import AddEmbeddingNoise, Capture, Intervention, first_layer, written_positions
+from .interventions import AddEmbeddingNoise, Capture, Intervention, SetHeads, first_layer, written_positions
 
 Rows = Sequence[Sequence[Intervention]]
 
@@ -239,6 +239,14 @@ def plan_chunks(points: list[tuple[int, int]], n: int, num_layers: int, n_bases:
 
 def _validate(lm, rows: list[list[Intervention]], lengths: list[int]) -> None:
     Layout(rows, lengths, [0] * len(rows), 0, max(lengths), lm.num_layers, lm.num_heads).validate()
+    for ivs in rows:
+        for iv in ivs:
+            value = getattr(iv, "noise", None) if isinstance(iv, AddEmbeddingNoise) else getattr(iv, "value", None)
+            if value is None:
+                continue
+            width = lm.head_dim if isinstance(iv, SetHeads) else lm.d_model
+            if value.shape[-1] != width:
+                raise InterventionError(f"{type(iv).__name__}: value of width {value.shape[-1]}, expected {width}")
 
 
 def _reuse_point(rows: list[list[Intervention]], n: int, num_layers: int) -> tuple[int, int]:
@@ -322,7 +330,7 @@ def run_batch(lm, prompts: Sequence, rows: Rows | None = None, *, capture: Captu
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
     capture = capture or Capture()
     layout = Layout(rows, lengths, pad_left, 0, width, lm.num_layers, lm.num_heads)
-    layout.validate()
+    _validate(lm, rows, lengths)
     with attached(lm) as state:
         state.pass_ = p = Pass(upper=layout, capture=capture)
         out = _forward(lm, input_ids, position_ids=position_ids, attention_mask=mask, last_only_logits=False)
