@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from ..engine import BlockAttention, run
+from ..errors import InterventionError
 from ..facts import EncodedFact, Fact
 from ..lm import LM
 from .common import FlowResult, as_encoded, fact_summary, resolve_target, window_layers
@@ -33,7 +34,7 @@ def position_groups(enc: EncodedFact, groups: str | Mapping[str, Sequence[int]] 
         if g.first:
             out["first"] = g.first
         return out
-    raise ValueError(f"unknown position groups {groups!r}; use 'default', 'paper' or a mapping")
+    raise InterventionError(f"unknown position groups {groups!r}; use 'default', 'paper' or a mapping")
 
 
 @dataclass
@@ -61,6 +62,8 @@ def attention_knockout(lm: LM, fact: Fact | EncodedFact, *, window: int = 9,
                        use_fact_target: bool = False) -> KnockoutResult:
     """Block last -> group edges in a `window` of layers centred on each layer (all heads, or `heads`), for every
     group and layer in one batched run with prefix reuse."""
+    if window < 1:
+        raise InterventionError(f"window must be at least 1, not {window}")
     enc = as_encoded(lm, fact)
     target = resolve_target(lm, enc, use_fact_target)
     named = position_groups(enc, groups)

@@ -54,7 +54,7 @@ def knockout(lm: LM, sublayer: str, layers: Sequence[int], n: int, mode: Mode) -
     if mode == "zero":
         return [SetSublayer(sublayer, layers, positions)]
     if mode != "paper":
-        raise ValueError(f"unknown mode {mode!r}; use 'zero' or 'paper'")
+        raise InterventionError(f"unknown mode {mode!r}; use 'zero' or 'paper'")
     if sublayer == "attn":
         return [UniformAttention(layers, positions)]
     out: list[Intervention] = []
@@ -120,7 +120,7 @@ def sublayer_knockout(lm: LM, fact: Fact | EncodedFact, *, attributes: Attribute
     if not 0 <= measure_layer < L:
         raise InterventionError(f"measure_layer {measure_layer} does not exist (the model has {L} layers)")
     if window < 1:
-        raise ValueError(f"window must be at least 1, not {window}")
+        raise InterventionError(f"window must be at least 1, not {window}")
     projection = projection or lm.default_projection()
     attributes = attributes if attributes is not None else attribute_set(lm, enc.fact.subject, paragraphs)
     target = resolve_target(lm, enc, use_fact_target)
