@@ -26,7 +26,7 @@ from locedit.flow import (attention_knockout, attribute_rate, causal_trace, extr
 from locedit.flow.attributes import AttributeSet, generate_attribute_text
 from locedit.flow.extraction import ExtractionResult
 from locedit.flow.patching import PatchingResult
-from locedit.flow.runner import run_dataset
+from locedit.flow.runner import read_results, run_dataset
 from locedit.plots import (attribute_rate_curves, extraction_rates, heads_table, knockout_curves, knockout_heatmap,
                            patching_bars, save_figure, sublayer_curves)
 
@@ -67,16 +67,7 @@ ANALYSES = {
 
 
 def read(out: Path, name: str) -> list[dict]:
-    results = []
-    for path in sorted(out.glob(f"{name}-*.jsonl")):
-        for line in path.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if "result" in record:
-                results.append(record["result"])
-    return results
+    return list(read_results(sorted(out.glob(f"{name}-*.jsonl"))).values())
 
 
 def work(lm, facts, trace_facts, out: Path, shard: str) -> None:

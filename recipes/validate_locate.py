@@ -28,7 +28,7 @@ import torch
 import locedit
 from locedit import Fact, SetHeads, SetSublayer, run
 from locedit.datasets import curated_facts, known_facts
-from locedit.flow.runner import run_dataset
+from locedit.flow.runner import read_results, run_dataset
 from locedit.locate import locate, site_positions
 
 RANDOM_DRAWS = 10
@@ -82,16 +82,7 @@ def paraphrase_variants(facts: list[Fact], count: int) -> list[tuple[Fact, list[
 
 
 def read_sites(out: Path, stem: str) -> dict:
-    sites = {}
-    for path in sorted(out.glob(f"{stem}-*.jsonl")):
-        for line in path.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if "result" in record:
-                sites[record["id"]] = record["result"]
-    return sites
+    return read_results(sorted(out.glob(f"{stem}-*.jsonl")))
 
 
 def main() -> None:

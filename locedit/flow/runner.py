@@ -131,6 +131,17 @@ def read_lines(path: Path) -> tuple[list[dict], bool]:
     return lines, dropped
 
 
+def read_results(paths: Iterable[str | Path]) -> dict[str, dict]:
+    """`{fact id: result dict}` of the successful lines of one or more output files (e.g. the shards of a
+    multi-process run)."""
+    results: dict[str, dict] = {}
+    for path in paths:
+        for line in read_lines(Path(path))[0]:
+            if "result" in line:
+                results[line["id"]] = line["result"]
+    return results
+
+
 def _rewrite(path: Path, lines: Sequence[dict]) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     try:
