@@ -319,8 +319,10 @@ def test_sublayer_window_semantics_and_defaults(attrs):
     assert result.to_dict()["analysis"] == "sublayer_knockout"
     with pytest.raises(InterventionError, match="measure_layer"):
         sublayer_knockout(lm, FACT, attributes=attrs, measure_layer=4)
-    with pytest.raises(ValueError, match="mode"):
+    with pytest.raises(InterventionError, match="mode"):
         sublayer_knockout(lm, FACT, attributes=attrs, mode="mean")
+    with pytest.raises(InterventionError, match="window must be at least 1"):
+        sublayer_knockout(lm, FACT, attributes=attrs, window=0)
 
 
 def test_sublayer_aggregate(attrs):
