@@ -84,14 +84,6 @@ class PositionGroups:
             non_subject_paper=paper,
         )
 
-    def named(self, name: str) -> tuple[int, ...]:
-        """A group by name: subject, subject_first, subject_last, after_subject, last, first, non_subject,
-        non_subject_paper, all."""
-        value = {"all": tuple(range(self.n))}.get(name, getattr(self, name, None))
-        if value is None:
-            raise FactError(f"unknown position group {name!r}")
-        return (value,) if isinstance(value, int) else tuple(value)
-
 
 @dataclass(frozen=True)
 class EncodedFact:

@@ -16,6 +16,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 from torch import nn
 
+from ..adapters import _get
 from ..errors import InterventionError
 from .interventions import (
     AddEmbeddingNoise,
@@ -466,8 +467,3 @@ def _install_hooks(lm, state: _PassState) -> list:
         handles.append(_get(block, adapter.mlp_down).register_forward_pre_hook(keys_hook, with_kwargs=True))
     return handles
 
-
-def _get(root: nn.Module, path: str) -> nn.Module:
-    from ..adapters import _get as get
-
-    return get(root, path)

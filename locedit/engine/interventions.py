@@ -134,10 +134,6 @@ class Capture:
     layers: Sequence[int] | None = None
     last_only: bool = False
 
-    def sites(self) -> tuple[str, ...]:
-        names = ("residual", "attn", "mlp", "heads", "mlp_keys", "attn_weights")
-        return tuple(n for n in names if getattr(self, n))
-
     def wants(self, site: str, layer: int) -> bool:
         return bool(getattr(self, site)) and (self.layers is None or layer in self.layers)
 

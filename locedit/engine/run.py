@@ -255,8 +255,6 @@ def _reuse_point(rows: list[list[Intervention]], n: int, num_layers: int) -> tup
     for ivs in rows:
         for iv in ivs:
             positions += [p if p >= 0 else n + p for p in written_positions(iv)]
-            if isinstance(iv, AddEmbeddingNoise):
-                layers.append(-1)
         if ivs:
             layers.append(first_layer(ivs))
     return min(positions), min(min(layers), num_layers - 1)

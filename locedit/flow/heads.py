@@ -147,7 +147,7 @@ def _head_contributions(lm: LM, layer: int, clean) -> torch.Tensor:
     """(heads, d): what each head adds to the residual stream at the last position. With a post-attention norm
     (Gemma-2/3, OLMo-2), a head's share is norm(total) - norm(total without the head)."""
     z = clean["heads", layer][0]  # (H, head_dim)
-    w_o = torch.stack([lm.adapter.head_output_weight(lm.model, layer, h) for h in range(lm.num_heads)])
+    w_o = head_ov(lm, layer)[2]
     per_head = torch.einsum("hdk,hk->hd", w_o, z)
     if not lm.adapter.post_norms:
         return per_head
