@@ -25,11 +25,14 @@ from .errors import (
 from .facts import EncodedFact, Fact, PositionGroups
 from .lm import LM
 from .loading import DEFAULT_MODEL, load
+from .sites import SiteMap, locate
+from .editing import Edit, EditError, edit, edit_many, load_edit, save_model
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Adapter", "AddEmbeddingNoise", "BlockAttention", "Capture", "DEFAULT_MODEL", "DatasetError", "EncodedFact",
+    "Adapter", "AddEmbeddingNoise", "Edit", "EditError", "SiteMap", "edit", "edit_many", "load_edit", "locate",
+    "save_model", "BlockAttention", "Capture", "DEFAULT_MODEL", "DatasetError", "EncodedFact",
     "Fact", "FactError", "InterventionError", "LM", "LoceditError", "ModelLoadError", "PositionGroups",
     "RunResult", "SetHeads", "SetResidual", "SetSublayer", "UniformAttention", "UnsupportedModelError",
     "intervene", "load", "run", "run_batch", "supported_model_types",

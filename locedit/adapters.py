@@ -69,12 +69,17 @@ class Adapter:
         """(W_V, b_V) of one query head, W_V of shape (head_dim, d_model): v = W_V @ x + b_V.
 
         Grouped-query attention maps query head h to kv head h // (n_heads / n_kv_heads)."""
+        proj = self.layer_part(model, layer, self.qkv)
+        weight = proj.weight.T if self.conv1d else proj.weight  # (out, in)
+        rows = self.head_value_rows(model, head)
+        return weight[rows], (proj.bias[rows] if proj.bias is not None else None)
+
+    def head_value_rows(self, model: nn.Module, head: int) -> slice:
+        """The output rows of the value-producing projection (`qkv`) that hold query head `head`'s values (its kv
+        head's, with grouped-query attention)."""
         cfg = _text_config(model)
         n_heads, n_kv, head_dim, d = _head_geometry(cfg)
         kv_head = head // (n_heads // n_kv)
-        proj = self.layer_part(model, layer, self.qkv)
-        weight = proj.weight.T if self.conv1d else proj.weight  # (out, in)
-        bias = proj.bias
         if self.qkv_layout == "separate":
             rows = slice(kv_head * head_dim, (kv_head + 1) * head_dim)
         elif self.qkv_layout == "fused":  # [q | k | v] blocks (Phi-3)
@@ -88,7 +93,7 @@ class Adapter:
             rows = slice(start, start + head_dim)
         else:  # pragma: no cover - guarded by the Literal
             raise UnsupportedModelError(f"unknown qkv layout {self.qkv_layout!r}")
-        return weight[rows], (bias[rows] if bias is not None else None)
+        return rows
 
     def head_output_weight(self, model: nn.Module, layer: int, head: int) -> torch.Tensor:
         """W_O slice of one head, shape (d_model, head_dim): the head writes W_O @ z_h to the residual."""

@@ -29,7 +29,7 @@ import locedit
 from locedit import Fact, SetHeads, SetSublayer, run
 from locedit.datasets import curated_facts, known_facts
 from locedit.flow.runner import read_results, run_dataset
-from locedit.locate import locate, site_positions
+from locedit.sites import locate, site_positions
 
 RANDOM_DRAWS = 10
 

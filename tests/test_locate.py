@@ -7,7 +7,7 @@ import numpy as np
 import tiny
 from locedit import Fact
 from locedit.engine.run import plan_chunks
-from locedit.locate import SiteMap, locate, site_positions
+from locedit.sites import SiteMap, locate, site_positions
 
 FACT = Fact("Eiffel Tower", "The Eiffel Tower is located in the city of")
 

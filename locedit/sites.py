@@ -117,15 +117,18 @@ def locate(lm: LM, fact: Fact | EncodedFact, *, samples: int = 2, noise: float =
     target = resolve_target(lm, enc, use_fact_target)
     subject = site_positions(enc)
     L = lm.num_layers
-    trace_opts = dict(samples=samples, noise=noise, positions=subject, use_fact_target=use_fact_target)
+    # the target is resolved once (one clean forward) and handed to every analysis below
+    trace_opts = dict(samples=samples, noise=noise, positions=subject, use_fact_target=use_fact_target,
+                      target=target)
     hidden = causal_trace(lm, enc, kind="hidden", layers=range(0, L, trace_stride), **trace_opts)
     centers = list(range(trace_window // 2, L, trace_window))
     mlp_trace = causal_trace(lm, enc, kind="mlp", window=trace_window, layers=centers, **trace_opts)
     cell_drop, layer_drop = _mlp_knockouts(lm, enc, target.token_id, target.base_prob)
-    knockout = attention_knockout(lm, enc, window=knockout_window, use_fact_target=use_fact_target)
-    effects = head_effects(lm, enc, use_fact_target=use_fact_target)
+    knockout = attention_knockout(lm, enc, window=knockout_window, use_fact_target=use_fact_target, target=target)
+    effects = head_effects(lm, enc, use_fact_target=use_fact_target, target=target)
     candidates = _head_candidates(effects, ov_candidates)
-    projection = head_projection(lm, enc, use_fact_target=use_fact_target, top=0, heads=candidates)
+    projection = head_projection(lm, enc, use_fact_target=use_fact_target, top=0, heads=candidates,
+                                 target=target)
 
     # carrier token: the subject position whose restored hidden state recovers p(target) best
     hidden_scores = np.array(hidden.scores, dtype=float)[subject]  # (|subject|, L)
@@ -231,13 +234,14 @@ def _mlp_knockouts(lm: LM, enc: EncodedFact, target_id: int, base_prob: float) -
     rows = [[SetSublayer("mlp", [layer], [p])] for p in subject for layer in range(L)]
     rows += [[SetSublayer("mlp", [layer], subject)] for layer in range(L)]
     with torch.no_grad():
-        probs = run(lm, enc, rows).prob_of(target_id).cpu().numpy()
+        probs = run(lm, enc, rows).prob_of(target_id).float().cpu().numpy()
     change = 100 * (probs - base_prob) / base_prob
     return change[: len(subject) * L].reshape(len(subject), L), change[len(subject) * L:]
 
 
-def locate_many(lm: LM, facts: Sequence[Fact], out_path, **options):
+def locate_many(lm: LM, facts: Sequence[Fact], out_path, *, progress: bool = True, only_known: bool = False,
+                **options):
     """`locate` over many facts into a resumable JSON Lines file (see `locedit.flow.run_dataset`)."""
     from .flow.runner import run_dataset
 
-    return run_dataset(lm, locate, facts, out_path, options=options)
+    return run_dataset(lm, locate, facts, out_path, options=options, progress=progress, only_known=only_known)

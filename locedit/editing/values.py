@@ -1,0 +1,259 @@
+"""Optimising target values: ROME's v* (compute_v), MEMIT's z (compute_z) and the head variant share one loop.
+
+A vector δ is added to the output of a module (the MLP output projection, a decoder layer, the attention output
+projection, or the value columns of the value projection) at each prompt's key position. δ is optimised with Adam
+so the edited model predicts the new target after every context-templated rewrite prompt:
+
+    L(δ) = mean_prompts NLL(new target tokens)  +  kl_factor · KL(P_δ ‖ P_0) at the key position of "{subject} is a"
+           +  v_weight_decay · ‖δ‖ / ‖v_init‖²
+
+with ‖δ‖ clamped to `clamp_norm_factor · ‖v_init‖` after each step and an early stop when L < `early_stop_loss`
+(ROME's code; the paper's Eq. 4 has only the first two terms). The same forward also records the key (the module's
+input at the key position) of every rewrite prompt, so the template-averaged key k* costs nothing extra.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from ..errors import FactError, LoceditError
+from ..facts import Fact, encode_fact
+
+KEY_POSITIONS = ("subject_last", "carrier", "last")
+
+
+@dataclass
+class PromptBatch:
+    """Right-padded token ids of the rewrite prompts (each ending with the new target minus its last token) and
+    the KL prompt(s), with each row's key position and the positions/ids of its target tokens."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    key_positions: torch.Tensor  # (rows,)
+    target_positions: list[list[int]]  # per rewrite row: positions whose logits predict the target tokens
+    target_ids: list[int]
+    n_rewrite: int
+    prompts: list[str] = field(default_factory=list)
+
+    @property
+    def rows(self) -> int:
+        return int(self.input_ids.shape[0])
+
+
+@dataclass
+class Site:
+    """Where δ is added: the output of `module` (its columns `columns`, all if None); the key recorded is the
+    module's input (`key_columns` of it) — or nothing when `record_key` is False."""
+
+    module: nn.Module
+    columns: slice | None = None
+    key_columns: slice | None = None
+    record_key: bool = True
+    # maps the module's input rows at the key positions (rows, in) to the reference value whose norm scales the
+    # weight decay and the clamp (default: the module's output columns there); head edits use the head's own
+    # contribution W_O,h z_h rather than the whole attention output
+    reference: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+
+@dataclass
+class ValueResult:
+    deltas: list[torch.Tensor]  # per site, float32
+    inits: list[torch.Tensor]  # per site: the module output (columns) at the key position of the bare prompt
+    keys: list[torch.Tensor | None]  # per site: template-averaged key (float32) or None
+    outputs: list[torch.Tensor]  # per site: template-averaged module output at the key position (before δ)
+    losses: list[float]
+    seconds: float = 0.0
+
+
+def target_token_ids(tokenizer, prompt: str, target_text: str) -> list[int]:
+    """Token ids of `target_text` as it continues `prompt` (joint tokenisation where it splits cleanly)."""
+    prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    joint = tokenizer(prompt + target_text, add_special_tokens=True)["input_ids"]
+    if len(joint) > len(prompt_ids) and list(joint[:len(prompt_ids)]) == list(prompt_ids):
+        return [int(i) for i in joint[len(prompt_ids):]]
+    special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    alone = [int(i) for i in tokenizer(target_text, add_special_tokens=False)["input_ids"] if i not in special]
+    if not alone:
+        raise FactError(f"target {target_text!r} tokenizes to nothing")
+    return alone
+
+
+def key_position(enc, rule: str, carrier_offset: int | None = None) -> int:
+    """The key position of an encoded prompt: the subject's last token, the carrier token (its offset inside the
+    subject span, clipped to the span) or the last token."""
+    if rule == "subject_last":
+        return enc.subject_end - 1
+    if rule == "last":
+        return len(enc.input_ids) - 1
+    if rule == "carrier":
+        offset = 0 if carrier_offset is None else carrier_offset
+        return min(enc.subject_start + max(offset, 0), enc.subject_end - 1)
+    raise LoceditError(f"unknown key position {rule!r}; use one of {KEY_POSITIONS}")
+
+
+def templated_prompts(lm, fact: Fact, templates: Sequence[str], rule: str,
+                      carrier_offset: int | None) -> tuple[list[list[int]], list[int], list[str]]:
+    """Token ids of `template.format(prompt)` for each template, with each one's key position."""
+    rows, keys, texts = [], [], []
+    for template in templates:
+        text = template.format(fact.prompt) if "{}" in template else template + fact.prompt
+        enc = _encode_in_context(lm.tokenizer, fact.subject, text,
+                                 len(text) - len(fact.prompt) + fact.prompt.index(fact.subject))
+        rows.append(list(enc.input_ids))
+        keys.append(key_position(enc, rule, carrier_offset))
+        texts.append(text)
+    return rows, keys, texts
+
+
+def pad_rows(lm, rows: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids and attention mask on the model's device."""
+    tok = lm.tokenizer
+    width = max(len(r) for r in rows)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        input_ids[i, :len(r)] = torch.tensor(list(r), dtype=torch.long)
+        mask[i, :len(r)] = 1
+    return input_ids.to(lm.device), mask.to(lm.device)
+
+
+def build_batch(lm, fact: Fact, new_target_text: str, templates: Sequence[str], rule: str,
+                carrier_offset: int | None, kl_prompt: str | None) -> PromptBatch:
+    """Rewrite prompts `template.format(prompt) + target[:-1]` and the KL prompt, tokenised and right-padded."""
+    target_ids = target_token_ids(lm.tokenizer, fact.prompt, new_target_text)
+    prompt_rows, keys, prompts = templated_prompts(lm, fact, templates, rule, carrier_offset)
+    rows = [ids + target_ids[:-1] for ids in prompt_rows]
+    target_positions = [[len(ids) - 1 + j for j in range(len(target_ids))] for ids in prompt_rows]
+    if kl_prompt:
+        text = kl_prompt.format(fact.subject)
+        enc = _encode_in_context(lm.tokenizer, fact.subject, text, text.index(fact.subject))
+        rows.append(list(enc.input_ids))
+        keys.append(key_position(enc, rule, carrier_offset))
+        prompts.append(text)
+    input_ids, mask = pad_rows(lm, rows)
+    return PromptBatch(input_ids, mask, torch.tensor(keys, device=lm.device), target_positions, target_ids,
+                       len(templates), prompts)
+
+
+def _encode_in_context(tokenizer, subject: str, text: str, char_start: int):
+    """Encode `text` with the subject span at `char_start` (not necessarily its first occurrence)."""
+    fact = Fact(subject, text)
+    if text.index(subject) == char_start:
+        return encode_fact(tokenizer, fact)
+    # the prefix happens to contain the subject: encode the part from the subject's real occurrence on as if
+    # it were first, by masking earlier occurrences with a same-length placeholder for span finding only
+    masked = text[:char_start].replace(subject, "\x00" * len(subject)) + text[char_start:]
+    enc = encode_fact(tokenizer, Fact(subject, masked))
+    real = tokenizer(text, add_special_tokens=True)["input_ids"]
+    if len(real) != len(enc.input_ids):
+        raise FactError(f"could not locate subject {subject!r} in context {text!r}")
+    return type(enc)(fact, tuple(real), tuple(tokenizer.decode([i]) for i in real), enc.subject_start,
+                     enc.subject_end, None)
+
+
+def _output_tensor(output):
+    return output[0] if isinstance(output, tuple) else output
+
+
+def _replace_output(output, tensor):
+    return (tensor,) + tuple(output[1:]) if isinstance(output, tuple) else tensor
+
+
+def optimize_values(lm, batch: PromptBatch, sites: Sequence[Site], hp, *, progress: bool = False) -> ValueResult:
+    """Optimise one δ per site (jointly) as described in the module docstring."""
+    import time
+
+    start = time.perf_counter()
+    rows = torch.arange(batch.rows, device=lm.device)
+    positions = batch.key_positions
+    deltas = [None] * len(sites)
+    inits: list[torch.Tensor | None] = [None] * len(sites)
+    outputs: list[torch.Tensor | None] = [None] * len(sites)
+    keys: list[torch.Tensor | None] = [None] * len(sites)
+    recording = {"on": True}
+    handles = []
+
+    def make_hooks(i: int, site: Site):
+        def pre(module, args):
+            if not recording["on"]:
+                return
+            x = args[0][rows, positions].detach()
+            if site.reference is not None:
+                inits[i] = site.reference(x).float()[0].clone()
+            if site.record_key:
+                x = x[:batch.n_rewrite] if site.key_columns is None else x[:batch.n_rewrite, site.key_columns]
+                keys[i] = x.float().mean(0)
+
+        def post(module, args, output):
+            out = _output_tensor(output)
+            cols = site.columns or slice(None)
+            if recording["on"]:
+                here = out[rows, positions][:, cols].detach().float()
+                if site.reference is None:
+                    inits[i] = here[0].clone()
+                outputs[i] = here[:batch.n_rewrite].mean(0)
+                deltas[i] = torch.zeros_like(here[0], requires_grad=True)
+            add = torch.zeros_like(out)
+            width = out.shape[-1]
+            index = torch.arange(width, device=out.device)[cols]
+            add = add.index_put((rows[:, None], positions[:, None], index[None, :]),
+                                deltas[i].to(out.dtype).expand(len(rows), -1))
+            return _replace_output(output, out + add)
+
+        return pre, post
+
+    for i, site in enumerate(sites):
+        pre, post = make_hooks(i, site)
+        handles.append(site.module.register_forward_pre_hook(pre))
+        handles.append(site.module.register_forward_hook(post))
+    losses: list[float] = []
+    try:
+        kl_init = None
+        optimizer = None
+        for step in range(hp.v_num_grad_steps):
+            logits = lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+            if recording["on"]:
+                recording["on"] = False
+                optimizer = torch.optim.Adam(deltas, lr=hp.v_lr)
+            log_probs = torch.log_softmax(logits.float(), dim=-1)
+            nll = []
+            for r in range(batch.n_rewrite):
+                pos = torch.tensor(batch.target_positions[r], device=lm.device)
+                ids = torch.tensor(batch.target_ids, device=lm.device)
+                nll.append(-log_probs[r, pos, ids].mean())
+            nll_loss = torch.stack(nll).mean()
+            loss = nll_loss
+            if batch.rows > batch.n_rewrite:
+                kl_rows = rows[batch.n_rewrite:]
+                kl_lp = log_probs[kl_rows, positions[batch.n_rewrite:]]
+                if kl_init is None:
+                    kl_init = kl_lp.detach().clone()
+                kl = torch.nn.functional.kl_div(kl_init, kl_lp, log_target=True, reduction="batchmean")
+                loss = loss + hp.kl_factor * kl
+            for delta, init in zip(deltas, inits):
+                loss = loss + hp.v_weight_decay * (delta.norm() / init.norm().clamp(min=1e-8) ** 2)
+            value = float(loss.detach())
+            if value != value or value in (float("inf"), float("-inf")):
+                raise LoceditError(f"the value optimisation diverged (loss {value}) at step {step}; nothing was "
+                                   "changed — try a smaller v_lr")
+            losses.append(value)
+            if value < hp.early_stop_loss or step == hp.v_num_grad_steps - 1:
+                break
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            with torch.no_grad():
+                for delta, init in zip(deltas, inits):
+                    limit = hp.clamp_norm_factor * init.norm()
+                    if delta.norm() > limit:
+                        delta.mul_(limit / delta.norm())
+    finally:
+        for h in handles:
+            h.remove()
+    return ValueResult([d.detach() for d in deltas], [t for t in inits], keys, [o for o in outputs], losses,
+                       time.perf_counter() - start)

@@ -1,0 +1,314 @@
+"""Editing on tiny random configs: the methods move the prediction, ROME's closed form holds, edits revert
+bit-exactly, compose, save and load, refuse foreign models, and leave weights untouched when anything fails."""
+
+import json
+
+import pytest
+import torch
+
+import locedit
+import tiny
+from locedit import Fact
+from locedit.editing import EditError, load_edit
+from locedit.editing.stats import key_statistics
+
+# Tiny random models need more room than ROME's GPT-2 XL settings (their subject states barely reach the last
+# position); the subject sits at the end of the prompt so the key position is close to the prediction.
+FAST = {"v_num_grad_steps": 40, "clamp_norm_factor": 10, "context_template_length_params": [[3, 2]]}
+FACT = Fact("Eiffel Tower", "The city of the Eiffel Tower", " Paris")
+NEW = " the"
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("LOCEDIT_CACHE", str(tmp_path / "cache"))
+
+
+def _weights(lm):
+    return {n: p.detach().clone() for n, p in lm.model.named_parameters()}
+
+
+def _same(lm, saved) -> bool:
+    return all(torch.equal(saved[n], p) for n, p in lm.model.named_parameters())
+
+
+def _p_new(lm, fact=FACT, new=NEW) -> float:
+    enc = lm.encode(Fact(fact.subject, fact.prompt, new))
+    with torch.no_grad():
+        logits = lm.model(input_ids=torch.tensor([enc.input_ids])).logits[0, -1]
+    return float(logits.softmax(-1)[enc.target_id])
+
+
+# ROME fails to reach top-1 on these two post-norm tiny configs with FAST settings (see README, "Editing");
+# they are checked to raise p(new) instead.
+ROME_TOP1 = [f for f in tiny.FAMILIES if f not in ("gemma3", "olmo2")]
+
+
+@pytest.mark.parametrize("family", tiny.FAMILIES)
+def test_rome_and_memit_edit_every_family(family):
+    lm = tiny.lm(family)
+    saved = _weights(lm)
+    p0 = _p_new(lm)
+    for method, layers in (("rome", [1]), ("memit", [1, 2])):
+        edit = locedit.edit(lm, FACT, NEW, method=method, layers=layers, key_position="subject_last", hparams=FAST)
+        assert edit.is_applied and not _same(lm, saved)
+        if method == "memit" or family in ROME_TOP1:
+            assert lm.predict(FACT)[0].token == NEW, (family, method)
+        else:
+            assert _p_new(lm) > 2 * p0, (family, method)
+        edit.revert()
+        assert _same(lm, saved), f"{family} {method}: revert is not bit-exact"
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gpt_neox", "phi3"])
+def test_head_edits_raise_the_new_target(family):
+    lm = tiny.lm(family)
+    saved = _weights(lm)
+    p0 = _p_new(lm)
+    for mode in ("out", "value"):
+        edit = locedit.edit(lm, FACT, NEW, method="head", heads=[(2, 1), (3, 2)], key_position="subject_last",
+                            hparams={**FAST, "mode": mode})
+        assert edit.sites["heads"] == [[2, 1], [3, 2]]
+        assert _p_new(lm) > p0, (family, mode)
+        edit.revert()
+        assert _same(lm, saved)
+
+
+def test_gqa_value_edit_is_noted():
+    lm = tiny.lm("llama")  # 4 query heads share 2 kv heads
+    edit = locedit.edit(lm, FACT, NEW, method="head", heads=[(2, 1)], key_position="subject_last",
+                        hparams={**FAST, "mode": "value"})
+    assert any("grouped-query" in n and "[0, 1]" in n for n in edit.notes)
+    edit.revert()
+
+
+def test_rome_closed_form_holds():
+    lm = tiny.lm("gpt2")  # Conv1D weights, with a bias
+    from locedit.editing.edit import Edit, geometry
+    from locedit.editing.hparams import ROMEHyperParams
+    from locedit.editing.rome import rome_update
+
+    layer = 1
+    stats = key_statistics(lm, layers=[layer], progress=False)
+    hp = ROMEHyperParams(**FAST)
+    result = rome_update(lm, FACT, NEW, layer, "subject_last", None, hp, stats.mlp[layer])
+    module = lm.adapter.layer_part(lm.model, layer, lm.adapter.mlp_down)
+    edit = Edit("rome", [FACT], [NEW], {"layers": [layer]}, {}, [result.delta],
+                {"name": lm.name, "geometry": geometry(lm)})
+    with edit.applied(lm), torch.no_grad():
+        out = module(result.key[None])[0]
+    assert torch.allclose(out, result.value, atol=1e-4 * max(1.0, float(result.value.abs().max())))
+    # and the key is whitened by C: the update direction is C⁻¹k*, not k*
+    u = result.delta.right[:, 0].double()
+    expected = torch.linalg.solve(stats.mlp[layer].double(), result.key.double())
+    assert torch.allclose(u, expected / expected.norm(), atol=1e-4)
+
+
+def test_ft_changes_entries_within_the_constraint():
+    lm = tiny.lm("llama")
+    saved = _weights(lm)
+    edit = locedit.edit(lm, FACT, NEW, method="ft", layers=[1], hparams={"norm_constraint": 1e-2, "lr": 1e-2})
+    delta = edit.deltas[0].dense
+    assert delta.abs().max() <= 1e-2 + 1e-7 and delta.abs().max() > 0
+    assert edit.losses[0][-1] < edit.losses[0][0]
+    edit.revert()
+    assert _same(lm, saved)
+
+
+def test_save_load_apply_gives_the_same_logits(tmp_path):
+    lm = tiny.lm("llama")
+    ids = torch.tensor([lm.encode(FACT).input_ids])
+    edit = locedit.edit(lm, FACT, NEW, method="memit", layers=[1, 2], key_position="subject_last", hparams=FAST)
+    with torch.no_grad():
+        edited = lm.model(input_ids=ids).logits
+    edit.save(tmp_path / "e")
+    edit.revert()
+    loaded = load_edit(tmp_path / "e")
+    assert not loaded.is_applied and loaded.method == "memit" and loaded.new_targets == [NEW]
+    assert sorted(loaded.keys) == [1, 2]
+    fresh = tiny.lm("llama")  # the same weights, another object
+    loaded.apply(fresh)
+    with torch.no_grad():
+        again = fresh.model(input_ids=ids).logits
+    assert torch.allclose(edited, again, atol=1e-6)
+    assert json.loads((tmp_path / "e" / "edit.json").read_text())["hparams"]["clamp_norm_factor"] == 10
+
+
+def test_refuses_twice_and_foreign_models():
+    lm = tiny.lm("llama")
+    edit = locedit.edit(lm, FACT, NEW, method="rome", layers=[1], key_position="subject_last", hparams=FAST)
+    with pytest.raises(EditError, match="already applied"):
+        edit.apply(lm)
+    edit.revert()
+    with pytest.raises(EditError, match="not applied"):
+        edit.revert()
+    other_seed = tiny.lm("llama", seed=1)
+    saved = _weights(other_seed)
+    with pytest.raises(EditError, match="other weights"):
+        edit.apply(other_seed)
+    assert _same(other_seed, saved)
+    with pytest.raises(EditError, match="geometry"):
+        edit.apply(tiny.lm("gpt2"))
+
+
+def test_edits_compose_and_revert_in_order():
+    lm = tiny.lm("llama")
+    saved = _weights(lm)
+    a = locedit.edit(lm, FACT, NEW, method="rome", layers=[1], key_position="subject_last", hparams=FAST)
+    after_a = _weights(lm)
+    other = Fact("Louvre", "The museum called the Louvre", " Paris")
+    b = locedit.edit(lm, other, NEW, method="rome", layers=[1], key_position="subject_last", hparams=FAST)
+    with pytest.raises(EditError, match="revert the later edit first"):
+        a.revert()
+    b.revert()
+    assert _same(lm, after_a)
+    a.revert()
+    assert _same(lm, saved)
+    # two edits computed on the unedited model stack on the same tensor, in either order
+    c = locedit.edit(lm, other, NEW, method="rome", layers=[1], key_position="subject_last", hparams=FAST)
+    c.revert()
+    a.apply(lm)
+    c.apply(lm)
+    c.revert()
+    a.revert()
+    assert _same(lm, saved)
+
+
+def test_failures_leave_weights_unchanged(monkeypatch):
+    lm = tiny.lm("llama")
+    saved = _weights(lm)
+    from locedit.editing import memit
+
+    calls = {"n": 0}
+    real = memit.memit_factors
+
+    def second_layer_nan(C, K, R, weight):
+        calls["n"] += 1
+        left, right = real(C, K, R, weight)
+        return (left * float("nan"), right) if calls["n"] == 2 else (left, right)
+
+    monkeypatch.setattr(memit, "memit_factors", second_layer_nan)
+    with pytest.raises(EditError, match="non-finite"):
+        locedit.edit(lm, FACT, NEW, method="memit", layers=[1, 2], key_position="subject_last", hparams=FAST)
+    assert _same(lm, saved) and not locedit.editing.applied_edits(lm)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    calls["n"] = 0
+    monkeypatch.setattr(memit, "memit_factors", lambda C, K, R, w: (calls.__setitem__("n", calls["n"] + 1),
+                                                                    real(C, K, R, w) if calls["n"] == 1
+                                                                    else interrupted())[1])
+    with pytest.raises(KeyboardInterrupt):
+        locedit.edit(lm, FACT, NEW, method="memit", layers=[1, 2], key_position="subject_last", hparams=FAST)
+    assert _same(lm, saved)
+
+
+def test_corrupt_or_foreign_edit_files_are_refused(tmp_path):
+    lm = tiny.lm("llama")
+    edit = locedit.edit(lm, FACT, NEW, method="rome", layers=[1], key_position="subject_last", hparams=FAST)
+    edit.revert()
+    good = tmp_path / "good"
+    edit.save(good)
+    assert not [p for p in good.iterdir() if p.name.startswith(".")]  # no temporary files left
+    load_edit(good)
+    truncated = tmp_path / "truncated"
+    edit.save(truncated)
+    data = (truncated / "edit.safetensors").read_bytes()
+    (truncated / "edit.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(EditError, match="does not match"):
+        load_edit(truncated)
+    broken = tmp_path / "broken"
+    edit.save(broken)
+    (broken / "edit.json").write_text("{not json")
+    with pytest.raises(EditError, match="not valid JSON"):
+        load_edit(broken)
+    (broken / "edit.json").write_text(json.dumps({"format": "something-else"}))
+    with pytest.raises(EditError, match="not a locedit edit"):
+        load_edit(broken)
+    with pytest.raises(EditError, match="missing"):
+        load_edit(tmp_path / "nowhere")
+
+
+def test_bad_requests_raise_clear_errors():
+    lm = tiny.lm("llama")
+    saved = _weights(lm)
+    with pytest.raises(locedit.LoceditError, match="unknown editing method"):
+        locedit.edit(lm, FACT, NEW, method="magic", layers=[1])
+    with pytest.raises(locedit.LoceditError, match="empty"):
+        locedit.edit(lm, FACT, "  ", layers=[1])
+    with pytest.raises(locedit.LoceditError, match="current target"):
+        locedit.edit(lm, FACT, "Paris", layers=[1])
+    with pytest.raises(locedit.LoceditError, match="layer 9 does not exist"):
+        locedit.edit(lm, FACT, NEW, layers=[9], key_position="subject_last")
+    with pytest.raises(locedit.LoceditError, match="L1H7 does not exist"):
+        locedit.edit(lm, FACT, NEW, method="head", heads=[(1, 7)], key_position="subject_last")
+    with pytest.raises(locedit.LoceditError, match="unknown rome hyper-parameter"):
+        locedit.edit(lm, FACT, NEW, layers=[1], key_position="subject_last", hparams={"v_lrr": 1})
+    with pytest.raises(locedit.LoceditError, match="one fact at a time"):
+        locedit.edit_many(lm, [FACT, FACT], [NEW, NEW], method="rome", layers=[1])
+    assert _same(lm, saved)
+
+
+def test_alphaedit_keeps_earlier_edits_keys(monkeypatch):
+    from locedit.editing import memit
+
+    lm = tiny.lm("llama")
+    layers = [1, 2]
+    stats = key_statistics(lm, layers=layers, progress=False)
+    # everything counts as "null space" on a tiny model; a small ridge α lets the earlier keys dominate
+    big = {**FAST, "nullspace": True, "nullspace_threshold": 1e9, "L2": 1e-2}
+    a = locedit.edit_many(lm, [FACT], [NEW], method="memit", layers=layers, key_position="subject_last",
+                          hparams=big, stats=stats)
+    module = lm.adapter.layer_part(lm.model, 2, lm.adapter.mlp_down)
+    key_a = a.keys[2][:, 0]
+    with torch.no_grad():
+        out_a = module(key_a[None])[0].clone()
+    other = Fact("Louvre", "The museum called the Louvre", " Paris")
+
+    def change_at_first_key() -> float:
+        b = locedit.edit_many(lm, [other], [" city"], method="memit", layers=layers, key_position="subject_last",
+                              hparams=big, stats=stats)
+        with torch.no_grad():
+            moved = float((module(key_a[None])[0] - out_a).norm() / out_a.norm())
+        b.revert()
+        return moved
+
+    with_history = change_at_first_key()
+    monkeypatch.setattr(memit, "_previous_keys", lambda *args: None)  # AlphaEdit without the earlier edit's keys
+    without_history = change_at_first_key()
+    assert with_history < 0.5 * without_history, (with_history, without_history)
+    a.revert()
+
+
+def test_cli_edit_writes_the_edit_and_rejects_bad_input(tmp_path, capsys):
+    from locedit.cli import main
+
+    model_dir = tmp_path / "tiny"
+    lm = tiny.lm("llama")
+    lm.model.save_pretrained(str(model_dir))
+    lm.tokenizer.save_pretrained(str(model_dir))
+    hp = tmp_path / "hp.json"
+    hp.write_text(json.dumps(FAST))
+    out = tmp_path / "edit"
+    code = main(["edit", "--model", str(model_dir), "--subject", FACT.subject, "--prompt", FACT.prompt,
+                 "--target", FACT.target, "--new-target", NEW, "--layers", "1", "--key-position", "subject_last",
+                 "--hparams", str(hp), "--out", str(out), "--save-model", str(tmp_path / "edited")])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    assert "p(new" in printed and "layer(s) [1]" in printed
+    edit = load_edit(out)
+    assert edit.method == "rome" and edit.layers == [1]
+    reloaded = locedit.load(str(tmp_path / "edited"))
+    assert reloaded.predict(FACT)[0].token == NEW  # the saved model carries the edit
+    capsys.readouterr()
+    for bad in (["--new-target", " "], ["--new-target", NEW, "--layers", "99"],
+                ["--new-target", NEW, "--method", "head", "--heads", "x"]):
+        target = tmp_path / "bad"
+        code = main(["edit", "--model", str(model_dir), "--subject", FACT.subject, "--prompt", FACT.prompt,
+                     "--target", FACT.target, "--key-position", "subject_last", "--out", str(target), *bad])
+        err = capsys.readouterr().err
+        errors = [line for line in err.splitlines() if line.startswith("locedit:")]
+        assert code == 2 and len(errors) == 1 and errors[0].startswith("locedit: error:"), (bad, err)
+        assert "Traceback" not in err
+        assert not target.exists()
