@@ -312,3 +312,55 @@ def test_cli_edit_writes_the_edit_and_rejects_bad_input(tmp_path, capsys):
         assert code == 2 and len(errors) == 1 and errors[0].startswith("locedit: error:"), (bad, err)
         assert "Traceback" not in err
         assert not target.exists()
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma2", "gpt_neox", "phi3"])
+def test_value_loss_matches_a_plain_per_prompt_computation(family):
+    """The optimisation's cached-prefix, left-aligned, few-logits forward gives the loss an independent
+    per-prompt full forward gives, for the δ it returns."""
+    from locedit.editing.hparams import ROMEHyperParams
+    from locedit.editing.templates import context_templates
+    from locedit.editing.values import Site, _encode_in_context, build_batch, key_position, optimize_values, \
+        target_token_ids
+
+    lm = tiny.lm(family)
+    hp = ROMEHyperParams(**{**FAST, "v_num_grad_steps": 2})
+    templates = context_templates(lm, hp.context_template_length_params, hp.seed)
+    module = lm.adapter.layer_part(lm.model, 1, lm.adapter.mlp_down)
+    batch = build_batch(lm, FACT, " city", templates, "subject_last", None, hp.kl_prompt)
+    result = optimize_values(lm, batch, [Site(module)], hp)
+    delta = result.deltas[0]
+    assert delta.norm() > 0
+
+    def run(ids, position, add):
+        def hook(m, a, out):
+            out = out.clone()
+            if add:
+                out[0, position] += delta
+            return out
+
+        h = module.register_forward_hook(hook)
+        try:
+            with torch.no_grad():
+                return lm.model(input_ids=torch.tensor([ids])).logits[0].float().log_softmax(-1)
+        finally:
+            h.remove()
+
+    target = target_token_ids(lm.tokenizer, FACT.prompt, " city")
+    nlls = []
+    for template in templates:
+        text = template.format(FACT.prompt)
+        enc = _encode_in_context(lm.tokenizer, FACT.subject, text, len(text) - len(FACT.prompt) + FACT.prompt.index(FACT.subject))
+        ids = list(enc.input_ids) + target[:-1]
+        lp = run(ids, key_position(enc, "subject_last", None), True)
+        n = len(enc.input_ids)
+        nlls.append(-torch.stack([lp[n - 1 + j, t] for j, t in enumerate(target)]).mean())
+    kl_text = hp.kl_prompt.format(FACT.subject)
+    kl_enc = _encode_in_context(lm.tokenizer, FACT.subject, kl_text, 0)
+    kl_pos = key_position(kl_enc, "subject_last", None)
+    before = run(list(kl_enc.input_ids), kl_pos, False)[kl_pos]
+    after = run(list(kl_enc.input_ids), kl_pos, True)[kl_pos]
+    kl = (after.exp() * (after - before)).sum()
+    expected = torch.stack(nlls).mean() + hp.kl_factor * kl + \
+        hp.v_weight_decay * delta.norm() / result.inits[0].norm() ** 2
+    assert abs(result.losses[-1] - float(expected)) < 1e-4 * max(1.0, float(expected))

@@ -28,12 +28,15 @@ KEY_POSITIONS = ("subject_last", "carrier", "last")
 
 @dataclass
 class PromptBatch:
-    """Right-padded token ids of the rewrite prompts (each ending with the new target minus its last token) and
-    the KL prompt(s), with each row's key position and the positions/ids of its target tokens."""
+    """The rewrite prompts (each ending with the new target minus its last token) and the KL prompt, left-padded so
+    that every row's key position falls on the same column `prefix`. Columns before it do not depend on δ, so
+    they run once (keys and values cached) and each optimisation step recomputes only columns [prefix, width).
+    Target positions are in padded coordinates."""
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
-    key_positions: torch.Tensor  # (rows,)
+    position_ids: torch.Tensor
+    prefix: int  # the common key column
     target_positions: list[list[int]]  # per rewrite row: positions whose logits predict the target tokens
     target_ids: list[int]
     n_rewrite: int
@@ -42,6 +45,10 @@ class PromptBatch:
     @property
     def rows(self) -> int:
         return int(self.input_ids.shape[0])
+
+    @property
+    def key_positions(self) -> torch.Tensor:
+        return torch.full((self.rows,), self.prefix, dtype=torch.long, device=self.input_ids.device)
 
 
 @dataclass
@@ -124,20 +131,34 @@ def pad_rows(lm, rows: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Ten
 
 def build_batch(lm, fact: Fact, new_target_text: str, templates: Sequence[str], rule: str,
                 carrier_offset: int | None, kl_prompt: str | None) -> PromptBatch:
-    """Rewrite prompts `template.format(prompt) + target[:-1]` and the KL prompt, tokenised and right-padded."""
+    """Rewrite prompts `template.format(prompt) + target[:-1]` and the KL prompt, tokenised, with their key
+    positions aligned on one column by left padding."""
     target_ids = target_token_ids(lm.tokenizer, fact.prompt, new_target_text)
     prompt_rows, keys, prompts = templated_prompts(lm, fact, templates, rule, carrier_offset)
     rows = [ids + target_ids[:-1] for ids in prompt_rows]
-    target_positions = [[len(ids) - 1 + j for j in range(len(target_ids))] for ids in prompt_rows]
+    ends = [len(ids) for ids in prompt_rows]
     if kl_prompt:
         text = kl_prompt.format(fact.subject)
         enc = _encode_in_context(lm.tokenizer, fact.subject, text, text.index(fact.subject))
         rows.append(list(enc.input_ids))
         keys.append(key_position(enc, rule, carrier_offset))
         prompts.append(text)
-    input_ids, mask = pad_rows(lm, rows)
-    return PromptBatch(input_ids, mask, torch.tensor(keys, device=lm.device), target_positions, target_ids,
-                       len(templates), prompts)
+    prefix = max(keys)
+    width = prefix + max(len(r) - k for r, k in zip(rows, keys))
+    pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
+    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    shifts = []
+    for i, (r, k) in enumerate(zip(rows, keys)):
+        shift = prefix - k
+        input_ids[i, shift:shift + len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, shift:shift + len(r)] = 1
+        shifts.append(shift)
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    target_positions = [[shifts[i] + ends[i] - 1 + j for j in range(len(target_ids))]
+                        for i in range(len(templates))]
+    return PromptBatch(input_ids.to(lm.device), mask.to(lm.device), position_ids.to(lm.device), prefix,
+                       target_positions, target_ids, len(templates), prompts)
 
 
 def _encode_in_context(tokenizer, subject: str, text: str, char_start: int):
@@ -165,24 +186,45 @@ def _replace_output(output, tensor):
 
 
 def optimize_values(lm, batch: PromptBatch, sites: Sequence[Site], hp, *, progress: bool = False) -> ValueResult:
-    """Optimise one δ per site (jointly) as described in the module docstring."""
+    """Optimise one δ per site (jointly) as described in the module docstring.
+
+    Columns before the common key column run once (their keys and values are cached, since δ cannot reach
+    them); each step recomputes only the later columns, and the vocabulary projection only where a loss term
+    reads it."""
     import time
 
+    from ..engine.run import _forward_params, _output_cache
+
     start = time.perf_counter()
+    P = batch.prefix
     rows = torch.arange(batch.rows, device=lm.device)
-    positions = batch.key_positions
+    local = torch.zeros(batch.rows, dtype=torch.long, device=lm.device)  # key column inside the recomputed part
     deltas = [None] * len(sites)
     inits: list[torch.Tensor | None] = [None] * len(sites)
     outputs: list[torch.Tensor | None] = [None] * len(sites)
     keys: list[torch.Tensor | None] = [None] * len(sites)
     recording = {"on": True}
-    handles = []
+    params = _forward_params(lm.model)
+    cache_name = "cache" if "cache" in params else "past_key_values"
+
+    # columns [0, P): once, without hooks
+    prefix_kv = None
+    if P > 0:
+        with torch.no_grad():
+            out = lm.model(input_ids=batch.input_ids[:, :P], attention_mask=batch.attention_mask[:, :P],
+                           position_ids=batch.position_ids[:, :P], use_cache=True,
+                           **({"logits_to_keep": 1} if "logits_to_keep" in params else {}))
+        prefix_kv = [(layer.keys, layer.values) for layer in _output_cache(out).layers]
+    # the columns whose logits a loss term reads
+    wanted = sorted({c - P for cols in batch.target_positions for c in cols} | {0})
+    column = {c: i for i, c in enumerate(wanted)}
+    keep = torch.tensor(wanted, dtype=torch.long, device=lm.device)
 
     def make_hooks(i: int, site: Site):
         def pre(module, args):
             if not recording["on"]:
                 return
-            x = args[0][rows, positions].detach()
+            x = args[0][rows, local].detach()
             if site.reference is not None:
                 inits[i] = site.reference(x).float()[0].clone()
             if site.record_key:
@@ -193,44 +235,51 @@ def optimize_values(lm, batch: PromptBatch, sites: Sequence[Site], hp, *, progre
             out = _output_tensor(output)
             cols = site.columns or slice(None)
             if recording["on"]:
-                here = out[rows, positions][:, cols].detach().float()
+                here = out[rows, local][:, cols].detach().float()
                 if site.reference is None:
                     inits[i] = here[0].clone()
                 outputs[i] = here[:batch.n_rewrite].mean(0)
                 deltas[i] = torch.zeros_like(here[0], requires_grad=True)
-            add = torch.zeros_like(out)
-            width = out.shape[-1]
-            index = torch.arange(width, device=out.device)[cols]
-            add = add.index_put((rows[:, None], positions[:, None], index[None, :]),
-                                deltas[i].to(out.dtype).expand(len(rows), -1))
+            index = torch.arange(out.shape[-1], device=out.device)[cols]
+            add = torch.zeros_like(out).index_put((rows[:, None], local[:, None], index[None, :]),
+                                                  deltas[i].to(out.dtype).expand(len(rows), -1))
             return _replace_output(output, out + add)
 
         return pre, post
 
+    def forward() -> torch.Tensor:
+        kwargs = dict(input_ids=batch.input_ids[:, P:], attention_mask=batch.attention_mask,
+                      position_ids=batch.position_ids[:, P:])
+        if prefix_kv is not None:
+            from transformers import DynamicCache
+
+            kwargs[cache_name] = DynamicCache(ddp_cache_data=prefix_kv, config=lm.model.config)
+            kwargs["use_cache"] = True
+        if "logits_to_keep" in params:
+            return lm.model(**kwargs, logits_to_keep=keep).logits
+        return lm.model(**kwargs).logits[:, keep]
+
+    handles = []
     for i, site in enumerate(sites):
         pre, post = make_hooks(i, site)
         handles.append(site.module.register_forward_pre_hook(pre))
         handles.append(site.module.register_forward_hook(post))
+    target_index = [torch.tensor([column[c - P] for c in cols], device=lm.device) for cols in batch.target_positions]
+    target_ids = torch.tensor(batch.target_ids, device=lm.device)
     losses: list[float] = []
     try:
         kl_init = None
         optimizer = None
         for step in range(hp.v_num_grad_steps):
-            logits = lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+            logits = forward()
             if recording["on"]:
                 recording["on"] = False
                 optimizer = torch.optim.Adam(deltas, lr=hp.v_lr)
             log_probs = torch.log_softmax(logits.float(), dim=-1)
-            nll = []
-            for r in range(batch.n_rewrite):
-                pos = torch.tensor(batch.target_positions[r], device=lm.device)
-                ids = torch.tensor(batch.target_ids, device=lm.device)
-                nll.append(-log_probs[r, pos, ids].mean())
-            nll_loss = torch.stack(nll).mean()
-            loss = nll_loss
+            nll = torch.stack([-log_probs[r, target_index[r], target_ids].mean() for r in range(batch.n_rewrite)])
+            loss = nll.mean()
             if batch.rows > batch.n_rewrite:
-                kl_rows = rows[batch.n_rewrite:]
-                kl_lp = log_probs[kl_rows, positions[batch.n_rewrite:]]
+                kl_lp = log_probs[batch.n_rewrite:, column[0]]
                 if kl_init is None:
                     kl_init = kl_lp.detach().clone()
                 kl = torch.nn.functional.kl_div(kl_init, kl_lp, log_target=True, reduction="batchmean")

@@ -1,0 +1,55 @@
+"""The issue's acceptance edit on the real SmolLM2 weights: Eiffel Tower -> Rome at the located site."""
+
+import pytest
+import torch
+
+import locedit
+from locedit import Fact
+
+PARAPHRASES = ["The Eiffel Tower can be found in the city of", "The city that is home to the Eiffel Tower is",
+               "The Eiffel Tower is a famous landmark in the city of"]
+
+
+def _top(lm, prompt: str, subject: str) -> str:
+    return lm.predict(Fact(subject, prompt))[0].token
+
+
+@pytest.fixture(scope="module")
+def located_edit(smollm2, eiffel):
+    before = {n: p.detach().clone() for n, p in smollm2.model.named_parameters()}
+    edit = locedit.edit(smollm2, eiffel, " Rome")  # everything as locate says: layer and key position
+    yield edit
+    if edit.is_applied:
+        edit.revert()
+    assert all(torch.equal(before[n], p) for n, p in smollm2.model.named_parameters())
+
+
+def test_located_rome_edit_moves_the_fact_and_spares_the_louvre(smollm2, eiffel, located_edit):
+    edit = located_edit
+    assert edit.sites["located"] and edit.sites["key_position"] == "carrier"
+    assert _top(smollm2, eiffel.prompt, eiffel.subject) == " Rome"
+    moved = sum(_top(smollm2, p, "Eiffel Tower") == " Rome" for p in PARAPHRASES)
+    assert moved >= 2, moved
+    assert _top(smollm2, "The Louvre is located in the city of", "Louvre") == " Paris"
+    with edit.reverted():
+        assert _top(smollm2, eiffel.prompt, eiffel.subject) == " Paris"
+    assert _top(smollm2, eiffel.prompt, eiffel.subject) == " Rome"
+
+
+def test_edited_model_saves_as_a_hugging_face_directory(smollm2, eiffel, located_edit, tmp_path):
+    locedit.save_model(smollm2, tmp_path / "edited")
+    reloaded = locedit.load(str(tmp_path / "edited"))
+    assert _top(reloaded, eiffel.prompt, eiffel.subject) == " Rome"
+
+
+def test_cli_edit_on_the_built_in_model(tmp_path, capsys, located_edit):
+    from locedit.cli import main
+
+    located_edit.revert()  # the CLI loads its own copy; keep the session model clean for other tests
+    code = main(["edit", "--model", "smollm2-135m", "--subject", "The Eiffel Tower", "--prompt",
+                 "The Eiffel Tower is located in the city of", "--new-target", " Rome", "--layers", "0",
+                 "--key-position", "subject_last", "--out", str(tmp_path / "edit")])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    assert "p(new ' Rome')" in printed and (tmp_path / "edit" / "edit.json").is_file()
+    assert locedit.load_edit(tmp_path / "edit").model["name"] == "smollm2-135m"
