@@ -90,13 +90,40 @@ class LM:
 
     # --- vocabulary projection -------------------------------------------------------------------------------
     def unembed(self, hidden: torch.Tensor, *, normalize: bool = True) -> torch.Tensor:
-        """Logits of residual-stream states: final norm (if `normalize`), unembedding (+bias), logit soft-cap."""
+        """Logits of residual-stream states: final norm (if `normalize`), unembedding (+bias), logit soft-cap.
+        Runs in the model's dtype (a float32 state is cast first); see `target_logit` for float32 logits."""
+        hidden = hidden.to(self.dtype)
         if normalize:
             hidden = self.adapter.final_norm_module(self.model)(hidden)
         logits = self.adapter.unembed_module(self.model)(hidden.to(self.dtype))
         if self.logit_softcap:
             logits = torch.tanh(logits / self.logit_softcap) * self.logit_softcap
         return logits
+
+    def apply_norm(self, norm: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        """A norm module of the model applied in float32 whatever the model's dtype (for statistics such as direct
+        logit attributions, where half precision would cancel small differences away)."""
+        hidden = hidden.float()
+        if isinstance(norm, (nn.LayerNorm, getattr(nn, "RMSNorm", nn.LayerNorm))):
+            weight = norm.weight.float() if norm.weight is not None else None
+            if isinstance(norm, nn.LayerNorm):
+                bias = norm.bias.float() if norm.bias is not None else None
+                return nn.functional.layer_norm(hidden, norm.normalized_shape, weight, bias, norm.eps)
+            return nn.functional.rms_norm(hidden, norm.normalized_shape, weight, norm.eps)
+        return norm(hidden).float()  # HF's RMSNorms compute in float32 and keep a float32 input's dtype
+
+    def target_logit(self, hidden: torch.Tensor, token_id: int, *, normalize: bool = True) -> torch.Tensor:
+        """The logit of one token for residual states (..., d_model), computed in float32: final norm (if
+        `normalize`), that token's unembedding row (+bias), logit soft-cap. Returns (...)."""
+        if normalize:
+            hidden = self.apply_norm(self.adapter.final_norm_module(self.model), hidden)
+        unembed = self.adapter.unembed_module(self.model)
+        logit = hidden.float() @ unembed.weight[int(token_id)].float()
+        if getattr(unembed, "bias", None) is not None:
+            logit = logit + unembed.bias[int(token_id)].float()
+        if self.logit_softcap:
+            logit = torch.tanh(logit / self.logit_softcap) * self.logit_softcap
+        return logit
 
     def project(self, hidden: torch.Tensor, projection: Projection = "model") -> torch.Tensor:
         """Vocabulary scores of a hidden state (or a sublayer output).
@@ -116,23 +143,54 @@ class LM:
         return "paper" if self.tied_embeddings and self.adapter.family == "gpt2" else "model"
 
 
+VALIDATION_PROMPT = "The Eiffel Tower is located in the city of"
+# The no-op check's tolerance, in units of the dtype's machine epsilon, relative to the largest logit. Measured
+# (README, "Half precision"): changes that only round differently move the logits of the validation prompt by up
+# to 3.0 eps in bfloat16 / 3.6 eps in float16 (same weights through SDPA vs eager attention, SmolLM2-135M and tiny
+# random models of every family; an explicit mask can switch kernels on a GPU) and 3.6 eps (bfloat16 rotary
+# positions shifted by one, tiny Llama). 16 eps leaves a 4x margin; a broken adapter (attention without its causal
+# mask) moves them by 30-64% of the largest logit, 40-80 bfloat16 eps (tested in tests/test_scale.py).
+VALIDATION_EPS = 16.0
+
+
+def validation_tolerance(dtype: torch.dtype) -> float:
+    """Largest allowed |no-op run - plain forward| relative to the largest logit: max(1e-3, 16 eps(dtype)),
+    i.e. 1e-3 in float32, 1.6e-2 in float16 and 0.125 in bfloat16."""
+    return max(1e-3, VALIDATION_EPS * torch.finfo(dtype).eps)
+
+
+def _validation_ids(lm: LM) -> list[int]:
+    if lm.tokenizer is not None:
+        try:
+            ids = [int(i) % lm.vocab_size for i in lm.tokenizer(VALIDATION_PROMPT)["input_ids"]]
+            if len(ids) >= 3:
+                return ids
+        except Exception:  # a tokenizer that cannot encode text: arbitrary ids below
+            pass
+    return [int(i) % lm.vocab_size for i in (11, 12, 13, 14, 15, 16)]
+
+
 def validate_adapter(lm: LM, prompt_ids: list[int] | None = None) -> None:
-    """Check that the adapter really controls the model: a no-op run equals the plain forward, and knocking out
-    every attention edge of the last position (and every MLP) changes the output. Raises UnsupportedModelError."""
+    """Check that the adapter really controls the model: a no-op run equals the plain forward (within
+    `validation_tolerance` of the model's dtype), and knocking out every attention edge of the last position (and
+    every MLP) changes the output. Raises UnsupportedModelError."""
     from .engine import BlockAttention, SetSublayer, run
     from .errors import UnsupportedModelError
 
-    ids = prompt_ids or [int(i) % lm.vocab_size for i in (11, 12, 13, 14, 15, 16)]
+    ids = prompt_ids or _validation_ids(lm)
     n = len(ids)
     with torch.no_grad():
         plain = lm.model(input_ids=torch.tensor([ids], device=lm.device)).logits[0, -1].float()
         out = run(lm, ids, [[], [BlockAttention(range(lm.num_layers), [n - 1], range(n - 1))],
                             [SetSublayer("mlp", range(lm.num_layers), range(n))]], reuse_prefix=False)
-    logits = out.logits.float()
+    logits = out.logits.float().to(plain.device)
     scale = plain.abs().max().clamp(min=1.0)
-    if (logits[0] - plain).abs().max() > 1e-3 * scale:
+    tolerance = validation_tolerance(lm.dtype)
+    diff = float((logits[0] - plain).abs().max() / scale)
+    if not diff <= tolerance:  # also NaN
         raise UnsupportedModelError(f"adapter {lm.adapter.family!r} changes {lm.name}'s output without any "
-                                    "intervention; the model does not match the adapter")
+                                    f"intervention (by {diff:.3g} of the largest logit; {lm.dtype} allows "
+                                    f"{tolerance:.3g}); the model does not match the adapter")
     for row, what in ((1, "an attention knockout"), (2, "an MLP knockout")):
         if (logits[row] - plain).abs().max() <= 1e-6 * scale:
             raise UnsupportedModelError(f"{what} through adapter {lm.adapter.family!r} does not change "

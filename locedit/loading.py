@@ -3,6 +3,7 @@ pair) into an `LM`."""
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
@@ -66,10 +67,8 @@ def _load(spec, *, dtype, device, device_map) -> LM:
         gguf = Path(spec)
         if not gguf.is_file():
             raise ModelLoadError(f"GGUF file not found: {spec}")
-        model, tokenizer = _load_gguf(gguf, torch_dtype)
-        if device is not None:
-            model.to(device)
-        return LM(_frozen(model), tokenizer, name=gguf.name)
+        path = gguf_converted(gguf)
+        return _from_pretrained(str(path), name=gguf.name, dtype=torch_dtype, device=device, device_map=device_map)
     if os.path.sep in spec or spec.startswith("."):
         if not Path(spec).exists():
             raise ModelLoadError(f"model directory not found: {spec}")
@@ -150,11 +149,62 @@ def _smollm2_converted(dtype) -> Path:
     return target
 
 
-def _cache_valid(target: Path, stamp: dict) -> bool:
+HASH_CHUNK = 8 << 20
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file's content, read in 8 MiB chunks (constant memory for multi-GB files)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(HASH_CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _content_hash(path: Path) -> str:
+    """The file's full SHA-256, remembered in cache_dir()/gguf/hashes.json under (absolute path, size, mtime) so an
+    unchanged file is hashed once; any change of size or modification time hashes it again."""
+    st = path.stat()
+    key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    index_path = cache_dir() / "gguf" / "hashes.json"
     try:
-        return json.loads((target / "locedit_cache.json").read_text()) == stamp
+        index = json.loads(index_path.read_text())
+    except (OSError, ValueError):
+        index = {}
+    if key in index:
+        return index[key]
+    digest = file_sha256(path)
+    index[key] = digest
+    try:
+        index_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = index_path.with_name(f".hashes-{os.getpid()}.json")
+        tmp.write_text(json.dumps(index))
+        os.replace(tmp, index_path)
+    except OSError:  # a read-only cache still works, it just hashes again next time
+        pass
+    return digest
+
+
+def gguf_converted(gguf: Path) -> Path:
+    """A safetensors copy (float32) of any GGUF file, dequantized once and cached under
+    cache_dir()/gguf/<sha256 prefix>, keyed by the full SHA-256 of the file's content (so a renamed or copied file
+    hits the cache and a changed one does not)."""
+    digest = _content_hash(gguf)
+    stamp = {"format": CACHE_FORMAT, "source": gguf.name, "sha256": digest, "size": gguf.stat().st_size}
+    target = cache_dir() / "gguf" / digest[:32]
+    if _cache_valid(target, stamp, ignore=("source",)):
+        return target
+    model, tokenizer = _load_gguf(gguf, torch.float32)
+    _write_converted(model, tokenizer, target, stamp)
+    return target
+
+
+def _cache_valid(target: Path, stamp: dict, ignore: tuple = ()) -> bool:
+    try:
+        found = json.loads((target / "locedit_cache.json").read_text())
     except (OSError, ValueError):
         return False
+    return {k: v for k, v in found.items() if k not in ignore} == {k: v for k, v in stamp.items() if k not in ignore}
 
 
 def _write_converted(model, tokenizer, target: Path, stamp: dict) -> None:
@@ -165,6 +215,9 @@ def _write_converted(model, tokenizer, target: Path, stamp: dict) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
         model.config.to_json_file(str(tmp / "config.json"))
+        config = json.loads((tmp / "config.json").read_text())
+        if config.pop("quantization_config", None) is not None:  # the copy holds plain float32 weights
+            (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
         tokenizer.save_pretrained(str(tmp))
         state, seen = {}, set()
         for key, tensor in model.state_dict().items():

@@ -51,10 +51,11 @@ def edit_many(lm, facts: Sequence[Fact], new_targets: Sequence[str], *, method: 
     targets = [_new_target_text(lm, f, t) for f, t in zip(facts, new_targets)]
     site_maps = list(sites) if sites is not None else [None] * len(facts)
     needs_location = (layers is None and method != "head") or (heads is None and method == "head") or \
-        (key_position in (None, "carrier"))
+        key_position == "carrier"
     if needs_location:
         site_maps = [s if s is not None else _locate(lm, f) for s, f in zip(site_maps, facts)]
-    rule = key_position or ("carrier" if site_maps[0] is not None else "subject_last")
+    # default key position: locate's carrier token when locate ran, ROME's subject-last token at given sites
+    rule = key_position or ("carrier" if needs_location else "subject_last")
     if rule not in ("subject_last", "carrier"):
         raise LoceditError(f"key_position must be 'subject_last' or 'carrier', not {rule!r}")
     offsets = [_carrier_offset(lm, f, s) if rule == "carrier" else None for f, s in zip(facts, site_maps)]

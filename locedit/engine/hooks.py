@@ -54,11 +54,17 @@ class Layout:
     t1: int
     num_layers: int
     num_heads: int
+    device: torch.device | None = None  # where index tensors and masks are built (the model's device)
     _cache: dict = field(default_factory=dict, repr=False)
 
     @property
     def batch(self) -> int:
         return len(self.interventions)
+
+    @property
+    def unpadded(self) -> bool:
+        """Every row is a full, unpadded prompt of `t1` tokens (the attention mask is then purely causal)."""
+        return all(p == 0 for p in self.pad_left) and all(n == self.t1 for n in self.lengths)
 
     def absolute(self, row: int, position: int) -> int:
         n = self.lengths[row]
@@ -105,12 +111,17 @@ class Layout:
         if not entries:
             return None
         keys = list(entries)
-        index = tuple(torch.tensor(col, dtype=torch.long) for col in zip(*keys))
+        index = tuple(torch.tensor(col, dtype=torch.long, device=self.device) for col in zip(*keys))
         values = list(entries.values())
         zero = all(v is None for v in values)
         if not zero:
             ref = next(v for v in values if v is not None)
-            values = torch.stack([torch.zeros_like(ref) if v is None else v for v in values])
+            device = self.device if self.device is not None else ref.device
+            ref = ref.to(device)
+            # values may come from different devices (a user's CPU tensor, a capture on the GPU): gather them on
+            # the model's device once, here, instead of once per forward
+            values = torch.stack([torch.zeros_like(ref) if v is None else v.to(device=device, dtype=ref.dtype)
+                                  for v in values])
         return Writes(index=index, values=None if zero else values, additive=additive)
 
     # --- attention edits --------------------------------------------------------------------------------------
@@ -137,7 +148,8 @@ class Layout:
                 continue
             heads = torch.arange(mask.shape[1]) if iv.heads is None else torch.tensor(iv.heads, dtype=torch.long)
             mask[row, heads[:, None, None], queries[None, :, None], keys[None, None, :]] = True
-        return mask
+        # built on the CPU (many small index writes), copied to the model's device once and cached there
+        return mask.to(self.device) if self.device is not None else mask
 
     def uniform_queries(self, layer: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         key = ("u", layer)
@@ -146,7 +158,8 @@ class Layout:
                      for row, ivs in enumerate(self.interventions) for iv in ivs
                      if isinstance(iv, UniformAttention) and layer in iv.layers for q in iv.queries}
             pairs = sorted(p for p in pairs if 0 <= p[1] < self.t1 - self.t0)
-            self._cache[key] = (tuple(torch.tensor(c, dtype=torch.long) for c in zip(*pairs)) if pairs else None)
+            self._cache[key] = (tuple(torch.tensor(c, dtype=torch.long, device=self.device) for c in zip(*pairs))
+                                if pairs else None)
         return self._cache[key]
 
     def validate(self) -> None:
@@ -220,6 +233,10 @@ class Pass:
     expand_index: torch.Tensor | None = None
     capture: Capture | None = None
     captured: dict = field(default_factory=dict)
+    # True when the engine built the forward itself (`run`, `run_batch`): the attention mask it receives is then
+    # exactly causal (plus its layouts' padding), so layers without edge knockouts may use the kernel's own
+    # causal path. False for `intervene`, where the caller's mask may hold anything.
+    engine_mask: bool = False
 
     def layout(self, layer: int) -> Layout:
         return self.lower if (self.lower is not None and layer < self.split) else self.upper
@@ -274,33 +291,37 @@ def registered() -> bool:
 class _PassState:
     """Dispatch target of hooks while a `Pass` runs; swapped between passes of one attachment."""
 
-    def __init__(self, lm, base_kernel: Callable, eager_kernel: Callable):
+    def __init__(self, lm, base_kernel: Callable, eager_kernel: Callable, base_is_sdpa: bool = False,
+                 causal_limit: int | None = None):
         self.lm = lm
         self.pass_: Pass | None = None
         self.base_kernel = base_kernel
         self.eager_kernel = eager_kernel
+        # SDPA computes causal attention itself (`is_causal`, or nothing to mask for one last query): with no
+        # edit at a layer, handing it no mask keeps the fast kernels (flash / cuDNN) that an explicit mask
+        # disables, and gives exactly the plain forward's numbers. Not beyond a sliding window.
+        self.base_is_sdpa = base_is_sdpa
+        self.causal_limit = causal_limit
+
+    def _maskless(self, layout: Layout, query, key, kwargs) -> bool:
+        p = self.pass_
+        if not (self.base_is_sdpa and p.engine_mask and layout.unpadded):
+            return False
+        q_len, k_len = query.shape[2], key.shape[2]
+        if k_len != layout.t1 or kwargs.get("sliding_window") is not None and k_len > kwargs["sliding_window"]:
+            return False
+        if self.causal_limit is not None and k_len > self.causal_limit:
+            return False
+        # q == k: causal from position 0 (SDPA's top-left causal alignment is right); one query at the end of
+        # the sequence sees every key
+        return (q_len == k_len and layout.t0 == 0) or q_len == 1
 
     def attention(self, module, layer, query, key, value, attention_mask, **kwargs):
         p = self.pass_
         layout = p.layout(layer)
         b, _, q_len, _ = query.shape
         k_len = key.shape[2]
-        mask = attention_mask
-        if mask is None:
-            causal = torch.ones(q_len, k_len, dtype=torch.bool, device=query.device).tril(k_len - q_len)
-            mask = torch.zeros(1, 1, q_len, k_len, dtype=query.dtype, device=query.device)
-            mask = mask.masked_fill(~causal, torch.finfo(query.dtype).min)
-        else:
-            mask = mask[:, :, :, :k_len]
-        if mask.shape[0] not in (1, b):
-            # the mask was built for the lower (pre-expansion) batch: map rows to their lower row
-            mask = mask.index_select(0, p.expand_index.to(mask.device))
         blocked = layout.blocked(layer)
-        if blocked is not None:
-            if blocked.shape[-2:] != (q_len, k_len):
-                raise InterventionError(
-                    f"internal: block mask {tuple(blocked.shape)} does not fit attention ({q_len}, {k_len})")
-            mask = mask.masked_fill(blocked.to(mask.device), torch.finfo(mask.dtype).min)
         uniform = layout.uniform_queries(layer)
         if uniform is not None:
             rows, qpos = (t.to(query.device) for t in uniform)
@@ -308,9 +329,30 @@ class _PassState:
             qt = qt.index_put((rows, qpos), torch.zeros((), dtype=qt.dtype, device=qt.device).expand(
                 len(rows), *qt.shape[2:]))
             query = qt.transpose(1, 2)
-        kernel = self.eager_kernel if p.wants("attn_weights", layer) else self.base_kernel
+        weights_wanted = p.wants("attn_weights", layer)
+        if blocked is None and not weights_wanted and self._maskless(layout, query, key, kwargs):
+            return self.base_kernel(module, query, key, value, None, **kwargs)
+        mask = attention_mask
+        if mask is None:
+            causal = torch.ones(q_len, k_len, dtype=torch.bool, device=query.device).tril(k_len - q_len)
+            mask = torch.zeros(1, 1, q_len, k_len, dtype=query.dtype, device=query.device)
+            mask = mask.masked_fill(~causal, torch.finfo(query.dtype).min)
+        else:
+            mask = mask[:, :, :, :k_len]  # built by transformers in the model's dtype (0 / the dtype's minimum)
+        if mask.shape[0] not in (1, b):
+            # the mask was built for the lower (pre-expansion) batch: map rows to their lower row
+            mask = mask.index_select(0, p.expand_index.to(mask.device))
+        if blocked is not None:
+            if blocked.shape[-2:] != (q_len, k_len):
+                raise InterventionError(
+                    f"internal: block mask {tuple(blocked.shape)} does not fit attention ({q_len}, {k_len})")
+            if mask.dtype == torch.bool:  # True = attend
+                mask = mask & ~blocked.to(mask.device)
+            else:  # additive: the dtype's minimum, so the remaining weights renormalise
+                mask = mask.masked_fill(blocked.to(mask.device), torch.finfo(mask.dtype).min)
+        kernel = self.eager_kernel if weights_wanted else self.base_kernel
         out, weights = kernel(module, query, key, value, mask, **kwargs)
-        if p.wants("attn_weights", layer):
+        if weights_wanted:
             p.record("attn_weights", layer, weights)
         return out, weights
 
@@ -356,7 +398,10 @@ def attached(lm) -> Iterator[_PassState]:
         base_kernel = eager  # flash and other kernels cannot take an arbitrary mask: eager is exact
     else:
         base_kernel = AttentionInterface._global_mapping[base_name]
-    state = _PassState(lm, base_kernel, eager)
+    windows = [w for cfg in configs for w in (getattr(cfg, "sliding_window", None),
+                                               getattr(cfg, "attention_chunk_size", None)) if isinstance(w, int)]
+    state = _PassState(lm, base_kernel, eager, base_is_sdpa=base_name == "sdpa",
+                       causal_limit=min(windows) if windows else None)
     try:
         with _LOCK:
             _register()

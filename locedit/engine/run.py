@@ -147,9 +147,9 @@ def run(lm, prompt, rows: Rows | None = None, *, capture: Capture | None = None,
     all_ids = torch.tensor([ids], dtype=torch.long)
 
     if not reuse_prefix:
-        layout = Layout(full, [n] * n_rows, [0] * n_rows, 0, n, lm.num_layers, lm.num_heads)
+        layout = Layout(full, [n] * n_rows, [0] * n_rows, 0, n, lm.num_layers, lm.num_heads, lm.device)
         with attached(lm) as state:
-            state.pass_ = p = Pass(upper=layout, capture=capture)
+            state.pass_ = p = Pass(upper=layout, capture=capture, engine_mask=True)
             out = _forward(lm, all_ids.expand(n_rows, n), position_ids=torch.arange(n)[None])
         return RunResult(out.logits[:, -1], _assemble_full(p.captured, capture, n_rows, n))
 
@@ -159,24 +159,26 @@ def run(lm, prompt, rows: Rows | None = None, *, capture: Capture | None = None,
     pieces: dict = {}
     with attached(lm) as state:
         # 1. every base once over the whole prompt, keeping its keys and values
-        base_layout = Layout(bases, [n] * n_bases, [0] * n_bases, 0, n, lm.num_layers, lm.num_heads)
-        state.pass_ = base = Pass(upper=base_layout, capture=None if capture.last_only else capture)
+        base_layout = Layout(bases, [n] * n_bases, [0] * n_bases, 0, n, lm.num_layers, lm.num_heads, lm.device)
+        state.pass_ = base = Pass(upper=base_layout, capture=None if capture.last_only else capture,
+                                 engine_mask=True)
         base_out = _forward(lm, all_ids.expand(n_bases, n), position_ids=torch.arange(n)[None], use_cache=True)
         base_cache = _output_cache(base_out)
         # 2. each chunk of rows: positions [p0, n) only, per base below its first layer l0, per row from l0 on
         for members, p0, l0 in chunks:
             chunk_rows = [full[i] for i in members]
-            expand = torch.tensor([row_base[i] for i in members], dtype=torch.long)
+            expand = torch.tensor([row_base[i] for i in members], dtype=torch.long, device=lm.device)
             upper = Layout(chunk_rows, [n] * len(members), [0] * len(members), p0, n, lm.num_layers,
-                           lm.num_heads)
+                           lm.num_heads, lm.device)
             ids_part = all_ids[:, p0:]
             if l0 <= 0:
-                chunk_pass = Pass(upper=upper, capture=capture, expand_index=expand)
-                ids_part = ids_part.index_select(0, torch.zeros(len(members), dtype=torch.long))
+                chunk_pass = Pass(upper=upper, capture=capture, expand_index=expand, engine_mask=True)
+                ids_part = ids_part.expand(len(members), n - p0)
                 split = 0
             else:
-                lower = Layout(bases, [n] * n_bases, [0] * n_bases, p0, n, lm.num_layers, lm.num_heads)
-                chunk_pass = Pass(upper=upper, lower=lower, split=l0, expand_index=expand, capture=capture)
+                lower = Layout(bases, [n] * n_bases, [0] * n_bases, p0, n, lm.num_layers, lm.num_heads, lm.device)
+                chunk_pass = Pass(upper=upper, lower=lower, split=l0, expand_index=expand, capture=capture,
+                                  engine_mask=True)
                 ids_part = ids_part.expand(n_bases, n - p0)
                 split = l0
             cache = _split_cache(lm, base_cache, p0, split, expand) if p0 > 0 else None
@@ -238,7 +240,7 @@ def plan_chunks(points: list[tuple[int, int]], n: int, num_layers: int, n_bases:
 
 
 def _validate(lm, rows: list[list[Intervention]], lengths: list[int]) -> None:
-    Layout(rows, lengths, [0] * len(rows), 0, max(lengths), lm.num_layers, lm.num_heads).validate()
+    Layout(rows, lengths, [0] * len(rows), 0, max(lengths), lm.num_layers, lm.num_heads, lm.device).validate()
     for ivs in rows:
         for iv in ivs:
             value = getattr(iv, "noise", None) if isinstance(iv, AddEmbeddingNoise) else getattr(iv, "value", None)
@@ -327,19 +329,19 @@ def run_batch(lm, prompts: Sequence, rows: Rows | None = None, *, capture: Captu
         mask[i, pad_left[i]:pad_left[i] + lengths[i]] = 1
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
     capture = capture or Capture()
-    layout = Layout(rows, lengths, pad_left, 0, width, lm.num_layers, lm.num_heads)
+    layout = Layout(rows, lengths, pad_left, 0, width, lm.num_layers, lm.num_heads, lm.device)
     _validate(lm, rows, lengths)
     with attached(lm) as state:
-        state.pass_ = p = Pass(upper=layout, capture=capture)
+        state.pass_ = p = Pass(upper=layout, capture=capture, engine_mask=True)
         out = _forward(lm, input_ids, position_ids=position_ids, attention_mask=mask, last_only_logits=False)
-    last = torch.tensor([pl + n - 1 for pl, n in zip(pad_left, lengths)])
-    logits = out.logits[torch.arange(len(lengths)), last.to(out.logits.device)]
+    last = torch.tensor([pl + n - 1 for pl, n in zip(pad_left, lengths)], device=out.logits.device)
+    batch = torch.arange(len(lengths), device=out.logits.device)
+    logits = out.logits[batch, last]
     data = {}
     for key, value in p.captured.items():
         if capture.last_only:
-            idx = last.to(value.device)
-            data[key] = (value[torch.arange(len(lengths)), :, idx] if key[0] == "attn_weights"
-                         else value[torch.arange(len(lengths)), idx])
+            idx, rows_idx = last.to(value.device), batch.to(value.device)
+            data[key] = (value[rows_idx, :, idx] if key[0] == "attn_weights" else value[rows_idx, idx])
         else:
             data[key] = value
     return RunResult(logits, Captures(data, lengths, pad_left, capture.last_only))
@@ -357,7 +359,7 @@ def intervene(lm, rows: Rows, *, seq_len: int, capture: Capture | None = None,
     lengths = list(lengths or [seq_len] * len(rows))
     pad_left = list(pad_left or [0] * len(rows))
     capture = capture or Capture()
-    layout = Layout(rows, lengths, pad_left, 0, seq_len, lm.num_layers, lm.num_heads)
+    layout = Layout(rows, lengths, pad_left, 0, seq_len, lm.num_layers, lm.num_heads, lm.device)
     layout.validate()
     captures = Captures({}, lengths, pad_left, False)
     with attached(lm) as state:

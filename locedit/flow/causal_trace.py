@@ -14,18 +14,24 @@ from ..engine import AddEmbeddingNoise, Capture, SetResidual, SetSublayer, run
 from ..errors import LoceditError
 from ..facts import EncodedFact, Fact
 from ..lm import LM
-from .common import FlowResult, as_encoded, fact_summary, resolve_target, window_layers
+from .common import FlowResult, Target, as_encoded, fact_summary, resolve_target, window_layers
 
 KINDS = ("hidden", "mlp", "attn")
 
 
 def embedding_std(lm: LM, sample: int = 4096, seed: int = 0) -> float:
     """Standard deviation of the embedding layer's outputs over a fixed sample of the vocabulary (ROME uses the
-    std over a dataset's subject tokens; pass `noise_std` to causal_trace to use such a value)."""
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, lm.vocab_size, (min(sample, lm.vocab_size),), generator=g).to(lm.device)
-    with torch.no_grad():
-        return float(lm.adapter.embed_module(lm.model)(ids).float().std())
+    std over a dataset's subject tokens; pass `noise_std` to causal_trace to use such a value). Computed in
+    float32 and remembered per (model, embedding weights version) so repeated traces do not recompute it."""
+    module = lm.adapter.embed_module(lm.model)
+    key = (sample, seed, module.weight.data_ptr(), module.weight._version)
+    cache = lm.__dict__.setdefault("_embedding_std", {})
+    if key not in cache:
+        g = torch.Generator().manual_seed(seed)
+        ids = torch.randint(0, lm.vocab_size, (min(sample, lm.vocab_size),), generator=g).to(lm.device)
+        with torch.no_grad():
+            cache[key] = float(module(ids).float().std())
+    return cache[key]
 
 
 @dataclass
@@ -61,21 +67,24 @@ class CausalTraceResult(FlowResult):
 def causal_trace(lm: LM, fact: Fact | EncodedFact, *, kind: str = "hidden", samples: int = 10, noise: float = 3.0,
                  noise_std: float | None = None, window: int = 10, seed: int = 1,
                  use_fact_target: bool = False, positions: Sequence[int] | None = None,
-                 layers: Sequence[int] | None = None) -> CausalTraceResult:
+                 layers: Sequence[int] | None = None, target: Target | None = None) -> CausalTraceResult:
     """ROME's causal trace. Noise: `noise` x `noise_std` (default the embedding std, see `embedding_std`), drawn
     once with `seed` and shared by every cell (ROME's paired design). `window` applies to mlp/attn restores.
     Cells before the subject are not run: noise cannot reach them, so restoring them is a no-op and their score
     is the corrupted score (ROME computes the same number the long way). `positions` restricts the traced
-    positions and `layers` the traced layers (the others are reported as NaN)."""
+    positions and `layers` the traced layers (the others are reported as NaN). `target`: an already resolved
+    `Target` (see `resolve_target`), to skip the clean forward that resolves it."""
     if kind not in KINDS:
         raise LoceditError(f"unknown trace kind {kind!r}; use one of {KINDS}")
     enc = as_encoded(lm, fact)
-    target = resolve_target(lm, enc, use_fact_target)
+    target = target if target is not None else resolve_target(lm, enc, use_fact_target)
     n, L = len(enc), lm.num_layers
     subject = list(enc.positions.subject)
     std = noise_std if noise_std is not None else embedding_std(lm)
     rng = np.random.RandomState(seed)
-    noise_values = torch.from_numpy(rng.randn(samples, len(subject), lm.d_model)).to(lm.dtype) * noise * std
+    # drawn on the CPU (the same numbers on every device), scaled in float32, then moved once
+    noise_values = (torch.from_numpy(rng.randn(samples, len(subject), lm.d_model)).float() * noise * std).to(
+        device=lm.device, dtype=lm.dtype)
     bases = [[AddEmbeddingNoise(subject, noise_values[s])] for s in range(samples)]
     site = "residual" if kind == "hidden" else kind
     with torch.no_grad():
@@ -98,11 +107,14 @@ def causal_trace(lm: LM, fact: Fact | EncodedFact, *, kind: str = "hidden", samp
         row_base.append(0)
         probs = run(lm, enc, rows + [[] for _ in range(samples - 1)], bases=bases,
                     row_base=row_base + list(range(1, samples))).prob_of(target.token_id)
+    probs = probs.float().cpu()  # one transfer; the table is assembled on the CPU
     low = float(probs[len(cells) * samples:].mean())
     cell_probs = torch.full((n, L), float("nan"))
     cell_probs[[p for p in wanted if p < first]] = low
-    means = probs[: len(cells) * samples].view(len(traced), len(traced_layers), samples).mean(-1)
-    cell_probs[torch.tensor(traced, dtype=torch.long)[:, None], torch.tensor(traced_layers)[None, :]] = means
+    if cells:
+        means = probs[: len(cells) * samples].view(len(traced), len(traced_layers), samples).mean(-1)
+        cell_probs[torch.tensor(traced, dtype=torch.long)[:, None],
+                   torch.tensor(traced_layers, dtype=torch.long)[None, :]] = means
     return CausalTraceResult(kind, target.token, target.token_id, target.base_prob, low, cell_probs.tolist(),
                              list(enc.tokens), [enc.subject_start, enc.subject_end], window, samples, std,
                              fact_summary(enc))

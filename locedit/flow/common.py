@@ -46,10 +46,29 @@ class Target:
 
 
 def resolve_target(lm: LM, enc: EncodedFact, use_fact_target: bool = False) -> Target:
-    """The fact's given target if `use_fact_target` (and one is given), else the model's top-1 prediction."""
+    """The fact's given target if `use_fact_target` (and one is given), else the model's top-1 prediction.
+    Probabilities in float32. Analyses take `target=` to reuse one resolved target (see `locate`)."""
+    from ..engine.run import _forward_params
+
+    kwargs = {"logits_to_keep": 1} if "logits_to_keep" in _forward_params(lm.model) else {}
     with torch.no_grad():
-        logits = lm.model(input_ids=torch.tensor([enc.input_ids], device=lm.device)).logits[0, -1].float()
-    probs = logits.softmax(-1)
+        logits = lm.model(input_ids=torch.tensor([enc.input_ids], device=lm.device), **kwargs).logits[0, -1]
+    return _target_from_logits(lm, enc, logits, use_fact_target)
+
+
+def resolve_targets(lm: LM, encs: Sequence[EncodedFact], use_fact_target: bool = False) -> list[Target]:
+    """`resolve_target` for several facts in one padded forward (`run_batch`; padding changes no number)."""
+    from ..engine import run_batch
+
+    if not encs:
+        return []
+    with torch.no_grad():
+        logits = run_batch(lm, list(encs)).logits
+    return [_target_from_logits(lm, enc, row, use_fact_target) for enc, row in zip(encs, logits)]
+
+
+def _target_from_logits(lm: LM, enc: EncodedFact, logits: torch.Tensor, use_fact_target: bool) -> Target:
+    probs = logits.float().softmax(-1)
     top = int(probs.argmax())
     token_id = enc.target_id if (use_fact_target and enc.target_id is not None) else top
     return Target(int(token_id), lm.token_str(token_id), float(probs[token_id]), token_id == top)

@@ -12,7 +12,7 @@ import torch
 from ..engine import BlockAttention, Capture, SetHeads, run
 from ..facts import EncodedFact, Fact
 from ..lm import LM, Projection
-from .common import FlowResult, as_encoded, fact_summary, mean_ci, rank_of, resolve_target
+from .common import FlowResult, Target, as_encoded, fact_summary, mean_ci, rank_of, resolve_target
 
 
 def ablation_keys(enc: EncodedFact) -> dict[str, tuple[int, ...] | None]:
@@ -103,13 +103,14 @@ class ExtractionResult(FlowResult):
 
 
 def extraction_events(lm: LM, fact: Fact | EncodedFact, *, projection: Projection | None = None,
-                      use_fact_target: bool = False, ablations: bool = True) -> ExtractionResult:
+                      use_fact_target: bool = False, ablations: bool = True,
+                      target: Target | None = None) -> ExtractionResult:
     """Extraction events at the last position, and attention-weight ablations at each attention event layer.
 
     Ablations block the chosen keys *before* the softmax (the remaining weights renormalise exactly; the official
     code re-applied softmax to probabilities, which makes the weights near-uniform instead)."""
     enc = as_encoded(lm, fact)
-    target = resolve_target(lm, enc, use_fact_target)
+    target = target if target is not None else resolve_target(lm, enc, use_fact_target)
     projection = projection or lm.default_projection()
     with torch.no_grad():
         clean = run(lm, enc, capture=Capture(attn=True, mlp=True, residual=True)).captures

@@ -12,7 +12,7 @@ import torch
 from ..engine import BlockAttention, Capture, SetHeads, run
 from ..facts import EncodedFact, Fact
 from ..lm import LM, Projection
-from .common import FlowResult, as_encoded, fact_summary, rank_of, resolve_target
+from .common import FlowResult, Target, as_encoded, fact_summary, rank_of, resolve_target
 
 
 def head_ov(lm: LM, layer: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
@@ -60,7 +60,8 @@ class HeadProjectionResult(FlowResult):
 
 def head_projection(lm: LM, fact: Fact | EncodedFact, *, projection: Projection | None = None,
                     use_fact_target: bool = False, top: int = 20, top_tokens: int = 10,
-                    heads: Sequence[tuple[int, int]] | None = None) -> HeadProjectionResult:
+                    heads: Sequence[tuple[int, int]] | None = None,
+                    target: Target | None = None) -> HeadProjectionResult:
     """Read each head's OV circuit in vocabulary space: where does the target rank when the subject's token
     embeddings (Dar et al.'s E W_VO reading) and the subject-last representation go through the head?
 
@@ -68,7 +69,7 @@ def head_projection(lm: LM, fact: Fact | EncodedFact, *, projection: Projection 
     (what the head actually reads); token embeddings are read raw, as in the embedding-space analysis.
     `heads` restricts the computation to those (layer, head) pairs; the others get rank = vocabulary size."""
     enc = as_encoded(lm, fact)
-    target = resolve_target(lm, enc, use_fact_target)
+    target = target if target is not None else resolve_target(lm, enc, use_fact_target)
     projection = projection or lm.default_projection()
     subject_ids = torch.tensor(enc.input_ids[enc.subject_start:enc.subject_end], device=lm.device)
     L, H = lm.num_layers, lm.num_heads
@@ -120,23 +121,25 @@ class HeadEffectsResult(FlowResult):
     analysis = "head_effects"
 
 
-def head_effects(lm: LM, fact: Fact | EncodedFact, *, use_fact_target: bool = False) -> HeadEffectsResult:
-    """Direct logit attribution and two knockouts for every head, all batched (2 x layers x heads rows)."""
+def head_effects(lm: LM, fact: Fact | EncodedFact, *, use_fact_target: bool = False,
+                 target: Target | None = None) -> HeadEffectsResult:
+    """Direct logit attribution and two knockouts for every head, all batched (2 x layers x heads rows).
+    The direct logits are computed in float32 whatever the model's dtype (a difference of two large logits)."""
     enc = as_encoded(lm, fact)
-    target = resolve_target(lm, enc, use_fact_target)
+    target = target if target is not None else resolve_target(lm, enc, use_fact_target)
     L, H = lm.num_layers, lm.num_heads
     last, subject = enc.positions.last, enc.positions.subject
     with torch.no_grad():
         clean = run(lm, enc, capture=Capture(heads=True, attn=True, residual=True, last_only=True)).captures
-        final = clean["residual", L][0]
+        final = clean["residual", L][0].float()
         contributions = torch.stack([_head_contributions(lm, layer, clean) for layer in range(L)])  # (L, H, d)
         without = final - contributions
-        logit = lm.unembed(final)[target.token_id].float()
-        logits_without = lm.unembed(without)[..., target.token_id].float()
+        logit = lm.target_logit(final, target.token_id)
+        logits_without = lm.target_logit(without, target.token_id)
         direct = (logit - logits_without).cpu().numpy()
         rows = [[BlockAttention([l], [last], subject, heads=[h])] for l in range(L) for h in range(H)]
         rows += [[SetHeads([l], [h], [last])] for l in range(L) for h in range(H)]
-        probs = run(lm, enc, rows).prob_of(target.token_id).cpu().numpy()
+        probs = run(lm, enc, rows).prob_of(target.token_id).float().cpu().numpy()
     change = 100 * (probs - target.base_prob) / target.base_prob
     return HeadEffectsResult(target.token, target.token_id, target.base_prob, direct.tolist(),
                              change[: L * H].reshape(L, H).tolist(), change[L * H:].reshape(L, H).tolist(),
@@ -146,12 +149,12 @@ def head_effects(lm: LM, fact: Fact | EncodedFact, *, use_fact_target: bool = Fa
 def _head_contributions(lm: LM, layer: int, clean) -> torch.Tensor:
     """(heads, d): what each head adds to the residual stream at the last position. With a post-attention norm
     (Gemma-2/3, OLMo-2), a head's share is norm(total) - norm(total without the head)."""
-    z = clean["heads", layer][0]  # (H, head_dim)
-    w_o = head_ov(lm, layer)[2]
-    per_head = torch.einsum("hdk,hk->hd", w_o, z)
+    z = clean["heads", layer][0].float()  # (H, head_dim)
+    w_o = head_ov(lm, layer)[2].float()
+    per_head = torch.einsum("hdk,hk->hd", w_o, z)  # float32: the difference below must not lose the small heads
     if not lm.adapter.post_norms:
         return per_head
     bias = lm.adapter.attn_output_bias(lm.model, layer)
-    total = per_head.sum(0) + (bias if bias is not None else 0)
+    total = per_head.sum(0) + (bias.float() if bias is not None else 0)
     norm = lm.adapter.layer_part(lm.model, layer, lm.adapter.attn_out)
-    return norm(total)[None] - norm(total[None] - per_head)
+    return lm.apply_norm(norm, total[None]) - lm.apply_norm(norm, total[None] - per_head)

@@ -13,7 +13,7 @@ from ..engine import BlockAttention, run
 from ..errors import InterventionError
 from ..facts import EncodedFact, Fact
 from ..lm import LM
-from .common import FlowResult, as_encoded, fact_summary, resolve_target, window_layers
+from .common import FlowResult, Target, as_encoded, fact_summary, resolve_target, window_layers
 
 
 def position_groups(enc: EncodedFact, groups: str | Mapping[str, Sequence[int]] = "default") -> dict[str, tuple]:
@@ -59,13 +59,13 @@ class KnockoutResult(FlowResult):
 
 def attention_knockout(lm: LM, fact: Fact | EncodedFact, *, window: int = 9,
                        groups: str | Mapping[str, Sequence[int]] = "default", heads: Sequence[int] | None = None,
-                       use_fact_target: bool = False) -> KnockoutResult:
+                       use_fact_target: bool = False, target: Target | None = None) -> KnockoutResult:
     """Block last -> group edges in a `window` of layers centred on each layer (all heads, or `heads`), for every
-    group and layer in one batched run with prefix reuse."""
+    group and layer in one batched run with prefix reuse. `target`: an already resolved `Target`."""
     if window < 1:
         raise InterventionError(f"window must be at least 1, not {window}")
     enc = as_encoded(lm, fact)
-    target = resolve_target(lm, enc, use_fact_target)
+    target = target if target is not None else resolve_target(lm, enc, use_fact_target)
     named = position_groups(enc, groups)
     last = enc.positions.last
     rows, keys = [], []
@@ -75,7 +75,7 @@ def attention_knockout(lm: LM, fact: Fact | EncodedFact, *, window: int = 9,
                         if positions else [])
             keys.append(name)
     with torch.no_grad():
-        probs = run(lm, enc, rows).prob_of(target.token_id).cpu().numpy()
+        probs = run(lm, enc, rows).prob_of(target.token_id).float().cpu().numpy()
     probs_by_group = {name: probs[[i for i, k in enumerate(keys) if k == name]].tolist() for name in named}
     change = {name: (100 * (np.asarray(p) - target.base_prob) / target.base_prob).tolist()
               for name, p in probs_by_group.items()}
@@ -103,14 +103,15 @@ class KnockoutMap(FlowResult):
         return knockout_heatmap(self, ax=ax)
 
 
-def knockout_map(lm: LM, fact: Fact | EncodedFact, *, window: int = 9, use_fact_target: bool = False) -> KnockoutMap:
+def knockout_map(lm: LM, fact: Fact | EncodedFact, *, window: int = 9, use_fact_target: bool = False,
+                 target: Target | None = None) -> KnockoutMap:
     """Block last -> each single position, in a window around each layer: a (position x layer) map."""
     enc = as_encoded(lm, fact)
-    target = resolve_target(lm, enc, use_fact_target)
+    target = target if target is not None else resolve_target(lm, enc, use_fact_target)
     n, last = len(enc), enc.positions.last
     rows = [[BlockAttention(window_layers(layer, window, lm.num_layers), [last], [pos])]
             for pos in range(n) for layer in range(lm.num_layers)]
     with torch.no_grad():
-        probs = run(lm, enc, rows).prob_of(target.token_id).view(n, lm.num_layers)
+        probs = run(lm, enc, rows).prob_of(target.token_id).view(n, lm.num_layers).float().cpu()
     return KnockoutMap(target.token, target.token_id, target.base_prob, window, list(enc.tokens), probs.tolist(),
                        fact_summary(enc))

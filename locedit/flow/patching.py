@@ -12,7 +12,7 @@ import torch
 from ..engine import Capture, SetResidual, run
 from ..facts import EncodedFact, Fact
 from ..lm import LM, Projection
-from .common import FlowResult, as_encoded, fact_summary, mean_ci, resolve_target
+from .common import FlowResult, Target, as_encoded, fact_summary, mean_ci, resolve_target
 from .knockout import position_groups
 
 
@@ -56,11 +56,11 @@ class PatchingResult(FlowResult):
 
 def state_patching(lm: LM, fact: Fact | EncodedFact, *, source_layers: Sequence[int] = (0, 1, 5, 10, 20),
                    groups: Sequence[str] = ("subject", "non_subject", "last"), projection: Projection | None = None,
-                   use_fact_target: bool = False) -> PatchingResult:
+                   use_fact_target: bool = False, target: Target | None = None) -> PatchingResult:
     """All (group, source layer, layer) patches in one batched run. Source layers past the model's depth are
     dropped; index 0 is the embedding output. As in the official code, a patch is applied even when l' > l."""
     enc = as_encoded(lm, fact)
-    target = resolve_target(lm, enc, use_fact_target)
+    target = target if target is not None else resolve_target(lm, enc, use_fact_target)
     projection = projection or lm.default_projection()
     sources = [s for s in source_layers if 0 <= s <= lm.num_layers]
     named = {k: v for k, v in position_groups(enc, "default").items() if k in groups}

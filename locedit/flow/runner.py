@@ -195,6 +195,12 @@ class DatasetRun:
             groups.setdefault(line["result"].get("analysis", "flow"), []).append(line)
         return {name: _aggregator(name, self.result_type)(rows) for name, rows in groups.items()}
 
+    def figure(self, aggregate: dict[str, dict] | None = None):
+        """The paper's figure for the dataset (mean curves with 95% CIs over facts), or None when the analysis has
+        no dataset figure (e.g. causal traces of prompts of different lengths)."""
+        return dataset_figure([line["result"] for line in self.results],
+                              self.aggregate() if aggregate is None else aggregate)
+
 
 def run_dataset(lm, analysis: str | Analysis, facts: Iterable[Fact], out_path: str | Path, *,
                 options: Mapping[str, Any] | None = None, progress: bool = True,
@@ -202,8 +208,6 @@ def run_dataset(lm, analysis: str | Analysis, facts: Iterable[Fact], out_path: s
     """Run `analysis(lm, fact, **options)` for every fact without a line in `out_path` yet, appending one JSONL line
     per fact. A `LoceditError` for one fact becomes an error line; any other exception propagates (the lines
     written so far stay, and the next call resumes)."""
-    from tqdm.auto import tqdm
-
     spec, fn = resolve_analysis(analysis)
     options = dict(options or {})
     recorded = _normalize(options)
@@ -220,8 +224,7 @@ def run_dataset(lm, analysis: str | Analysis, facts: Iterable[Fact], out_path: s
     todo = [(i, f) for i, f in zip(ids, facts) if i not in done]
     run = DatasetRun(path, spec, skipped=len(facts) - len(todo), repaired=repaired,
                      known=len(facts) if only_known else None, result_type=_result_type(fn))
-    bar = tqdm(total=len(todo), desc=spec.rpartition(":")[2], unit="fact", disable=None if progress else True,
-               file=sys.stderr)
+    bar = progress_bar(total=len(todo), desc=spec.rpartition(":")[2], unit="fact", disable=not progress)
     with open(path, "a", encoding="utf-8") as f, bar:
         for ident, fact in todo:
             done[ident] = line = _run_one(lm, fn, fact, ident, spec, options, recorded)
@@ -232,6 +235,17 @@ def run_dataset(lm, analysis: str | Analysis, facts: Iterable[Fact], out_path: s
         line = done[ident]
         (run.errors if "error" in line else run.results).append(line)
     return run
+
+
+def progress_bar(*, total: int, desc: str, unit: str, disable: bool = False, log_interval_s: float = 30.0):
+    """A tqdm bar on stderr, also when stderr is not a terminal (a log file, a CI job): then it refreshes at most
+    every `log_interval_s` seconds, so logs get a line per interval rather than one per fact."""
+    from tqdm.auto import tqdm
+
+    tty = hasattr(sys.stderr, "isatty") and sys.stderr.isatty()
+    return tqdm(total=total, desc=desc, unit=unit, disable=disable, file=sys.stderr,
+                mininterval=0.1 if tty else log_interval_s, maxinterval=max(10.0, log_interval_s) if not tty else 10.0,
+                dynamic_ncols=tty, ascii=not tty)
 
 
 def _run_one(lm, fn: Analysis, fact: Fact, ident: str, spec: str, options: dict, recorded: dict) -> dict:
@@ -347,3 +361,24 @@ def _aggregator(name: str, result_type: type | None) -> Callable[[Sequence[dict]
         if callable(method):
             return method
     return aggregate_all_series
+
+
+# --- figures ---------------------------------------------------------------------------------------------------------
+def dataset_figure(results: Sequence[dict], aggregate: Mapping[str, dict]):
+    """A matplotlib figure summarising results of one analysis over facts (see `DatasetRun.figure`), or None."""
+    if not results:
+        return None
+    from .. import plots
+
+    name = results[0].get("analysis")
+    if name == "attention_knockout":
+        return plots.knockout_curves(list(results))
+    if name == "attribute_rate":
+        return plots.attribute_rate_curves(list(results))
+    if name == "sublayer_knockout":
+        return plots.sublayer_curves(list(results))
+    if name == "extraction_events" and aggregate.get(name):
+        return plots.extraction_rates(aggregate[name])
+    if name == "state_patching" and aggregate.get(name):
+        return plots.patching_bars(aggregate[name])
+    return None

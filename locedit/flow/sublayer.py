@@ -25,7 +25,7 @@ from ..facts import EncodedFact, Fact
 from ..lm import LM, Projection
 from .attribute_rate import state_rates, unwrap
 from .attributes import AttributeSet, attribute_set
-from .common import FlowResult, as_encoded, fact_summary, resolve_target
+from .common import FlowResult, Target, as_encoded, fact_summary, resolve_target
 from .common import mean_ci as _mean_ci
 
 Mode = Literal["zero", "paper"]
@@ -110,7 +110,7 @@ class SublayerKnockoutResult(FlowResult):
 def sublayer_knockout(lm: LM, fact: Fact | EncodedFact, *, attributes: AttributeSet | None = None,
                       paragraphs: Mapping[str, str] | None = None, window: int = 10, measure_layer: int | None = None, mode: Mode = "zero",
                       projection: Projection | None = None, k: int = 500, m: int = 50,
-                      use_fact_target: bool = False) -> SublayerKnockoutResult:
+                      use_fact_target: bool = False, target: Target | None = None) -> SublayerKnockoutResult:
     """Knock out the MLP / attention sublayers of each window start s = 0..measure_layer-1 (both sublayers,
     every start and a clean row in one batched run) and measure the subject-last attribute rate leaving
     `measure_layer`, and p(target). A_s: `attributes`, else `attribute_set(lm, subject, paragraphs)`."""
@@ -123,7 +123,7 @@ def sublayer_knockout(lm: LM, fact: Fact | EncodedFact, *, attributes: Attribute
         raise InterventionError(f"window must be at least 1, not {window}")
     projection = projection or lm.default_projection()
     attributes = attributes if attributes is not None else attribute_set(lm, enc.fact.subject, paragraphs)
-    target = resolve_target(lm, enc, use_fact_target)
+    target = target if target is not None else resolve_target(lm, enc, use_fact_target)
     position = enc.positions.subject_last
     starts = list(range(measure_layer))
     knocked = [knocked_layers(s, window, measure_layer) for s in starts]

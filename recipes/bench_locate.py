@@ -1,0 +1,140 @@
+"""Throughput of `locate` and of the attention-knockout sweep on CPU, in clean forwards (issue 10's goals:
+locate <= 80 clean forwards per fact, knockout <= 5), with the share of each of locate's analyses, and the
+dataset mode (`locate_many`, facts batched) per fact.
+
+    python recipes/bench_locate.py [--facts 3] [--threads 1] [--out data/results/bench_locate.txt]
+
+A "clean forward" is one plain forward of the fact's prompt (batch 1), timed right before and after each
+measurement (the median), so that a machine shared with other jobs shifts both alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import locedit
+from locedit import Fact
+from locedit.flow import attention_knockout, causal_trace, head_effects, head_projection
+from locedit.flow.common import resolve_target
+from locedit.sites import _head_candidates, _mlp_knockouts, locate, site_positions
+
+FACTS = [
+    Fact("The Eiffel Tower", "The Eiffel Tower is located in the city of"),
+    Fact("Rome", "Rome is the capital of"),
+    Fact("Michael Jordan", "Michael Jordan is a professional"),
+    Fact("The Colosseum", "The Colosseum is located in the city of"),
+    Fact("Tokyo", "Tokyo is the capital of"),
+]
+
+
+class Clock:
+    def __init__(self, lm, enc):
+        self.lm, self.ids = lm, torch.tensor([enc.input_ids], device=lm.device)
+
+    def clean(self, repeats: int = 5) -> float:
+        times = []
+        with torch.no_grad():
+            for _ in range(repeats):
+                start = time.perf_counter()
+                self.lm.model(input_ids=self.ids)
+                times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    def ratio(self, fn, repeats: int = 1) -> tuple[float, float, object]:
+        """(seconds, clean forwards, result) of fn (best of `repeats`)."""
+        before = self.clean()
+        best, result = float("inf"), None
+        for _ in range(repeats):
+            start = time.perf_counter()
+            result = fn()
+            best = min(best, time.perf_counter() - start)
+        clean = statistics.median([before, self.clean()])
+        return best, best / clean, result
+
+
+def count_forwards(lm, fn):
+    calls = []
+    handle = lm.model.register_forward_pre_hook(lambda m, a, k: calls.append(1), with_kwargs=True)
+    try:
+        fn()
+    finally:
+        handle.remove()
+    return len(calls)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", default=locedit.DEFAULT_MODEL)
+    parser.add_argument("--facts", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", default=None, help="also write the report to this file")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    lm = locedit.load(args.model)
+    lines: list[str] = []
+
+    def say(text: str = "") -> None:
+        print(text, flush=True)
+        lines.append(text)
+
+    say(f"model {lm.name} ({lm.num_layers} layers, {lm.num_heads} heads), {args.threads} thread(s), "
+        f"torch {torch.__version__}")
+    facts = FACTS[: args.facts]
+    locate_ratios, knockout_ratios = [], []
+    parts_total: dict[str, list[float]] = {}
+    for fact in facts:
+        enc = lm.encode(fact)
+        clock = Clock(lm, enc)
+        target = resolve_target(lm, enc)
+        t_ko, r_ko, _ = clock.ratio(lambda: attention_knockout(lm, enc, target=target), repeats=3)
+        knockout_ratios.append(r_ko)
+        t_loc, r_loc, sites = clock.ratio(lambda: locate(lm, enc))
+        locate_ratios.append(r_loc)
+        forwards = count_forwards(lm, lambda: locate(lm, enc))
+        say(f"{fact.prompt!r} ({len(enc)} tokens) -> {sites.target!r}: clean forward {clock.clean() * 1e3:.0f} ms; "
+            f"knockout sweep {t_ko:.2f} s = {r_ko:.1f} clean forwards; locate {t_loc:.1f} s = {r_loc:.0f} clean "
+            f"forwards ({forwards} model calls)")
+        subject = site_positions(enc)
+        L = lm.num_layers
+        opts = dict(samples=2, noise=3.0, positions=subject, target=target)
+        parts = {
+            "hidden trace": lambda: causal_trace(lm, enc, kind="hidden", layers=range(0, L, 2), **opts),
+            "mlp trace": lambda: causal_trace(lm, enc, kind="mlp", window=3, layers=range(1, L, 3), **opts),
+            "mlp knockouts": lambda: _mlp_knockouts(lm, enc, target.token_id, target.base_prob),
+            "attention knockout": lambda: attention_knockout(lm, enc, target=target),
+            "head effects": lambda: head_effects(lm, enc, target=target),
+            "head projection (30 heads)": lambda: head_projection(
+                lm, enc, top=0, target=target, heads=_head_candidates(head_effects(lm, enc, target=target), 30)),
+        }
+        for name, fn in parts.items():
+            _, r, _ = clock.ratio(fn)
+            parts_total.setdefault(name, []).append(r)
+    say()
+    say(f"mean over {len(facts)} facts: locate {statistics.mean(locate_ratios):.0f} clean forwards per fact "
+        f"(goal <= 80); knockout sweep {statistics.mean(knockout_ratios):.1f} (goal <= 5)")
+    say("locate's parts (clean forwards, mean; head projection includes one head_effects):")
+    for name, values in parts_total.items():
+        say(f"  {name:28s} {statistics.mean(values):6.1f}")
+
+    # dataset mode: locate_many over the facts (targets resolved in one batched forward)
+    from locedit.sites import locate_many
+
+    with tempfile.TemporaryDirectory() as tmp:
+        clock = Clock(lm, lm.encode(facts[0]))
+        t_ds, r_ds, _ = clock.ratio(lambda: locate_many(lm, facts, Path(tmp) / "sites.jsonl", progress=False))
+    say(f"dataset mode (locate_many, {len(facts)} facts): {t_ds / len(facts):.1f} s per fact = "
+        f"{r_ds / len(facts):.0f} clean forwards per fact")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text("$ python " + " ".join(sys.argv) + "\n" + "\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
