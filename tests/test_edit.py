@@ -364,3 +364,22 @@ def test_value_loss_matches_a_plain_per_prompt_computation(family):
     expected = torch.stack(nlls).mean() + hp.kl_factor * kl + \
         hp.v_weight_decay * delta.norm() / result.inits[0].norm() ** 2
     assert abs(result.losses[-1] - float(expected)) < 1e-4 * max(1.0, float(expected))
+
+
+def test_memit_z_batched_across_facts_equals_one_by_one():
+    lm = tiny.lm("llama")
+    facts = [FACT, Fact("Louvre", "The museum called the Louvre", " Paris"),
+             Fact("Rome", "The capital of Italy is Rome", " Paris")]
+    targets = [NEW, " city", " the"]
+    layers = [1, 2]
+    stats = key_statistics(lm, layers=layers, progress=False)
+    factors = {}
+    for batch_facts in (1, 3):
+        edit = locedit.edit_many(lm, facts, targets, method="memit", layers=layers, key_position="subject_last",
+                                 hparams={**FAST, "batch_facts": batch_facts}, stats=stats)
+        factors[batch_facts] = [d.matrix() for d in edit.deltas]
+        losses = edit.losses
+        edit.revert()
+        assert len(losses) == 3 and all(len(l) >= 1 for l in losses)
+    for one, together in zip(factors[1], factors[3]):
+        assert torch.allclose(one, together, atol=1e-4 * float(one.abs().max()))

@@ -21,7 +21,7 @@ from ..facts import Fact
 from .edit import WeightDelta, applied_edits
 from .rank_one import alphaedit_factors, linear_delta, memit_factors, nullspace_projector, weight_out_in
 from .templates import context_templates
-from .values import Site, _output_tensor, build_batch, optimize_values, pad_rows, templated_prompts
+from .values import Site, _output_tensor, build_batch, optimize_values_many, pad_rows, templated_prompts
 
 _PROJECTORS: dict = {}
 
@@ -41,12 +41,15 @@ def memit_update(lm, facts: Sequence[Fact], new_targets: Sequence[str], layers: 
     top_module = lm.layers[top]
     templates = context_templates(lm, hp.context_template_length_params, hp.seed)
     zs, losses, seconds = [], [], 0.0
-    for fact, target, offset in zip(facts, new_targets, carrier_offsets):
-        batch = build_batch(lm, fact, target, templates, rule, offset, hp.kl_prompt)
-        result = optimize_values(lm, batch, [Site(top_module, record_key=False)], hp)
-        zs.append(result.inits[0] + result.deltas[0])
-        losses.append(result.losses)
-        seconds += result.seconds
+    batches = [build_batch(lm, fact, target, templates, rule, offset, hp.kl_prompt)
+               for fact, target, offset in zip(facts, new_targets, carrier_offsets)]
+    for chunk in range(0, len(batches), hp.batch_facts):  # the z of several facts in one forward per step
+        results = optimize_values_many(lm, batches[chunk:chunk + hp.batch_facts],
+                                       [Site(top_module, record_key=False)], hp)
+        for result in results:
+            zs.append(result.inits[0] + result.deltas[0])
+            losses.append(result.losses)
+            seconds += result.seconds
     Z = torch.stack(zs, dim=1)  # (d_model, n)
     prompts = [templated_prompts(lm, f, templates, rule, off) for f, off in zip(facts, carrier_offsets)]
     deltas, keys = [], {}
