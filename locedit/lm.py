@@ -3,8 +3,9 @@ analysis needs (encoding facts, predicting, projecting hidden states to the voca
 
 from __future__ import annotations
 
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from typing import Literal
+from typing import Iterator, Literal
 
 import torch
 from torch import nn
@@ -14,6 +15,25 @@ from .errors import FactError, LoceditError
 from .facts import EncodedFact, Fact, encode_fact
 
 Projection = Literal["model", "paper"]
+
+
+@contextmanager
+def materialized(*modules: nn.Module) -> Iterator[None]:
+    """Within the block, the parameters of `modules` (and their submodules) that accelerate offloaded (a
+    `device_map` with "cpu"/"disk" entries: they sit on the meta device between forwards) are loaded on their
+    execution device, so code that reads weights directly (OV circuits, direct logit attribution) sees them. A
+    no-op for models without offloading."""
+    try:
+        from accelerate.utils import align_module_device, has_offloaded_params
+    except ImportError:  # pragma: no cover - accelerate is a dependency
+        yield
+        return
+    with ExitStack() as stack:
+        for module in modules:
+            for sub in module.modules():
+                if has_offloaded_params(sub):
+                    stack.enter_context(align_module_device(sub))
+        yield
 
 
 @dataclass
@@ -115,12 +135,13 @@ class LM:
     def target_logit(self, hidden: torch.Tensor, token_id: int, *, normalize: bool = True) -> torch.Tensor:
         """The logit of one token for residual states (..., d_model), computed in float32: final norm (if
         `normalize`), that token's unembedding row (+bias), logit soft-cap. Returns (...)."""
-        if normalize:
-            hidden = self.apply_norm(self.adapter.final_norm_module(self.model), hidden)
-        unembed = self.adapter.unembed_module(self.model)
-        logit = hidden.float() @ unembed.weight[int(token_id)].float()
-        if getattr(unembed, "bias", None) is not None:
-            logit = logit + unembed.bias[int(token_id)].float()
+        norm, unembed = self.adapter.final_norm_module(self.model), self.adapter.unembed_module(self.model)
+        with materialized(norm, unembed):
+            if normalize:
+                hidden = self.apply_norm(norm, hidden)
+            logit = hidden.float() @ unembed.weight[int(token_id)].float()
+            if getattr(unembed, "bias", None) is not None:
+                logit = logit + unembed.bias[int(token_id)].float()
         if self.logit_softcap:
             logit = torch.tanh(logit / self.logit_softcap) * self.logit_softcap
         return logit

@@ -129,7 +129,61 @@ def locate(lm: LM, fact: Fact | EncodedFact, *, samples: int = 2, noise: float =
     candidates = _head_candidates(effects, ov_candidates)
     projection = head_projection(lm, enc, use_fact_target=use_fact_target, top=0, heads=candidates,
                                  target=target)
+    return _site_map(lm, enc, target, hidden, mlp_trace, cell_drop, layer_drop, knockout, effects, projection,
+                     samples=samples, trace_window=trace_window, knockout_window=knockout_window,
+                     top_heads=top_heads, edit_layers=edit_layers, edit_heads=edit_heads,
+                     seconds=time.perf_counter() - start)
 
+
+def locate_batch(lm: LM, facts: Sequence[Fact | EncodedFact], *, samples: int = 2, noise: float = 3.0,
+                 trace_window: int = 3, trace_stride: int = 2, knockout_window: int = 9, top_heads: int = 10,
+                 edit_layers: int = 1, edit_heads: int = 3, ov_candidates: int = 30,
+                 use_fact_target: bool = False, max_rows: int = 512) -> list[SiteMap]:
+    """`locate` of several facts at once: every analysis packs the facts' rows into shared forward passes
+    (`locedit.engine.run_packed`), so a GPU runs a few large forwards instead of many small ones per fact. Each
+    SiteMap equals `locate(lm, fact)`'s (tested to 1e-5 in float32); `seconds` is the batch's time divided
+    evenly. `max_rows` bounds the rows of one pass (memory)."""
+    from .flow.causal_trace import causal_trace_many
+    from .flow.common import resolve_targets
+    from .flow.heads import head_effects_many, head_projection_many
+    from .flow.knockout import attention_knockout_many
+
+    start = time.perf_counter()
+    encs = [as_encoded(lm, f) for f in facts]
+    if not encs:
+        return []
+    targets = resolve_targets(lm, encs, use_fact_target)
+    subjects = [site_positions(enc) for enc in encs]
+    L = lm.num_layers
+    opts = dict(samples=samples, noise=noise, fact_positions=subjects, use_fact_target=use_fact_target,
+                targets=targets, max_rows=max_rows)
+    hidden = causal_trace_many(lm, encs, kind="hidden", layers=range(0, L, trace_stride), **opts)
+    centers = list(range(trace_window // 2, L, trace_window))
+    mlp_trace = causal_trace_many(lm, encs, kind="mlp", window=trace_window, layers=centers, **opts)
+    drops = _mlp_knockouts_many(lm, encs, targets, max_rows=max_rows)
+    knockout = attention_knockout_many(lm, encs, window=knockout_window, use_fact_target=use_fact_target,
+                                       targets=targets, max_rows=max_rows)
+    effects = head_effects_many(lm, encs, use_fact_target=use_fact_target, targets=targets, max_rows=max_rows)
+    projection = head_projection_many(lm, encs, use_fact_target=use_fact_target, top=0, targets=targets,
+                                      fact_heads=[_head_candidates(e, ov_candidates) for e in effects])
+    seconds = (time.perf_counter() - start) / len(encs)
+    return [_site_map(lm, encs[k], targets[k], hidden[k], mlp_trace[k], drops[k][0], drops[k][1], knockout[k],
+                      effects[k], projection[k], samples=samples, trace_window=trace_window,
+                      knockout_window=knockout_window, top_heads=top_heads, edit_layers=edit_layers,
+                      edit_heads=edit_heads, seconds=seconds)
+            for k in range(len(encs))]
+
+
+locate.batched = locate_batch
+
+
+def _site_map(lm: LM, enc: EncodedFact, target, hidden, mlp_trace, cell_drop, layer_drop, knockout, effects,
+              projection, *, samples, trace_window, knockout_window, top_heads, edit_layers, edit_heads,
+              seconds) -> SiteMap:
+    """Rank one fact's sites from its analyses' results (shared by `locate` and `locate_batch`)."""
+    subject = site_positions(enc)
+    L = lm.num_layers
+    centers = list(range(trace_window // 2, L, trace_window))
     # carrier token: the subject position whose restored hidden state recovers p(target) best
     hidden_scores = np.array(hidden.scores, dtype=float)[subject]  # (|subject|, L)
     best_row = int(np.nanargmax(np.nanmax(hidden_scores, axis=1)))
@@ -203,7 +257,7 @@ def locate(lm: LM, fact: Fact | EncodedFact, *, samples: int = 2, noise: float =
         "subject_positions": subject, "tokens": list(enc.tokens), "samples": samples,
     }
     return SiteMap(target.token, target.token_id, target.base_prob, carrier, sites[:20], layers, relation, heads,
-                   recommendation, evidence, time.perf_counter() - start, fact_summary(enc))
+                   recommendation, evidence, seconds, fact_summary(enc))
 
 
 def site_positions(enc: EncodedFact) -> list[int]:
@@ -239,9 +293,38 @@ def _mlp_knockouts(lm: LM, enc: EncodedFact, target_id: int, base_prob: float) -
     return change[: len(subject) * L].reshape(len(subject), L), change[len(subject) * L:]
 
 
+def _mlp_knockout_rows(lm: LM, enc: EncodedFact) -> list:
+    subject = site_positions(enc)
+    rows = [[SetSublayer("mlp", [layer], [p])] for p in subject for layer in range(lm.num_layers)]
+    return rows + [[SetSublayer("mlp", [layer], subject)] for layer in range(lm.num_layers)]
+
+
+def _mlp_knockouts_many(lm: LM, encs: Sequence[EncodedFact], targets, max_rows: int = 512) -> list:
+    """`_mlp_knockouts` of several facts in shared passes (`run_packed`)."""
+    from .engine import run_packed
+
+    plans = [_mlp_knockout_rows(lm, enc) for enc in encs]
+    rows = [r for plan in plans for r in plan]
+    row_prompt = [k for k, plan in enumerate(plans) for _ in plan]
+    ids = torch.tensor([targets[k].token_id for k in row_prompt])
+    with torch.no_grad():
+        probs = run_packed(lm, list(encs), rows, row_prompt=row_prompt, max_rows=max_rows).prob_of(ids)
+    probs = probs.float().cpu().numpy()
+    out, start, L = [], 0, lm.num_layers
+    for enc, target, plan in zip(encs, targets, plans):
+        change = 100 * (probs[start:start + len(plan)] - target.base_prob) / target.base_prob
+        n_cells = len(site_positions(enc)) * L
+        out.append((change[:n_cells].reshape(-1, L), change[n_cells:]))
+        start += len(plan)
+    return out
+
+
 def locate_many(lm: LM, facts: Sequence[Fact], out_path, *, progress: bool = True, only_known: bool = False,
-                **options):
-    """`locate` over many facts into a resumable JSON Lines file (see `locedit.flow.run_dataset`)."""
+                batch_facts: int | None = None, **options):
+    """`locate` over many facts into a resumable JSON Lines file (see `locedit.flow.run_dataset`). Facts are
+    located `batch_facts` at a time with `locate_batch` (default 16 on a GPU, 1 on the CPU; see
+    `locedit.flow.runner.default_batch_facts`); the results are the same to float rounding."""
     from .flow.runner import run_dataset
 
-    return run_dataset(lm, locate, facts, out_path, options=options, progress=progress, only_known=only_known)
+    return run_dataset(lm, locate, facts, out_path, options=options, progress=progress, only_known=only_known,
+                       batch_facts=batch_facts)

@@ -5,8 +5,8 @@ downloaded): GPT-2-XL size (48 layers, d 1600, 25 heads) and Llama-7B size (32 l
 Reports per model: adapter validation in bf16 (and how far a no-op run is from the plain forward, in eps), one
 clean forward, the attention-knockout sweep vs the official one-forward-per-configuration loop (ratio, agreement),
 the bf16 knockout under each SDPA backend and a kernel profile (why bf16 could be slower than fp32), causal trace
-per fact, locate per fact (single and dataset mode), peak memory, bf16 vs fp32 knockout agreement, key statistics,
-and a ROME / MEMIT edit per fact (when the edit API is there). JSON goes to $OUT/bench_gpu.json (and --json).
+per fact, locate per fact (single, dataset mode, and packed: `locate_batch` over 16 facts), peak memory, bf16 vs
+fp32 knockout agreement, key statistics, and a ROME / MEMIT edit per fact (when the edit API is there). JSON goes to $OUT/bench_gpu.json (and --json).
 
     python recipes/bench_gpu.py --tokenizer DIR [--facts 5] [--budget-s 330]      # on the GPU machine
     python recipes/bench_gpu.py --quick --device cpu                               # tiny configs, CPU, minutes
@@ -352,6 +352,33 @@ def bench_model(bench: Bench, name: str, family: str, shape: dict, tokenizer):
 
     bench.section(rec, "locate", locate_, need_s=40)
 
+    def locate_packed():
+        """locate_batch: every fact's rows packed into shared forward passes (what locate_many does by default),
+        16 facts per call (the given facts repeated), against the single-fact top sites."""
+        from locedit.sites import locate, locate_batch
+
+        lm = lm16
+        out = {}
+        locate_batch(lm, facts[:2])  # warm-up (kernels and masks of packed shapes)
+        bench.peak_reset()
+        many = (facts * (16 // len(facts) + 1))[:16]
+        t, maps = bench.timed(lambda: locate_batch(lm, many))
+        out["facts"] = len(many)
+        out["packed_per_fact_s"] = round(t / len(many), 3)
+        out["facts_per_5min_packed"] = round(300 / (t / len(many)), 1)
+        out["peak_gib"] = bench.peak_gib()
+        single = rec.get("locate", {}).get("top_sites_bf16") or []
+        out["top_sites_equal_single"] = [
+            {"mlp": m.mlp_layers[0]["layer"] == top["mlp"],
+             "head": [m.heads[0]["layer"], m.heads[0]["head"]] == top["head"]}
+            for m, top in zip(maps, single)]
+        if not single:  # the single-fact section was skipped: one single locate to compare with
+            s1 = locate(lm, facts[0])
+            out["top_sites_equal_single"] = [{"mlp": s1.mlp_layers[0]["layer"] == maps[0].mlp_layers[0]["layer"]}]
+        return out
+
+    bench.section(rec, "locate_packed", locate_packed, need_s=40)
+
     stats_holder = {}
 
     def stats():
@@ -413,7 +440,8 @@ def bench_model(bench: Bench, name: str, family: str, shape: dict, tokenizer):
 def table(results: dict) -> str:
     lines = [f"device {results['device']} ({results.get('gpu')}), torch {results['torch']}"]
     head = f"{'model':16s} {'clean bf16':>10s} {'KO sweep':>9s} {'loop/sweep':>10s} {'KO fwd':>7s} " \
-           f"{'bf16-fp32 pp':>12s} {'trace/fact':>10s} {'locate/fact':>11s} {'dataset/fact':>12s} {'peak GiB':>8s}"
+           f"{'bf16-fp32 pp':>12s} {'trace/fact':>10s} {'locate/fact':>11s} {'dataset/fact':>12s} " \
+           f"{'packed/fact':>11s} {'peak GiB':>8s}"
     lines.append(head)
     for name, rec in results["models"].items():
         def get(*path, default="-"):
@@ -436,7 +464,8 @@ def table(results: dict) -> str:
                      f"{str(ko.get('clean_forwards', '-')):>7s} {str(diff):>12s} "
                      f"{(str(round(statistics.mean(trace), 3)) + ' s') if trace else '-':>10s} "
                      f"{str(get('locate', 'single_mean_s')) + ' s':>11s} "
-                     f"{str(get('locate', 'dataset_mode_per_fact_s')) + ' s':>12s} {peak:>8}")
+                     f"{str(get('locate', 'dataset_mode_per_fact_s')) + ' s':>12s} "
+                     f"{str(get('locate_packed', 'packed_per_fact_s')) + ' s':>11s} {peak:>8}")
     for name, rec in results["models"].items():
         lines.append(f"{name}: validation {rec.get('validation')}")
         lines.append(f"{name}: SDPA backends (bf16 sweep) {rec.get('knockout_sdpa_backends_bf16')}")

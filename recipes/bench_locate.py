@@ -1,8 +1,10 @@
 """Throughput of `locate` and of the attention-knockout sweep on CPU, in clean forwards (issue 10's goals:
 locate <= 80 clean forwards per fact, knockout <= 5), with the share of each of locate's analyses, and the
-dataset mode (`locate_many`, facts batched) per fact.
+dataset mode (`locate_many`) per fact: one fact at a time (`batch_facts=1`) and packed (`locate_batch`, every
+fact's rows in shared forward passes), with the model calls each needs.
 
     python recipes/bench_locate.py [--facts 3] [--threads 1] [--out data/results/bench_locate.txt]
+    python recipes/bench_locate.py --facts 5 --packed-only   # only the single vs packed comparison
 
 A "clean forward" is one plain forward of the fact's prompt (batch 1), timed right before and after each
 measurement (the median), so that a machine shared with other jobs shifts both alike.
@@ -75,6 +77,7 @@ def main() -> None:
     parser.add_argument("--facts", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=None, help="also write the report to this file")
+    parser.add_argument("--packed-only", action="store_true", help="only compare one-at-a-time and packed locate")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     lm = locedit.load(args.model)
@@ -87,6 +90,9 @@ def main() -> None:
     say(f"model {lm.name} ({lm.num_layers} layers, {lm.num_heads} heads), {args.threads} thread(s), "
         f"torch {torch.__version__}")
     facts = FACTS[: args.facts]
+    if args.packed_only:
+        packed_comparison(lm, facts, say)
+        return _write(args, lines)
     locate_ratios, knockout_ratios = [], []
     parts_total: dict[str, list[float]] = {}
     for fact in facts:
@@ -131,6 +137,44 @@ def main() -> None:
         t_ds, r_ds, _ = clock.ratio(lambda: locate_many(lm, facts, Path(tmp) / "sites.jsonl", progress=False))
     say(f"dataset mode (locate_many, {len(facts)} facts): {t_ds / len(facts):.1f} s per fact = "
         f"{r_ds / len(facts):.0f} clean forwards per fact")
+    packed_comparison(lm, facts, say)
+    _write(args, lines)
+
+
+def packed_comparison(lm, facts, say) -> None:
+    """locate one fact at a time vs `locate_batch` (all facts packed): seconds, clean forwards and model calls per
+    fact, and the largest difference of any number between the two."""
+    from locedit.sites import locate_batch
+
+    clock = Clock(lm, lm.encode(facts[0]))
+    t_one, r_one, singles = clock.ratio(lambda: [locate(lm, f) for f in facts])
+    t_packed, r_packed, packed = clock.ratio(lambda: locate_batch(lm, facts))
+    calls_one = count_forwards(lm, lambda: [locate(lm, f) for f in facts])
+    calls_packed = count_forwards(lm, lambda: locate_batch(lm, facts))
+    diff = max(max(abs(a - b) for a, b in zip(_numbers(p.evidence["hidden_trace"]) + [p.base_prob],
+                                              _numbers(s.evidence["hidden_trace"]) + [s.base_prob]))
+               for p, s in zip(packed, singles))
+    same = sum(p.mlp_layers[0]["layer"] == s.mlp_layers[0]["layer"]
+               and (p.heads[0]["layer"], p.heads[0]["head"]) == (s.heads[0]["layer"], s.heads[0]["head"])
+               for p, s in zip(packed, singles))
+    n = len(facts)
+    say(f"locate, {n} facts one at a time: {t_one / n:.2f} s per fact = {r_one / n:.0f} clean forwards "
+        f"({calls_one / n:.0f} model calls per fact)")
+    say(f"locate_batch, {n} facts packed:   {t_packed / n:.2f} s per fact = {r_packed / n:.0f} clean forwards "
+        f"({calls_packed / n:.1f} model calls per fact; {calls_packed} in all)")
+    say(f"packed vs single: largest difference of a traced probability {diff:.1e}; top MLP layer and top head "
+        f"identical on {same} of {n} facts")
+
+
+def _numbers(nested) -> list[float]:
+    import math
+
+    if isinstance(nested, (list, tuple)):
+        return [x for v in nested for x in _numbers(v)]
+    return [0.0 if (nested is None or (isinstance(nested, float) and math.isnan(nested))) else float(nested)]
+
+
+def _write(args, lines) -> None:
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text("$ python " + " ".join(sys.argv) + "\n" + "\n".join(lines) + "\n")

@@ -2,7 +2,6 @@
 
 import random
 
-import numpy as np
 
 import tiny
 from locedit import Fact

@@ -4,13 +4,13 @@ returning an applied, reversible `Edit`."""
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Iterator, Sequence
 
 from ..errors import FactError, LoceditError
 from ..facts import Fact
-from .edit import Edit, applied_edits, geometry
+from .edit import Edit, EditError, applied_edits, geometry
 from .hparams import METHOD_HPARAMS, as_dict, resolve_hparams
 
 METHODS = tuple(METHOD_HPARAMS)
@@ -60,6 +60,7 @@ def edit_many(lm, facts: Sequence[Fact], new_targets: Sequence[str], *, method: 
         raise LoceditError(f"key_position must be 'subject_last' or 'carrier', not {rule!r}")
     offsets = [_carrier_offset(lm, f, s) if rule == "carrier" else None for f, s in zip(facts, site_maps)]
     located_seconds = time.perf_counter() - start
+    located = needs_location and layers is None and heads is None
 
     if method == "head":
         heads = _checked_heads(lm, heads if heads is not None else site_maps[0].recommendation["head_edit"]["heads"])
@@ -69,7 +70,7 @@ def edit_many(lm, facts: Sequence[Fact], new_targets: Sequence[str], *, method: 
         if method in ("rome", "ft") and len(layers_used) != 1:
             raise LoceditError(f"{method} edits exactly one layer; got layers {layers_used}")
     edit_obj = _compute(lm, method, facts, targets, layers_used, heads, rule, offsets, hp, stats, corpus, progress)
-    edit_obj.sites.update({"key_position": rule, "located": needs_location and layers is None and heads is None})
+    edit_obj.sites.update({"key_position": rule, "located": located})
     edit_obj.hparams = as_dict(hp)
     edit_obj.timings["locate_s"] = located_seconds
     edit_obj.timings["total_s"] = time.perf_counter() - start
@@ -82,6 +83,7 @@ def _compute(lm, method, facts, targets, layers, heads, rule, offsets, hp, stats
 
     notes: list[str] = []
     timings: dict = {}
+    _check_editable(lm, method, layers, heads, hp)
     t0 = time.perf_counter()
     stats_key = None
     with unedited(lm):  # statistics and templates always describe the unedited model
@@ -128,6 +130,22 @@ def _compute(lm, method, facts, targets, layers, heads, rule, offsets, hp, stats
     model = {"name": lm.name, "geometry": geometry(lm), "tensors": {d.name: d.original_sha256 for d in deltas}}
     return Edit(method=method, facts=facts, new_targets=targets, sites=sites, hparams={}, deltas=deltas, model=model,
                 keys=keys, stats_key=stats_key, timings=timings, losses=losses, notes=notes)
+
+
+def _check_editable(lm, method: str, layers, heads, hp) -> None:
+    """Refuse, before any work, to edit a weight accelerate has offloaded (a meta tensor between forwards): an
+    edit must write the weight where the model reads it, and weights on disk are never touched."""
+    adapter = lm.adapter
+    if method == "head":
+        path = adapter.attn_o if hp.mode == "out" else adapter.qkv
+    else:
+        path = adapter.mlp_down
+    for layer in layers:
+        weight = adapter.layer_part(lm.model, layer, path).weight
+        if weight.device.type == "meta":
+            raise EditError(f"layer {layer}'s {path} is offloaded by accelerate (device_map 'cpu'/'disk'); locedit "
+                            "edits only weights that live on a device — load the model with a device_map that "
+                            f"keeps layer {layer} on a GPU or the CPU")
 
 
 @contextmanager

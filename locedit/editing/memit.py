@@ -19,9 +19,22 @@ import torch
 
 from ..facts import Fact
 from .edit import WeightDelta, applied_edits
-from .rank_one import alphaedit_factors, linear_delta, memit_factors, nullspace_projector, weight_out_in
+from .rank_one import (
+    alphaedit_factors,
+    linear_delta,
+    memit_factors,
+    nullspace_projector,
+    weight_out_in,
+)
 from .templates import context_templates
-from .values import Site, _output_tensor, build_batch, optimize_values_many, pad_rows, templated_prompts
+from .values import (
+    Site,
+    _output_tensor,
+    build_batch,
+    optimize_values_many,
+    pad_rows,
+    templated_prompts,
+)
 
 _PROJECTORS: dict = {}
 
@@ -87,8 +100,11 @@ def _keys_and_outputs(lm, prompts, key_module, out_module) -> tuple[torch.Tensor
     index = torch.arange(len(rows), device=lm.device)
     pos = torch.tensor(positions, device=lm.device)
     seen: dict = {}
-    h1 = key_module.register_forward_pre_hook(lambda m, a: seen.__setitem__("k", a[0][index, pos].float()))
-    h2 = out_module.register_forward_hook(lambda m, a, o: seen.__setitem__("h", _output_tensor(o)[index, pos].float()))
+    def at_keys(x: torch.Tensor) -> torch.Tensor:
+        return x[index.to(x.device), pos.to(x.device)].float().to(lm.device)
+
+    h1 = key_module.register_forward_pre_hook(lambda m, a: seen.__setitem__("k", at_keys(a[0])))
+    h2 = out_module.register_forward_hook(lambda m, a, o: seen.__setitem__("h", at_keys(_output_tensor(o))))
     try:
         with torch.no_grad():
             lm.model(input_ids=input_ids, attention_mask=mask)

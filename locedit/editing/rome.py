@@ -39,6 +39,6 @@ def rome_update(lm, fact: Fact, new_target_text: str, layer: int, rule: str, car
     key, delta = result.keys[0], result.deltas[0]
     left, right = rank_one(C if hp.mom2_adjustment else None, key, delta)
     with torch.no_grad():
-        value = module(key.to(lm.dtype)[None].to(lm.device)).float()[0] + delta
+        value = module(key.to(module.weight.device, lm.dtype)[None]).float()[0] + delta.to(module.weight.device)
     return RankOneResult(linear_delta(lm.model, module, left, right, lm.adapter.conv1d), key, value,
                          result.losses, result.seconds)

@@ -236,7 +236,7 @@ def optimize_values_many(lm, batches: Sequence[PromptBatch], sites: Sequence[Sit
         def pre(module, args):
             if not recording["on"]:
                 return
-            x = args[0][rows, local].detach()
+            x = args[0][rows.to(args[0].device), local.to(args[0].device)].detach()
             ref = site.reference(x).float() if site.reference is not None else None
             for f in range(F):
                 if ref is not None:
@@ -249,15 +249,16 @@ def optimize_values_many(lm, batches: Sequence[PromptBatch], sites: Sequence[Sit
             out = _output_tensor(output)
             cols = site.columns or slice(None)
             if recording["on"]:
-                here = out[rows, local][:, cols].detach().float()
+                here = out[rows.to(out.device), local.to(out.device)][:, cols].detach().float()
                 for f in range(F):
                     if site.reference is None:
                         inits[f][i] = here[rewrite[f][0]].clone()
                     outputs[f][i] = here[rewrite[f]].mean(0)
                     deltas[f][i] = torch.zeros_like(here[0], requires_grad=True)
             index = torch.arange(out.shape[-1], device=out.device)[cols]
-            values = torch.stack([deltas[f][i] for f in range(F)])[fact_of_row].to(out.dtype)
-            add = torch.zeros_like(out).index_put((rows[:, None], local[:, None], index[None, :]), values)
+            values = torch.stack([deltas[f][i] for f in range(F)])[fact_of_row].to(out.device, out.dtype)
+            r, c = rows.to(out.device), local.to(out.device)
+            add = torch.zeros_like(out).index_put((r[:, None], c[:, None], index[None, :]), values)
             return _replace_output(output, out + add)
 
         return pre, post
@@ -305,7 +306,8 @@ def optimize_values_many(lm, batches: Sequence[PromptBatch], sites: Sequence[Sit
                     loss = loss + hp.kl_factor * torch.nn.functional.kl_div(kl_init[f], kl_lp, log_target=True,
                                                                             reduction="batchmean")
                 for delta, init in zip(deltas[f], inits[f]):
-                    loss = loss + hp.v_weight_decay * (delta.norm() / init.norm().clamp(min=1e-8) ** 2)
+                    decay = hp.v_weight_decay * (delta.norm() / init.norm().clamp(min=1e-8) ** 2)
+                    loss = loss + decay.to(loss.device)
                 value = float(loss.detach())
                 if value != value or value in (float("inf"), float("-inf")):
                     raise LoceditError(f"the value optimisation diverged (loss {value}) at step {step}; nothing "

@@ -11,9 +11,9 @@ from .interventions import (
     SetSublayer,
     UniformAttention,
 )
-from .run import Captures, RunResult, intervene, run, run_batch
+from .run import Captures, RunResult, intervene, run, run_batch, run_packed
 
 __all__ = [
     "AddEmbeddingNoise", "BlockAttention", "Capture", "Captures", "Intervention", "RunResult", "SetHeads",
-    "SetResidual", "SetSublayer", "UniformAttention", "intervene", "registered", "run", "run_batch",
+    "SetResidual", "SetSublayer", "UniformAttention", "intervene", "registered", "run", "run_batch", "run_packed",
 ]

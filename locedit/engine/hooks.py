@@ -55,6 +55,9 @@ class Layout:
     num_layers: int
     num_heads: int
     device: torch.device | None = None  # where index tensors and masks are built (the model's device)
+    # True when rows are right-padded prompts run without a padding mask (`run_packed`): a real token never sees
+    # the padding after it, so the mask is purely causal for every position that is read
+    causal_only: bool = False
     _cache: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -305,7 +308,7 @@ class _PassState:
 
     def _maskless(self, layout: Layout, query, key, kwargs) -> bool:
         p = self.pass_
-        if not (self.base_is_sdpa and p.engine_mask and layout.unpadded):
+        if not (self.base_is_sdpa and p.engine_mask and (layout.unpadded or layout.causal_only)):
             return False
         q_len, k_len = query.shape[2], key.shape[2]
         if k_len != layout.t1 or kwargs.get("sliding_window") is not None and k_len > kwargs["sliding_window"]:

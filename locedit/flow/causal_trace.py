@@ -78,43 +78,105 @@ def causal_trace(lm: LM, fact: Fact | EncodedFact, *, kind: str = "hidden", samp
         raise LoceditError(f"unknown trace kind {kind!r}; use one of {KINDS}")
     enc = as_encoded(lm, fact)
     target = target if target is not None else resolve_target(lm, enc, use_fact_target)
-    n, L = len(enc), lm.num_layers
-    subject = list(enc.positions.subject)
     std = noise_std if noise_std is not None else embedding_std(lm)
-    rng = np.random.RandomState(seed)
-    # drawn on the CPU (the same numbers on every device), scaled in float32, then moved once
-    noise_values = (torch.from_numpy(rng.randn(samples, len(subject), lm.d_model)).float() * noise * std).to(
-        device=lm.device, dtype=lm.dtype)
-    bases = [[AddEmbeddingNoise(subject, noise_values[s])] for s in range(samples)]
     site = "residual" if kind == "hidden" else kind
     with torch.no_grad():
         clean = run(lm, enc, capture=Capture(**{site: True})).captures
+        plan = _TracePlan(lm, enc, kind, samples, noise, std, window, seed, positions, layers,
+                          lambda s, layer: clean[s, layer][0])
+        probs = run(lm, enc, plan.rows, bases=plan.bases, row_base=plan.row_base).prob_of(target.token_id)
+    return plan.result(target, probs.float().cpu())
+
+
+def causal_trace_many(lm: LM, facts: Sequence[Fact | EncodedFact], *, kind: str = "hidden", samples: int = 10,
+                      noise: float = 3.0, noise_std: float | None = None, window: int = 10, seed: int = 1,
+                      use_fact_target: bool = False, positions: Sequence[int] | None = None,
+                      layers: Sequence[int] | None = None, targets: Sequence[Target] | None = None,
+                      fact_positions: Sequence[Sequence[int] | None] | None = None,
+                      max_rows: int = 512) -> list[CausalTraceResult]:
+    """`causal_trace` of several facts, their cells packed into shared passes (`run_packed`: one pass for every
+    fact's noise samples, then shared chunks); each result equals the single-fact one. `fact_positions[k]`
+    overrides `positions` for fact k (e.g. each fact's subject positions)."""
+    from ..engine import run_batch, run_packed
+    from .common import resolve_targets
+
+    if kind not in KINDS:
+        raise LoceditError(f"unknown trace kind {kind!r}; use one of {KINDS}")
+    encs = [as_encoded(lm, f) for f in facts]
+    if not encs:
+        return []
+    targets = list(targets) if targets is not None else resolve_targets(lm, encs, use_fact_target)
+    std = noise_std if noise_std is not None else embedding_std(lm)
+    site = "residual" if kind == "hidden" else kind
+    with torch.no_grad():
+        clean = run_batch(lm, encs, capture=Capture(**{site: True}), padding_side="right").captures
+        plans = [_TracePlan(lm, enc, kind, samples, noise, std, window, seed,
+                            fact_positions[k] if fact_positions is not None else positions, layers,
+                            lambda s, layer, k=k: clean[s, layer][k])
+                 for k, enc in enumerate(encs)]
+        rows, row_base, bases, base_prompt, ids = [], [], [], [], []
+        for k, plan in enumerate(plans):
+            rows += plan.rows
+            row_base += [len(bases) + b for b in plan.row_base]
+            ids += [targets[k].token_id] * len(plan.rows)
+            bases += plan.bases
+            base_prompt += [k] * len(plan.bases)
+        probs = run_packed(lm, encs, rows, bases=bases, base_prompt=base_prompt, row_base=row_base,
+                           max_rows=max_rows).prob_of(torch.tensor(ids)).float().cpu()
+    out, start = [], 0
+    for plan, target in zip(plans, targets):
+        out.append(plan.result(target, probs[start:start + len(plan.rows)]))
+        start += len(plan.rows)
+    return out
+
+
+causal_trace.batched = causal_trace_many
+
+
+class _TracePlan:
+    """One fact's trace: its noise bases, its cell rows (samples per cell, then the corrupted runs) and how the
+    probabilities of those rows become a `CausalTraceResult`. `clean(site, layer)` is the fact's clean capture
+    (positions, d)."""
+
+    def __init__(self, lm, enc, kind, samples, noise, std, window, seed, positions, layers, clean):
+        n, L = len(enc), lm.num_layers
+        self.lm, self.enc, self.kind, self.samples, self.window, self.std = lm, enc, kind, samples, window, std
+        subject = list(enc.positions.subject)
+        rng = np.random.RandomState(seed)
+        # drawn on the CPU (the same numbers on every device), scaled in float32, then moved once
+        noise_values = (torch.from_numpy(rng.randn(samples, len(subject), lm.d_model)).float() * noise * std).to(
+            device=lm.device, dtype=lm.dtype)
+        self.bases = [[AddEmbeddingNoise(subject, noise_values[s])] for s in range(samples)]
         cells = []
-        first = subject[0]  # states before the subject are identical in the clean and corrupted runs
-        wanted = [p % n for p in positions] if positions is not None else list(range(n))
-        traced = [p for p in range(first, n) if p in wanted]
-        traced_layers = sorted({int(l) % L for l in layers}) if layers is not None else list(range(L))
+        self.first = first = subject[0]  # states before the subject are identical in the clean and corrupted runs
+        self.wanted = wanted = [p % n for p in positions] if positions is not None else list(range(n))
+        self.traced = traced = [p for p in range(first, n) if p in wanted]
+        self.traced_layers = traced_layers = (sorted({int(l) % L for l in layers}) if layers is not None
+                                              else list(range(L)))
         for position in traced:
             for layer in traced_layers:
                 if kind == "hidden":
-                    cells.append([SetResidual(layer + 1, [position], clean["residual", layer + 1][0, position])])
+                    cells.append([SetResidual(layer + 1, [position], clean("residual", layer + 1)[position])])
                 else:
-                    cells.append([SetSublayer(kind, [j], [position], clean[kind, j][0, position])
+                    cells.append([SetSublayer(kind, [j], [position], clean(kind, j)[position])
                                   for j in window_layers(layer, window, L)])
+        self.n_cells = len(cells)
         rows = [cell for cell in cells for _ in range(samples)]
         row_base = [s for _ in cells for s in range(samples)]
         rows.append([])
         row_base.append(0)
-        probs = run(lm, enc, rows + [[] for _ in range(samples - 1)], bases=bases,
-                    row_base=row_base + list(range(1, samples))).prob_of(target.token_id)
-    probs = probs.float().cpu()  # one transfer; the table is assembled on the CPU
-    low = float(probs[len(cells) * samples:].mean())
-    cell_probs = torch.full((n, L), float("nan"))
-    cell_probs[[p for p in wanted if p < first]] = low
-    if cells:
-        means = probs[: len(cells) * samples].view(len(traced), len(traced_layers), samples).mean(-1)
-        cell_probs[torch.tensor(traced, dtype=torch.long)[:, None],
-                   torch.tensor(traced_layers, dtype=torch.long)[None, :]] = means
-    return CausalTraceResult(kind, target.token, target.token_id, target.base_prob, low, cell_probs.tolist(),
-                             list(enc.tokens), [enc.subject_start, enc.subject_end], window, samples, std,
-                             fact_summary(enc))
+        self.rows = rows + [[] for _ in range(samples - 1)]
+        self.row_base = row_base + list(range(1, samples))
+
+    def result(self, target: Target, probs: torch.Tensor) -> "CausalTraceResult":
+        enc, samples, n, L = self.enc, self.samples, len(self.enc), self.lm.num_layers
+        low = float(probs[self.n_cells * samples:].mean())
+        cell_probs = torch.full((n, L), float("nan"))
+        cell_probs[[p for p in self.wanted if p < self.first]] = low
+        if self.n_cells:
+            means = probs[: self.n_cells * samples].view(len(self.traced), len(self.traced_layers), samples).mean(-1)
+            cell_probs[torch.tensor(self.traced, dtype=torch.long)[:, None],
+                       torch.tensor(self.traced_layers, dtype=torch.long)[None, :]] = means
+        return CausalTraceResult(self.kind, target.token, target.token_id, target.base_prob, low,
+                                 cell_probs.tolist(), list(enc.tokens), [enc.subject_start, enc.subject_end],
+                                 self.window, samples, self.std, fact_summary(enc))
