@@ -208,28 +208,41 @@ def _cache_valid(target: Path, stamp: dict, ignore: tuple = ()) -> bool:
 
 
 def _write_converted(model, tokenizer, target: Path, stamp: dict) -> None:
-    """Write config, tokenizer and weights to a temporary directory, then rename it into place."""
+    """The dequantized model as a float32 Hugging Face directory with the cache stamp, written atomically."""
+    write_hf_directory(model, tokenizer, target, dtype=torch.float32,
+                       extra_files={"locedit_cache.json": json.dumps(stamp)})
+
+
+def write_hf_directory(model, tokenizer, target: Path, *, dtype: torch.dtype | None = None,
+                       extra_files: dict[str, str] | None = None) -> Path:
+    """Write config, tokenizer and weights (model.safetensors; tied weights once) as a directory `from_pretrained`
+    loads: into a temporary directory first, then renamed into place. The config's `quantization_config` is
+    dropped (the weights written are plain floats, also for a model dequantized from a GGUF file)."""
     from safetensors.torch import save_file
 
+    target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
         model.config.to_json_file(str(tmp / "config.json"))
         config = json.loads((tmp / "config.json").read_text())
-        if config.pop("quantization_config", None) is not None:  # the copy holds plain float32 weights
+        if config.pop("quantization_config", None) is not None:
             (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-        tokenizer.save_pretrained(str(tmp))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
         state, seen = {}, set()
         for key, tensor in model.state_dict().items():
             if tensor.data_ptr() in seen:  # tied weights: saved once, re-tied by from_pretrained
                 continue
             seen.add(tensor.data_ptr())
-            state[key] = tensor.detach().to(torch.float32).contiguous()
+            state[key] = tensor.detach().to(dtype or tensor.dtype).contiguous().cpu()
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        (tmp / "locedit_cache.json").write_text(json.dumps(stamp))
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+    return target

@@ -2,7 +2,8 @@
 and the quality of ROME at the located site on facts the model knows (ES / PS / NS, whole-string probabilities).
 
     python recipes/bench_edit.py speed [--facts 3] [--memit-facts 100] [--record]
-    python recipes/bench_edit.py quality [--n 40] [--jobs 2] [--record]     # resumable: data/results/edit_quality/
+    python recipes/bench_edit.py quality [--n 40] [--jobs 2] [--method rome|head] [--record]   # resumable:
+                                                                        # data/results/edit_quality/[method/]
 
 Speed: key statistics are computed (and cached) first and reported apart; ROME, head and MEMIT times exclude
 `locate` (its time is reported on its own line). Key statistics, one pass vs one pass per layer, have their own
@@ -112,7 +113,7 @@ def speed(args) -> list[str]:
 
 
 # --- quality -----------------------------------------------------------------------------------------------------
-def measure_one(lm, fact) -> dict:
+def measure_one(lm, fact, method: str = "rome") -> dict:
     import locedit
     from locedit.verification.metrics import target_probs
 
@@ -126,7 +127,7 @@ def measure_one(lm, fact) -> dict:
 
     before = score()
     t = time.perf_counter()
-    edit = locedit.edit(lm, fact, new)
+    edit = locedit.edit(lm, fact, new, method=method)
     seconds = time.perf_counter() - t
     after = score()
     edit.revert()
@@ -139,13 +140,14 @@ def measure_one(lm, fact) -> dict:
         return sum((a > b) if first_new else (b > a) for a, b in rows) / len(rows)
 
     return {"id": fact.meta.get("id"), "relation": fact.relation, "subject": fact.subject,
-            "true": true, "new": new, "layer": edit.layers[0], "key_position": edit.sites["key_position"],
+            "true": true, "new": new, "method": method, "layer": edit.layers[0], "heads": edit.sites.get("heads"),
+            "key_position": edit.sites["key_position"],
             "ES": rates(after, True, 0, 1), "PS": rates(after, True, 1, k), "NS": rates(after, False, k, len(pairs) // 2),
             "NS_before": rates(before, False, k, len(pairs) // 2), "edit_s": seconds,
             "loss_final": edit.losses[0][-1]}
 
 
-def _quality_worker(rank: int, jobs: int, ids: list, path: str, threads: int) -> None:
+def _quality_worker(rank: int, jobs: int, ids: list, path: str, threads: int, method: str) -> None:
     import locedit
 
     torch.set_num_threads(threads)
@@ -154,7 +156,7 @@ def _quality_worker(rank: int, jobs: int, ids: list, path: str, threads: int) ->
     facts = [f for f in known_curated(lm) if f.meta.get("id") in wanted]
     with open(path, "a") as out:
         for fact in facts:
-            row = measure_one(lm, fact)
+            row = measure_one(lm, fact, method)
             out.write(json.dumps(row) + "\n")
             out.flush()
             print(f"[{rank}] {row['id']} {row['relation']}: ES {row['ES']} PS {row['PS']:.2f} NS {row['NS']:.2f} "
@@ -164,7 +166,7 @@ def _quality_worker(rank: int, jobs: int, ids: list, path: str, threads: int) ->
 def quality(args) -> list[str]:
     import locedit
 
-    directory = OUT / "edit_quality"
+    directory = OUT / "edit_quality" / ("" if args.method == "rome" else args.method)
     directory.mkdir(parents=True, exist_ok=True)
     lm = locedit.load("smollm2-135m")
     chosen = [f.meta["id"] for f in stratified(known_curated(lm), args.n)]
@@ -180,7 +182,7 @@ def quality(args) -> list[str]:
     print(f"{len(chosen)} facts chosen, {len(done & set(chosen))} already done, {len(todo)} to run", flush=True)
     ctx = mp.get_context("spawn")
     procs = [ctx.Process(target=_quality_worker, args=(r, args.jobs, todo, str(directory / f"rows-{r}.jsonl"),
-                                                        args.threads)) for r in range(args.jobs)]
+                                                        args.threads, args.method)) for r in range(args.jobs)]
     for p in procs:
         p.start()
     for p in procs:
@@ -194,16 +196,18 @@ def quality(args) -> list[str]:
                 continue
             if row["id"] in chosen:
                 rows[row["id"]] = row
-    return summarize(list(rows.values()))
+    return summarize(list(rows.values()), args.method)
 
 
-def summarize(rows: list[dict]) -> list[str]:
+def summarize(rows: list[dict], method: str = "rome") -> list[str]:
     def mean(key, subset):
         values = [r[key] for r in subset if r[key] is not None]
         return 100 * statistics.mean(values) if values else float("nan")
 
-    lines = [f"ROME (r-ROME fix) at the located site, SmolLM2, {len(rows)} known facts edited one at a time to "
-             "target_new; whole-string P; scores in %",
+    what = {"rome": "ROME (r-ROME fix) at the located layer", "head": "head edits of the 3 located heads (out mode)",
+            "memit": "MEMIT at the located window", "ft": "FT-L at the located layer"}[method]
+    lines = [f"{what}, SmolLM2, {len(rows)} known facts edited one at a time to target_new; whole-string P; "
+             "scores in %",
              f"{'relation':<22} {'n':>3} {'ES':>6} {'PS':>6} {'NS':>6} {'NS before':>10} {'edit s':>7}"]
     groups: dict[str, list] = {}
     for r in rows:
@@ -226,6 +230,7 @@ def main() -> None:
     parser.add_argument("--memit-facts", type=int, default=100, help="speed: facts in the MEMIT batch (0: skip)")
     parser.add_argument("--n", type=int, default=40, help="quality: facts (stratified by relation)")
     parser.add_argument("--jobs", type=int, default=2, help="quality: worker processes")
+    parser.add_argument("--method", choices=["rome", "head", "memit", "ft"], default="rome", help="quality: method")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--record", action="store_true", help="write the result under data/results/")
     args = parser.parse_args()
@@ -233,7 +238,8 @@ def main() -> None:
     text = f"# python recipes/bench_edit.py {' '.join(sys.argv[1:])}\n" + "\n".join(lines) + "\n"
     print(text)
     if args.record:
-        (OUT / f"bench_edit_{args.section}.txt").write_text(text)
+        suffix = "" if args.section == "speed" or args.method == "rome" else f"_{args.method}"
+        (OUT / f"bench_edit_{args.section}{suffix}.txt").write_text(text)
 
 
 if __name__ == "__main__":

@@ -241,33 +241,6 @@ def save_model(lm, directory) -> Path:
     """Write `lm` (with whatever edits are applied) as a normal Hugging Face directory that `from_pretrained` loads:
     config.json, the tokenizer and model.safetensors, written to a temporary directory and renamed into place.
     Works also for models dequantized from GGUF files (whose config still names the GGUF quantizer)."""
-    import json
-    import os
-    import shutil
-    import tempfile
+    from ..loading import write_hf_directory
 
-    from safetensors.torch import save_file
-
-    target = Path(directory)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        config = lm.model.config.to_dict()
-        config.pop("quantization_config", None)  # the weights are plain floats now
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
-        if lm.tokenizer is not None:
-            lm.tokenizer.save_pretrained(str(tmp))
-        state, seen = {}, set()
-        for key, tensor in lm.model.state_dict().items():
-            if tensor.data_ptr() in seen:  # tied weights: saved once, re-tied by from_pretrained
-                continue
-            seen.add(tensor.data_ptr())
-            state[key] = tensor.detach().contiguous().cpu()
-        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    return write_hf_directory(lm.model, lm.tokenizer, Path(directory))
