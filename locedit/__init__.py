@@ -27,12 +27,14 @@ from .lm import LM
 from .loading import DEFAULT_MODEL, load
 from .sites import SiteMap, locate
 from .editing import Edit, EditError, edit, edit_many, load_edit, save_model
+from .verification import Verification, verify
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Adapter", "AddEmbeddingNoise", "Edit", "EditError", "SiteMap", "edit", "edit_many", "load_edit", "locate",
     "save_model", "BlockAttention", "Capture", "DEFAULT_MODEL", "DatasetError", "EncodedFact",
+    "Verification", "verify",
     "Fact", "FactError", "InterventionError", "LM", "LoceditError", "ModelLoadError", "PositionGroups",
     "RunResult", "SetHeads", "SetResidual", "SetSublayer", "UniformAttention", "UnsupportedModelError",
     "intervene", "load", "run", "run_batch", "supported_model_types",

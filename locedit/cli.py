@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     _fact_args(loc)
     loc.add_argument("--out", type=Path, default=Path("results"), help="output directory (default: results/)")
     loc.add_argument("--samples", type=int, default=2, help="noise samples for the causal traces (default 2)")
+    loc.add_argument("--batch-facts", type=int, default=None,
+                     help="with --facts: facts packed into the same forward passes (default 16 on a GPU, 1 on the "
+                          "CPU; results do not depend on it)")
 
     ana = sub.add_parser("analyze", help="run one flow analysis of Geva et al. 2023 (or ROME's causal trace)",
                          description="Run one analysis on a fact or a fact file; writes JSON (JSONL for a file) "
@@ -68,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(ana)
     _fact_args(ana)
     ana.add_argument("--out", type=Path, default=Path("results"), help="output directory (default: results/)")
+    ana.add_argument("--batch-facts", type=int, default=None,
+                     help="with --facts: facts packed into the same forward passes where the analysis supports it "
+                          "(knockout, trace, heads; default 16 on a GPU, 1 on the CPU; results do not depend on it)")
     ana.add_argument("--window", type=int, default=None, help="layer window (knockout: 9, sublayer: 10, trace: 10)")
     ana.add_argument("--projection", choices=["model", "paper"], default=None,
                      help="vocabulary projection: model (final norm + unembedding) or paper (input embeddings)")
@@ -90,6 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
     facts.add_argument("--format", choices=["table", "jsonl"], default="table")
     facts.add_argument("--relations", action="store_true", help="print the relations and their counts instead")
 
+    from .editing.cli import add_parser as _edit_parser
+    from .verification.cli import add_parsers as _verification_parsers
+
+    _edit_parser(sub, _model_args, _fact_args)
+
+    _verification_parsers(sub, _model_args)
     sub.add_parser("models", help="list the supported model families and built-in aliases")
     return parser
 
@@ -99,8 +111,10 @@ def main(argv: list[str] | None = None) -> int:
     from .errors import LoceditError
 
     try:
-        return {"locate": cmd_locate, "analyze": cmd_analyze, "facts": cmd_facts, "models": cmd_models}[
-            args.command](args)
+        from .verification.cli import cmd_evaluate, cmd_verify
+
+        return {"locate": cmd_locate, "analyze": cmd_analyze, "facts": cmd_facts, "models": cmd_models,
+                "verify": cmd_verify, "evaluate": cmd_evaluate, "edit": cmd_edit}[args.command](args)
     except (LoceditError, UserError) as exc:
         print(f"locedit: error: {exc}", file=sys.stderr)
         return 2
@@ -150,8 +164,14 @@ def _save_figure(fig, out: Path, name: str) -> None:
 
 
 # --- commands --------------------------------------------------------------------------------------------------
+def cmd_edit(args) -> int:
+    from .editing.cli import cmd_edit as run_edit
+
+    return run_edit(args, _load, _facts, UserError)
+
+
 def cmd_locate(args) -> int:
-    from .locate import SiteMap, locate
+    from .sites import SiteMap, locate
     from .report import dataset_report, sitemap_report, write_atomic
 
     if args.facts is None:
@@ -173,7 +193,8 @@ def cmd_locate(args) -> int:
         from .plots import heads_table
 
         start = time.perf_counter()
-        result = run_dataset(lm, locate, facts, out / "sites.jsonl", options=options)
+        result = run_dataset(lm, locate, facts, out / "sites.jsonl", options=options,
+                             batch_facts=getattr(args, "batch_facts", None))
         dicts = [r["result"] for r in result.results]
         aggregate = SiteMap.aggregate(dicts)
         write_atomic(out / "aggregate.json", json.dumps(aggregate, indent=1))
@@ -215,10 +236,17 @@ def cmd_analyze(args) -> int:
         return 0
     from .flow.runner import run_dataset
 
-    result = run_dataset(lm, fn, facts, out / f"{name}.jsonl", options=options)
+    result = run_dataset(lm, fn, facts, out / f"{name}.jsonl", options=options,
+                         batch_facts=getattr(args, "batch_facts", None))
     aggregate = result.aggregate()
     write_atomic(out / f"{name}_aggregate.json", json.dumps(aggregate, indent=1, default=str))
-    print(f"{len(result.results)} facts, {len(result.errors)} errors; wrote {out / (name + '.jsonl')}")
+    figure = result.figure(aggregate)
+    if figure is not None:  # the paper's figure: mean curves with 95% CIs over facts, next to the JSONL
+        from .plots import save_figure
+
+        save_figure(figure, out / name)
+    print(f"{len(result.results)} facts, {len(result.errors)} errors; wrote {out / (name + '.jsonl')}"
+          + (f", {out / (name + '.png')}" if figure is not None else ""))
     return 0
 
 

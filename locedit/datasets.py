@@ -21,9 +21,15 @@ from .facts import Fact
 
 logger = logging.getLogger("locedit")
 
-FORMATS = ("known", "counterfact", "easyedit")
+FORMATS = ("known", "counterfact", "easyedit", "plain")
 _ALIASES = {"known_1000": "known", "rome_known": "known", "known1000": "known", "cf": "counterfact",
-            "curated": "counterfact", "easy_edit": "easyedit"}
+            "curated": "counterfact", "easy_edit": "easyedit", "csv": "plain", "simple": "plain"}
+# The plainest rows a user writes (JSONL, JSON list or CSV): subject and prompt, optionally the true target and
+# a new target. Fields a plain row may have (anything else is ignored).
+PLAIN_FIELDS = ("subject", "prompt", "target", "target_true", "target_new", "relation", "relation_id", "id",
+                "paraphrases", "neighborhood", "generation_prompts")
+_EASYEDIT_ONLY = {"ground_truth", "rephrase_prompt", "rephrase_prompts", "rephrase", "locality_prompt",
+                  "locality_prompts", "locality_ground_truth", "portability"}
 
 
 @dataclass(frozen=True)
@@ -75,6 +81,8 @@ class _Raw:
 
 def _raw_rows(path: Path) -> list[_Raw]:
     """Rows of a JSON list or of a JSONL file; JSONL lines that do not parse become problems."""
+    if path.suffix.lower() in (".csv", ".tsv"):
+        return _csv_rows(path)
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -108,6 +116,32 @@ def _jsonl_rows(path: Path, text: str) -> list[_Raw]:
     return rows
 
 
+def _csv_rows(path: Path) -> list[_Raw]:
+    """Rows of a CSV (or TSV) file with a header line; empty cells count as missing. `line` is the row's line."""
+    import csv
+
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise DatasetError(f"dataset file {str(path)!r} does not exist") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise DatasetError(f"cannot read dataset file {str(path)!r}: {e}") from None
+    if not text.strip():
+        raise DatasetError(f"dataset file {str(path)!r} is empty")
+    reader = csv.DictReader(text.splitlines(), delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
+    rows: list[_Raw] = []
+    try:
+        for record in reader:
+            value = {str(k).strip(): (v if v is None or v.strip() else None) for k, v in record.items()
+                     if k is not None}
+            rows.append(_Raw(len(rows), reader.line_num, value))
+    except csv.Error as e:
+        raise DatasetError(f"cannot parse CSV file {str(path)!r}: {e}") from None
+    if not rows:
+        raise DatasetError(f"dataset file {str(path)!r} has a header but no rows")
+    return rows
+
+
 # --- format detection ------------------------------------------------------------------------------------------------
 def _format_of(row: Any) -> str | None:
     if not isinstance(row, dict):
@@ -117,21 +151,26 @@ def _format_of(row: Any) -> str | None:
         return "counterfact"
     if "known_id" in keys or {"attribute", "subject", "prompt"} <= keys:
         return "known"
-    if "ground_truth" in keys or {"prompt", "subject", "target_new"} <= keys:
+    if keys & _EASYEDIT_ONLY:
         return "easyedit"
+    if keys & {"subject", "prompt"}:  # plain rows; a missing subject or prompt is reported per row
+        return "plain"
     return None
 
 
 def _detect(path: Path, rows: list[_Raw]) -> str:
-    for raw in rows:
-        found = _format_of(raw.value) if raw.problem is None else None
-        if found:
-            return found
+    found = [_format_of(raw.value) if raw.problem is None else None for raw in rows]
+    for fmt in found:  # a row with a dataset's own fields decides; plain only when no row has any
+        if fmt and fmt != "plain":
+            return fmt
+    if "plain" in found:
+        return "plain"
     first = next((r.value for r in rows if isinstance(r.value, dict)), None)
     keys = sorted(first) if first is not None else "no JSON objects"
     raise DatasetError(f"unknown dataset format in {str(path)!r} (first row keys: {keys}); expected known_1000 "
-                       "(known_id, subject, prompt, attribute), CounterFact (case_id, requested_rewrite) or EasyEdit "
-                       "(prompt, subject, ground_truth, target_new)")
+                       "(known_id, subject, prompt, attribute), CounterFact (case_id, requested_rewrite), EasyEdit "
+                       "(prompt, subject, ground_truth, target_new) or plain rows (subject, prompt[, target]"
+                       "[, target_new])")
 
 
 # --- field helpers --------------------------------------------------------------------------------------------------
@@ -230,13 +269,57 @@ def _easyedit_fact(row: dict, index: int) -> Fact:
     meta = {"id": ident, "target_new": _optional_string(row, "target_new", allow_list=True),
             "paraphrases": _prompts(paraphrases, "rephrase_prompt"),
             "neighborhood": _prompts(neighborhood, "locality_prompt"), "source_format": "easyedit"}
+    truths = _locality_truths(row.get("locality_ground_truth"), len(meta["neighborhood"]))
+    if truths is not None:
+        meta["neighborhood_targets"] = truths
     return _make(row, ident, meta, prompt=_string(_get(row, "prompt"), "prompt", allow_list=True),
                  subject=_string(_get(row, "subject"), "subject"),
                  target=_string(_get(row, "ground_truth"), "ground_truth", allow_list=True),
                  relation=_string(relation, "relation_id") if relation is not None else None)
 
 
-def _make(row: dict, ident: str, meta: dict, *, prompt: str, subject: str, target: str,
+def _locality_truths(value: Any, count: int) -> list[str] | None:
+    """EasyEdit's `locality_ground_truth` as one true target per locality prompt (a list of aliases: the first),
+    or None when absent or when it does not pair with the prompts."""
+    if value is None or count == 0:
+        return None
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not value:
+        return None
+    if count == 1 and len(value) != 1:
+        value = [value]
+    if len(value) != count:
+        return None
+    out = []
+    for item in value:
+        if isinstance(item, list):
+            item = item[0] if item else None
+        if not isinstance(item, str) or not item.strip():
+            return None
+        out.append(item)
+    return out
+
+
+def _plain_fact(row: dict, index: int) -> Fact:
+    """A plain row: `subject`, `prompt` (required), `target` (or `target_true`; absent = the model's top-1),
+    `target_new`, `relation`/`relation_id`, `id`, and optional lists `paraphrases`, `neighborhood`,
+    `generation_prompts` (JSON rows only)."""
+    ident = _id(row.get("id", row.get("case_id")), index)
+    relation = row.get("relation_id", row.get("relation"))
+    target_key = "target" if row.get("target") is not None else "target_true"
+    meta = {"id": ident, "target_new": _optional_string(row, "target_new"),
+            "paraphrases": _prompts(row.get("paraphrases"), "paraphrases"),
+            "neighborhood": _prompts(row.get("neighborhood"), "neighborhood"), "source_format": "plain"}
+    if row.get("generation_prompts") is not None:
+        meta["generation_prompts"] = _prompts(row["generation_prompts"], "generation_prompts")
+    return _make(row, ident, meta, prompt=_string(_get(row, "prompt"), "prompt"),
+                 subject=_string(_get(row, "subject"), "subject"),
+                 target=_optional_string(row, target_key),
+                 relation=_string(relation, "relation_id") if relation is not None else None)
+
+
+def _make(row: dict, ident: str, meta: dict, *, prompt: str, subject: str, target: str | None,
           relation: str | None) -> Fact:
     try:
         return Fact(subject=subject, prompt=prompt, target=target, relation=relation, meta=meta)
@@ -245,23 +328,25 @@ def _make(row: dict, ident: str, meta: dict, *, prompt: str, subject: str, targe
 
 
 _PARSERS: dict[str, Callable[[dict, int], Fact]] = {
-    "known": _known_fact, "counterfact": _counterfact_fact, "easyedit": _easyedit_fact}
+    "known": _known_fact, "counterfact": _counterfact_fact, "easyedit": _easyedit_fact, "plain": _plain_fact}
 
 
 def _row_id(raw: _Raw, fmt: str) -> str | None:
     """The row's id for an error report, when one can be read."""
     if not isinstance(raw.value, dict):
         return None
-    key = {"known": "known_id", "counterfact": "case_id"}.get(fmt, "case_id")
+    key = {"known": "known_id", "counterfact": "case_id", "plain": "id"}.get(fmt, "case_id")
     value = raw.value.get(key, raw.value.get("id"))
     return str(value) if isinstance(value, (str, int)) and not isinstance(value, bool) else str(raw.index)
 
 
 # --- public API -----------------------------------------------------------------------------------------------------
 def read_facts(path: str | Path, *, format: str = "auto") -> FactFile:
-    """Read a known_1000, CounterFact (JSON list or JSONL; also the curated set) or EasyEdit file.
+    """Read a known_1000, CounterFact (JSON list or JSONL; also the curated set), EasyEdit or plain file (JSON,
+    JSONL or CSV rows of `subject, prompt[, target][, target_new]`; a missing field names the row and the field).
 
-    `format`: "auto" (detected from the first row that matches one), "known", "counterfact" or "easyedit". Every
+    `format`: "auto" (detected from the first row that matches one), "known", "counterfact", "easyedit" or
+    "plain". Every
     fact gets `meta = {"id", "target_new", "paraphrases", "neighborhood", "source_format"}` with a stable string id
     (case_id / known_id / row index); bad rows and duplicate ids are reported in `.errors`, never raised."""
     path = Path(path)

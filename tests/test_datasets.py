@@ -177,6 +177,62 @@ def test_unreadable_files_raise(tmp_path, content, match):
     assert "data.json" in str(info.value)
 
 
+# --- plain rows: subject, prompt[, target][, target_new] (JSONL, JSON, CSV) ------------------------------------------
+PLAIN = [
+    {"subject": "Rome", "prompt": "Rome is the capital of"},
+    {"subject": "Paris", "prompt": "{} is in", "target": "France", "target_new": "Italy", "relation": "P17",
+     "paraphrases": ["Paris lies in"], "neighborhood": ["Lyon is in"]},
+    {"prompt": "Oslo is in", "target": "Norway"},                                 # no subject
+    {"subject": "Bergen"},                                                        # no prompt
+    {"id": "x", "subject": "Madrid", "prompt": "Lisbon is in"},                   # subject not in prompt
+]
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "json"])
+def test_plain_rows(tmp_path, kind):
+    path = (write_jsonl if kind == "jsonl" else write_json)(tmp_path / f"plain.{kind}", PLAIN)
+    ff = read_facts(path)
+    assert ff.format == "plain"
+    assert [(f.subject, f.prompt, f.target) for f in ff] == [
+        ("Rome", "Rome is the capital of", None), ("Paris", "Paris is in", "France")]
+    second = ff.facts[1]
+    assert second.relation == "P17" and second.meta["target_new"] == "Italy"
+    assert second.meta["paraphrases"] == ["Paris lies in"] and second.meta["neighborhood"] == ["Lyon is in"]
+    assert ff.facts[0].meta == {"id": "0", "target_new": None, "paraphrases": [], "neighborhood": [],
+                                "source_format": "plain"}
+    errors = {e.index: str(e) for e in ff.errors}
+    where = "line" if kind == "jsonl" else "row"
+    assert errors[2] == f"{where} {3 if kind == 'jsonl' else 2} (id 2): missing field 'subject'"
+    assert errors[3].endswith("missing field 'prompt'") and "(id 3)" in errors[3]
+    assert "(id x)" in errors[4] and "does not occur in prompt" in errors[4]
+
+
+def test_plain_csv(tmp_path):
+    path = tmp_path / "facts.csv"
+    path.write_text("subject,prompt,target,target_new\n"
+                    "Rome,Rome is the capital of,,\n"
+                    "Paris,\"Paris, the city, is in\",France,Italy\n"
+                    ",Oslo is in,Norway,Sweden\n")
+    ff = read_facts(path)
+    assert ff.format == "plain"
+    assert [(f.subject, f.prompt, f.target, f.meta["target_new"]) for f in ff] == [
+        ("Rome", "Rome is the capital of", None, None), ("Paris", "Paris, the city, is in", "France", "Italy")]
+    assert [str(e) for e in ff.errors] == ["line 4 (id 2): missing field 'subject'"]
+    (tmp_path / "header.csv").write_text("subject,prompt\n")
+    with pytest.raises(DatasetError, match="no rows"):
+        read_facts(tmp_path / "header.csv")
+
+
+def test_plain_does_not_steal_other_formats(tmp_path):
+    # a CounterFact or EasyEdit file with a plain-looking first row keeps its format
+    rows = [{"subject": "Rome", "prompt": "Rome is in"}] + [cf_row(1, "Toko Yasuda", "{}, who plays the", "guitar",
+                                                                   "piano")]
+    assert read_facts(write_jsonl(tmp_path / "mixed.jsonl", rows)).format == "counterfact"
+    assert read_facts(write_json(tmp_path / "e.json", EASYEDIT)).format == "easyedit"
+    ff = read_facts(write_json(tmp_path / "e2.json", [EASYEDIT[0]]))
+    assert ff.facts[0].meta["neighborhood_targets"] == ["French"]
+
+
 def test_curated_file():
     path = curated_facts_path()
     assert path.is_file()

@@ -71,6 +71,8 @@ def edit_many(lm, facts: Sequence[Fact], new_targets: Sequence[str], *, method: 
             raise LoceditError(f"{method} edits exactly one layer; got layers {layers_used}")
     edit_obj = _compute(lm, method, facts, targets, layers_used, heads, rule, offsets, hp, stats, corpus, progress)
     edit_obj.sites.update({"key_position": rule, "located": located})
+    if site_maps[0] is not None:  # what verify's extraction check reads
+        edit_obj.sites["extraction_heads"] = [list(h) for h in site_maps[0].recommendation["head_edit"]["heads"]]
     edit_obj.hparams = as_dict(hp)
     edit_obj.timings["locate_s"] = located_seconds
     edit_obj.timings["total_s"] = time.perf_counter() - start

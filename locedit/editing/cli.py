@@ -80,7 +80,7 @@ def cmd_edit(args, load, facts_of, user_error) -> int:
         locedit.save_model(lm, args.save_model)
         print(f"edited model written to {args.save_model.resolve()}")
     if args.verify:
-        from ..verification.verify import verify_and_report
+        from ..verification.report import verify_and_report
 
         verification = verify_and_report(lm, edit, args.out)
         print(verification.summary())

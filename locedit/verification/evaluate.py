@@ -1,0 +1,457 @@
+"""`evaluate`: edit every fact of a fact set alone (apply, verify, revert) into a resumable JSON Lines file, then
+aggregate: mean and bootstrap 95% CI of every metric and of each mechanistic check's pass rate, overall and per
+relation. `sequential=True` instead keeps the edits applied and measures, every `every` edits, all edits so far
+and a fixed probe set: the collapse curve.
+
+Protocol: facts without a `target_new` are skipped, and so are facts the model does not know (the true target's
+first token is not its top-1; the paper's convention, `locedit.datasets.known_facts`); both are counted.
+
+Files in `out_dir`: `results.jsonl` (one line per fact: `{"id", "fact", "new_target", "options", "result"}` or
+`"error"`), `aggregate.json`, `table.md`; sequential runs: `sequential.jsonl`, `collapse.png/.svg`.
+Lines are written whole and fsync'd; an interrupted run resumes where it stopped (a truncated last line is
+repaired, finished facts are never redone or duplicated). With `jobs > 1`, worker processes (each loading the model
+itself) write `results.w<k>.jsonl` shards over disjoint facts, merged into `results.jsonl` when they finish (and at
+the start of the next run, if a run was interrupted).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from ..errors import DatasetError, LoceditError
+from ..facts import Fact
+from ..flow.common import _jsonable
+from ..flow.runner import _append, _normalize, _rewrite, fact_id, fact_record, read_lines
+
+logger = logging.getLogger("locedit")
+
+RESULTS = "results.jsonl"
+
+# (name, path in a result dict): the per-fact numbers aggregated
+METRICS: list[tuple[str, tuple[str, ...]]] = [
+    ("efficacy_score", ("behaviour", "efficacy_score")),
+    ("efficacy_magnitude", ("behaviour", "efficacy_magnitude")),
+    ("paraphrase_score", ("behaviour", "paraphrase_score")),
+    ("paraphrase_magnitude", ("behaviour", "paraphrase_magnitude")),
+    ("neighborhood_score", ("behaviour", "neighborhood_score")),
+    ("neighborhood_magnitude", ("behaviour", "neighborhood_magnitude")),
+    ("score", ("behaviour", "score")),
+    ("generation_efficacy", ("behaviour", "generation_efficacy")),
+    ("generation_efficacy_prompt", ("behaviour", "generation_efficacy_prompt")),
+    ("neighborhood_score_prefixed", ("behaviour", "neighborhood_score_prefixed")),
+    ("neighborhood_kl", ("behaviour", "neighborhood_kl")),
+    ("fluency", ("behaviour", "fluency")),
+    ("fluency_before", ("behaviour", "before", "fluency")),
+    ("perplexity_drift", ("behaviour", "perplexity_drift")),
+    ("efficacy_score_before", ("behaviour", "before", "efficacy_score")),
+    ("neighborhood_score_before", ("behaviour", "before", "neighborhood_score")),
+    ("behaviour_passed", ("behaviour", "passed")),
+    ("mechanism_knockout_passed", ("mechanism", "knockout", "passed")),
+    ("mechanism_extraction_passed", ("mechanism", "extraction", "passed")),
+    ("mechanism_enrichment_passed", ("mechanism", "enrichment", "passed")),
+    ("mechanism_locality_passed", ("mechanism", "locality", "passed")),
+    ("mechanism_passed", ("mechanism", "passed")),
+    ("passed", ("passed",)),
+]
+TABLE_COLUMNS = ["efficacy_score", "paraphrase_score", "neighborhood_score", "score", "generation_efficacy",
+                 "neighborhood_kl", "fluency", "mechanism_passed"]
+
+
+def _at(d: Any, path: Sequence[str]):
+    for key in path:
+        if not isinstance(d, dict) or key not in d:
+            return None
+        d = d[key]
+    return d
+
+
+def bootstrap_ci(values: Sequence[float], *, confidence: float = 0.95, resamples: int = 2000,
+                 seed: int = 0) -> tuple[float | None, float | None]:
+    """Percentile bootstrap CI of the mean (`scipy.stats.bootstrap`); (v, v) when all values agree, (None, None)
+    for fewer than 2 values."""
+    from scipy.stats import bootstrap
+
+    arr = np.asarray(values, dtype=float)
+    if arr.size < 2:
+        return None, None
+    if np.all(arr == arr[0]):
+        return float(arr[0]), float(arr[0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = bootstrap((arr,), np.mean, confidence_level=confidence, n_resamples=resamples, method="percentile",
+                        rng=np.random.default_rng(seed))
+    return float(res.confidence_interval.low), float(res.confidence_interval.high)
+
+
+def summarize(results: Sequence[dict]) -> dict:
+    """{metric: {"mean", "ci95": [low, high], "n"}} over per-fact result dicts (None values left out)."""
+    out = {}
+    for name, path in METRICS:
+        values = [float(v) for v in (_at(r, path) for r in results) if v is not None]
+        if not values:
+            continue
+        low, high = bootstrap_ci(values)
+        out[name] = {"mean": float(np.mean(values)), "ci95": [low, high], "n": len(values)}
+    means = [out.get(k, {}).get("mean") for k in ("efficacy_score", "paraphrase_score", "neighborhood_score")]
+    from .metrics import harmonic_mean
+
+    out["score_of_means"] = {"mean": harmonic_mean(means), "ci95": [None, None], "n": len(results)}
+    return out
+
+
+def aggregate(lines: Sequence[dict], counts: dict | None = None) -> dict:
+    """Overall and per-relation summaries of result lines (`{"fact": {...}, "result": verification dict}`)."""
+    ok = [l for l in lines if "result" in l]
+    by_relation: dict[str, list] = {}
+    for line in ok:
+        by_relation.setdefault(line["fact"].get("relation") or "unknown", []).append(line["result"])
+    return {"n": len(ok), "errors": len(lines) - len(ok), "counts": counts or {},
+            "overall": summarize([l["result"] for l in ok]),
+            "by_relation": {k: {"n": len(v), **summarize(v)} for k, v in sorted(by_relation.items())}}
+
+
+def table(agg: dict) -> str:
+    """A Markdown table of the aggregate: every metric overall, then the main ones per relation."""
+    lines = ["| metric | mean | 95% CI (bootstrap) | n |", "|---|---|---|---|"]
+    for name, s in agg["overall"].items():
+        low, high = s["ci95"]
+        ci = f"[{low:.3f}, {high:.3f}]" if low is not None else "-"
+        lines.append(f"| {name} | {_num(s['mean'])} | {ci} | {s['n']} |")
+    lines += ["", "| relation | n | " + " | ".join(TABLE_COLUMNS) + " |",
+              "|---|---|" + "---|" * len(TABLE_COLUMNS)]
+    for relation, s in agg["by_relation"].items():
+        lines.append(f"| {relation} | {s['n']} | " + " | ".join(_num(s.get(c, {}).get("mean")) for c in TABLE_COLUMNS)
+                     + " |")
+    counts = agg.get("counts") or {}
+    if counts:
+        lines += ["", ", ".join(f"{k}: {v}" for k, v in counts.items())]
+    return "\n".join(lines) + "\n"
+
+
+def _num(v) -> str:
+    return "-" if v is None else f"{v:.3f}"
+
+
+# --- the per-fact run ------------------------------------------------------------------------------------------------
+def _default_edit(lm, fact, new_target, **options):
+    from ..editing import edit
+
+    return edit(lm, fact, new_target, **options)
+
+
+def evaluate_one(lm, fact: Fact, new_target: str, *, edit_options: dict, verify_options: dict,
+                 edit_fn: Callable | None = None) -> dict:
+    """Edit one fact, verify, revert. A `LoceditError` (e.g. the model already predicts the new target) becomes
+    `{"error": ...}`."""
+    from .verify import verify
+
+    edit_fn = edit_fn or _default_edit
+    start = time.perf_counter()
+    try:
+        edit = edit_fn(lm, fact, new_target, **edit_options)
+    except LoceditError as e:
+        return {"error": f"{type(e).__name__}: {e}"}
+    try:
+        ver = verify(lm, edit, **verify_options)
+    except LoceditError as e:
+        return {"error": f"{type(e).__name__}: {e}"}
+    finally:
+        if edit.is_applied:
+            edit.revert()
+    result = ver.to_dict()
+    result["edit"] = {"sites": _jsonable(dict(edit.sites)), "timings": _jsonable(dict(getattr(edit, "timings", {})))}
+    result["seconds_total"] = time.perf_counter() - start
+    return {"result": result}
+
+
+def _run_facts(lm, todo: Sequence[tuple[str, Fact, str]], path: Path, options: dict, edit_options: dict,
+               verify_options: dict, edit_fn, progress: bool, label: str = "evaluate") -> int:
+    from tqdm.auto import tqdm
+
+    done = 0
+    bar = tqdm(total=len(todo), desc=label, unit="fact", disable=None if progress else True, file=sys.stderr)
+    with open(path, "a", encoding="utf-8") as f, bar:
+        for ident, fact, new in todo:
+            outcome = evaluate_one(lm, fact, new, edit_options=edit_options, verify_options=verify_options,
+                                   edit_fn=edit_fn)
+            _append(f, {"id": ident, "fact": fact_record(fact), "new_target": new, "options": options, **outcome})
+            done += 1
+            bar.update(1)
+    return done
+
+
+def _worker(spec: str, rank: int, todo: list, path: str, options: dict, edit_options: dict, verify_options: dict,
+            threads: int, dtype, device) -> None:  # pragma: no cover - runs in a subprocess
+    import torch
+
+    from ..loading import load
+
+    torch.set_num_threads(max(1, threads))
+    lm = load(spec, dtype=dtype, device=device)
+    todo = [(ident, _fact_from(record), new) for ident, record, new in todo]
+    _run_facts(lm, todo, Path(path), options, edit_options, verify_options, None, progress=rank == 0,
+               label=f"evaluate (worker {rank})")
+
+
+def _fact_from(record: dict) -> Fact:
+    return Fact(record["subject"], record["prompt"], record.get("target"), record.get("relation"),
+                dict(record.get("meta") or {}))
+
+
+def _merge_shards(out_dir: Path) -> None:
+    """Append the lines of leftover shard files whose fact is not in results.jsonl yet, then remove the shards."""
+    main = out_dir / RESULTS
+    shards = sorted(out_dir.glob("results.w*.jsonl"))
+    if not shards:
+        return
+    lines, _ = read_lines(main)
+    seen = {l["id"] for l in lines}
+    for shard in shards:
+        for line in read_lines(shard)[0]:
+            if line["id"] not in seen:
+                lines.append(line)
+                seen.add(line["id"])
+    _rewrite(main, lines)
+    for shard in shards:
+        shard.unlink()
+
+
+@dataclass
+class Evaluation:
+    """`lines`: result lines of the facts asked for; `aggregate` (see `aggregate`); `counts` (facts given, without
+    target_new, unknown to the model, evaluated, already done, errors); `sequential`: collapse-curve points."""
+
+    out_dir: Path
+    lines: list = field(default_factory=list)
+    aggregate: dict = field(default_factory=dict)
+    counts: dict = field(default_factory=dict)
+    sequential: list | None = None
+
+    def table(self) -> str:
+        return table(self.aggregate) if self.aggregate else ""
+
+
+def prepare_facts(lm, facts, *, n: int | None, only_known: bool, progress: bool) -> tuple[list, dict]:
+    """(fact, new target) pairs to edit, and the counts of what was skipped."""
+    from ..datasets import known_facts
+
+    facts = list(getattr(facts, "facts", facts))
+    counts = {"given": len(facts)}
+    with_new = [f for f in facts if isinstance(f.meta, dict) and f.meta.get("target_new")]
+    counts["no_target_new"] = len(facts) - len(with_new)
+    if only_known:
+        resolved = [f for f in with_new if f.target is not None]
+        known = known_facts(lm, resolved, progress=progress) if resolved else []
+        keep = {id(f) for f in known} | {id(f) for f in with_new if f.target is None}
+        kept = [f for f in with_new if id(f) in keep]
+        counts["unknown"] = len(with_new) - len(kept)
+    else:
+        kept = with_new
+        counts["unknown"] = 0
+    if n is not None:
+        counts["beyond_n"] = max(0, len(kept) - n)
+        kept = spread(kept, n)
+    return [(f, f.meta["target_new"]) for f in kept], counts
+
+
+def spread(facts: Sequence[Fact], n: int) -> list[Fact]:
+    """At most n facts, taken round-robin over relations (in order of first appearance, each relation's facts in
+    file order), so a small n covers every relation instead of the first one; kept in file order."""
+    by_relation: dict[str, list[int]] = {}
+    for i, f in enumerate(facts):
+        by_relation.setdefault(f.relation or "", []).append(i)
+    chosen: list[int] = []
+    queues = [list(v) for v in by_relation.values()]
+    while len(chosen) < n and any(queues):
+        for q in queues:
+            if q and len(chosen) < n:
+                chosen.append(q.pop(0))
+    return [facts[i] for i in sorted(chosen)]
+
+
+def evaluate(model, facts, out_dir: str | Path, *, method: str = "rome", layers: Sequence[int] | None = None,
+             n: int | None = None, sequential: bool = False, every: int = 10, probes: int = 20, jobs: int = 1,
+             mechanism: bool = True, only_known: bool = True, edit_options: dict | None = None,
+             verify_options: dict | None = None, edit_fn: Callable | None = None, progress: bool = True,
+             threads: int = 1, dtype=None, device=None, model_spec: str | None = None) -> Evaluation:
+    """Evaluate `method` on `facts` (a FactFile or list of Facts with `meta["target_new"]`).
+
+    `model`: an LM or a spec for `locedit.load`; `jobs > 1` needs a spec each worker loads (`model` itself or
+    `model_spec`). `n`: at most n (spread round-robin over relations)
+    (known) facts. `edit_options`: more keyword arguments for `locedit.edit` (hparams, key_position, ...);
+    `verify_options`: for `verify` (generation_tokens, fluency_tokens, ...). `edit_fn(lm, fact, new_target,
+    **options) -> Edit` replaces `locedit.edit` (tests; not with jobs > 1)."""
+    from ..loading import load
+
+    lm = model if hasattr(model, "model") and hasattr(model, "tokenizer") else load(model, dtype=dtype, device=device)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    edit_options = {"method": method, "layers": list(layers) if layers is not None else None, **(edit_options or {})}
+    verify_options = {"mechanism": mechanism, **(verify_options or {})}
+    todo_all, counts = prepare_facts(lm, facts, n=n, only_known=only_known, progress=progress)
+    if sequential:
+        return _sequential(lm, todo_all, facts, out, every=every, probes=probes, edit_options=edit_options,
+                           edit_fn=edit_fn, counts=counts, progress=progress)
+    options = _normalize({"edit": edit_options, "verify": verify_options})
+    ids = [fact_id(f) for f, _ in todo_all]
+    if len(set(ids)) != len(ids):
+        raise DatasetError("two facts share an id; ids must be unique to resume an evaluation")
+    _merge_shards(out)
+    path = out / RESULTS
+    lines, repaired = read_lines(path)
+    for line in lines:
+        if line.get("options", options) != options:
+            raise DatasetError(f"{str(path)!r} holds results of other options ({line.get('options')}); use "
+                               "another output directory")
+    done = {l["id"] for l in lines}
+    todo = [(i, f, t) for i, (f, t) in zip(ids, todo_all) if i not in done]
+    counts.update({"already_done": len(todo_all) - len(todo), "repaired_last_line": repaired})
+    if jobs > 1 and len(todo) > 1:
+        spec = model_spec or (model if isinstance(model, (str, os.PathLike)) else None)
+        if spec is None:
+            raise LoceditError("jobs > 1 needs the model as a spec (name or path) that each worker can load")
+        if edit_fn is not None:
+            raise LoceditError("edit_fn cannot be used with jobs > 1")
+        _parallel(str(spec), todo, out, jobs, options, edit_options, verify_options, threads, dtype, device)
+    else:
+        _run_facts(lm, todo, path, options, edit_options, verify_options, edit_fn, progress)
+    lines = {l["id"]: l for l in read_lines(path)[0]}
+    mine = [lines[i] for i in ids if i in lines]
+    counts["evaluated"] = sum("result" in l for l in mine)
+    counts["errors"] = sum("error" in l for l in mine)
+    agg = aggregate(mine, counts)
+    from ..report import write_atomic
+
+    write_atomic(out / "aggregate.json", json.dumps(_jsonable(agg), indent=1))
+    write_atomic(out / "table.md", table(agg))
+    return Evaluation(out, mine, agg, counts)
+
+
+def _parallel(spec: str, todo: list, out: Path, jobs: int, options, edit_options, verify_options, threads, dtype,
+              device) -> None:
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    procs = []
+    for rank in range(jobs):
+        shard = [(i, fact_record(f), t) for i, f, t in todo[rank::jobs]]
+        if not shard:
+            continue
+        p = ctx.Process(target=_worker, args=(spec, rank, shard, str(out / f"results.w{rank}.jsonl"), options,
+                                              edit_options, verify_options, threads, dtype, device))
+        p.start()
+        procs.append(p)
+    try:
+        for p in procs:
+            p.join()
+    except BaseException:
+        for p in procs:
+            p.terminate()
+        raise
+    failed = [p.exitcode for p in procs if p.exitcode != 0]
+    _merge_shards(out)
+    if failed:
+        raise LoceditError(f"{len(failed)} evaluation worker(s) failed (exit codes {failed}); finished facts are "
+                           "kept; run again to resume")
+
+
+# --- sequential editing ----------------------------------------------------------------------------------------------
+def _probe_set(lm, all_facts, edited: list, probes: int) -> list[tuple[Fact, str]]:
+    """Known facts with a target_new that are not edited (the last `probes` of the fact file)."""
+    edited_ids = {fact_id(f) for f, _ in edited}
+    pool = [f for f in getattr(all_facts, "facts", all_facts)
+            if fact_id(f) not in edited_ids and f.target is not None and isinstance(f.meta, dict)
+            and f.meta.get("target_new")]
+    from ..datasets import known_facts
+
+    pool = known_facts(lm, pool[-4 * probes:], progress=False)[-probes:] if pool else []
+    return [(f, f.meta["target_new"]) for f in pool]
+
+
+def _sequential_point(lm, edited: list, probe: list, count: int) -> dict:
+    import torch
+
+    from .metrics import continuation, perplexity, target_probs
+
+    point: dict[str, Any] = {"edits": count}
+    if edited:
+        pairs = [(f.prompt, continuation(f.prompt, t)) for f, t in edited] + \
+                [(f.prompt, f.target_text()) for f, _ in edited]
+        p = target_probs(lm, pairs)
+        k = len(edited)
+        point["edit_efficacy"] = float(np.mean(p[:k] > p[k:]))
+    else:
+        point["edit_efficacy"] = None
+    if probe:
+        pairs = [(f.prompt, f.target_text()) for f, _ in probe] + [(f.prompt, continuation(f.prompt, t))
+                                                                    for f, t in probe]
+        p = target_probs(lm, pairs)
+        k = len(probe)
+        point["probe_accuracy"] = float(np.mean(p[:k] > p[k:]))
+        with torch.no_grad():
+            hits = [lm.predict(f)[0].token_id == lm.encode(f).target_id for f, _ in probe]
+        point["probe_top1"] = float(np.mean(hits))
+    else:
+        point["probe_accuracy"] = point["probe_top1"] = None
+    point["perplexity"] = perplexity(lm)
+    return point
+
+
+def _sequential(lm, todo: list, all_facts, out: Path, *, every: int, probes: int, edit_options: dict, edit_fn,
+                counts: dict, progress: bool) -> Evaluation:
+    """Keep every edit applied; measure after 0, every, 2*every, ... edits and after the last. Not resumable (the
+    model state would have to be rebuilt): the file is rewritten from scratch."""
+    from tqdm.auto import tqdm
+
+    from ..report import write_atomic
+    from .plots import collapse_figure
+
+    if every < 1:
+        raise LoceditError(f"every must be at least 1, not {every}")
+    edit_fn = edit_fn or _default_edit
+    probe = _probe_set(lm, all_facts, todo, probes)
+    path = out / "sequential.jsonl"
+    path.unlink(missing_ok=True)
+    applied, edited, errors, points = [], [], [], []
+    bar = tqdm(total=len(todo), desc="sequential edits", unit="edit", disable=None if progress else True,
+               file=sys.stderr)
+    try:
+        with open(path, "a", encoding="utf-8") as f, bar:
+            point = _sequential_point(lm, edited, probe, 0)
+            points.append(point)
+            _append(f, {"id": "0", **point})
+            for i, (fact, new) in enumerate(todo):
+                try:
+                    e = edit_fn(lm, fact, new, **edit_options)
+                    applied.append(e)
+                    edited.append((e.facts[0] if getattr(e, "facts", None) else fact, new))
+                except LoceditError as err:
+                    errors.append({"id": fact_id(fact), "error": f"{type(err).__name__}: {err}"})
+                bar.update(1)
+                if edited and (len(edited) % every == 0 or i == len(todo) - 1) and \
+                        points[-1]["edits"] != len(edited):
+                    point = _sequential_point(lm, edited, probe, len(edited))
+                    points.append(point)
+                    _append(f, {"id": str(len(edited)), **point})
+    finally:
+        for e in reversed(applied):
+            if e.is_applied:
+                e.revert()
+    fig = collapse_figure(points)
+    from ..plots import save_figure
+
+    save_figure(fig, out / "collapse")
+    counts = {**counts, "edited": len(edited), "edit_errors": len(errors), "probes": len(probe)}
+    agg = {"sequential": points, "counts": counts, "errors": errors}
+    write_atomic(out / "aggregate.json", json.dumps(_jsonable(agg), indent=1))
+    return Evaluation(out, [], agg, counts, sequential=points)

@@ -1,0 +1,333 @@
+"""Mechanistic verification: is the new attribute retrieved through the same mechanism as the old one?
+
+After the edit, locedit's own analyses are re-run on the edit prompt for the **new** target and compared with the
+same analyses for the **old** target on the unedited model (measured with the edit reverted). Four checks, each
+with its numbers, a pass rule and its evidence (the thresholds are the module constants below):
+
+* **knockout** (attention knockout, `locedit.flow.attention_knockout`, window 9, groups subject / non-subject /
+  last): blocking last -> subject must still cut the prediction, at about the same layers. Passes when, after the
+  edit, blocking the subject at its critical window (where it hurts most) lowers the log-odds of p(new) by at least
+  `KNOCKOUT_MIN_LOGODDS` (log-odds rather than the relative change: an edit saturates p(new) near 1, where
+  relative drops look small), the drop-weighted centre of the subject curve moved by at most `KNOCKOUT_MAX_SHIFT`
+  layers from the old target's before the edit (the argmin is reported too; it jumps when the minimum is broad),
+  and the subject curves before (old) and after (new) correlate with Pearson r >= `KNOCKOUT_MIN_CORR`.
+* **extraction**: do the fact's top extraction heads now write the new target? Heads: the SiteMap's top
+  `TOP_HEADS` heads when a SiteMap is given (or the edit's `sites["extraction_heads"]`), else the `TOP_HEADS`
+  heads with the largest direct logit attribution to the old target before the edit (the strongest of SiteMap's
+  head evidence, at the cost of one forward). Direct
+  logit of a head = the target's logit from the final residual minus the logit without that head's output at the
+  last position (as `locedit.flow.heads.head_effects`). Passes when, summed over those heads, the direct logit of
+  the new target after the edit exceeds the old target's after the edit, and rose by at least
+  `EXTRACTION_MIN_GAIN` (logits) from before the edit. Evidence: per-head values, and extraction events (layers
+  whose attention / MLP output at the last position projects to the target at top-1) for old-before and new-after.
+* **enrichment**: at the edited layer and key position (a subject token; the subject's last token when the edit
+  keyed elsewhere), the logit-lens projection (`lm.project`, the model's final norm and unembedding) of the subject
+  state leaving each layer from the edited one to the second-to-last (the final output only for an edit at the
+  last layer: there the subject position mostly reads its own next-token prediction, which any edit at that
+  position writes directly). Passes when the best rank of the new target over those layers improved by at least a
+  factor `ENRICHMENT_MIN_FACTOR` and is at most `ENRICHMENT_MAX_RANK`, and the old target's median rank over those
+  layers did not improve (the old one ranks the same or lower). Not applicable to edits without an MLP layer (head
+  edits). The thresholds were set on SmolLM2 (Eiffel Tower -> Rome: the located layer-0 edit reaches rank 117 at
+  " iffel", 8x better; a behaviourally successful layer-20 edit 3535, 1.6x): one calibration example, so treat the
+  rule as a screen.
+* **locality** (of mechanism), cheap by design: for up to `LOCALITY_NEIGHBOURS` neighbourhood prompts, p(true)
+  (first token), the top MLP layer (largest drop of p(true) when one layer's MLP output is zeroed at the subject's
+  positions, or at every position but the first and last when the neighbour is a bare prompt) and the top head
+  (largest direct logit to the true target) before and after. Passes when every neighbour keeps its top MLP layer
+  and its top head and its p(true) changes by at most `LOCALITY_MAX_REL_CHANGE` (relative). Not applicable without
+  neighbours.
+
+The mechanism passes when every applicable check passes. Each check can fail: an edit at a site far from the
+located one (e.g. the last layer keyed at the last token) writes the new target without the subject's enrichment
+and without the extraction heads, and a failed edit changes neither.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from ..engine import Capture, SetSublayer, run
+from ..facts import EncodedFact, Fact
+from ..flow.heads import _head_contributions
+from ..flow.knockout import attention_knockout, position_groups
+from ..flow.common import rank_of
+
+KNOCKOUT_WINDOW = 9
+KNOCKOUT_MIN_LOGODDS = 1.0
+KNOCKOUT_MAX_SHIFT = 4
+KNOCKOUT_MIN_CORR = 0.5
+TOP_HEADS = 3
+EXTRACTION_MIN_GAIN = 0.0
+ENRICHMENT_MAX_RANK = 500
+ENRICHMENT_MIN_FACTOR = 4.0
+LOCALITY_NEIGHBOURS = 2
+LOCALITY_MAX_REL_CHANGE = 0.25
+
+RULES = {
+    "knockout": f"after the edit, blocking last->subject lowers the log-odds of p(new) by >= "
+                f"{KNOCKOUT_MIN_LOGODDS:g} at its critical window; the drop-weighted critical layer moved <= "
+                f"{KNOCKOUT_MAX_SHIFT} layers from the old target's before the edit; Pearson r of the subject curves "
+                f"(old before, new after) >= {KNOCKOUT_MIN_CORR:g}",
+    "extraction": f"at the top {TOP_HEADS} extraction heads (SiteMap, else direct logit to the old target before "
+                  f"the edit): sum of direct logits of new > old after the edit, and new rose by > "
+                  f"{EXTRACTION_MIN_GAIN:g}",
+    "enrichment": f"logit lens of the subject state leaving the edited layer .. layer L-2: best rank of new <= "
+                  f"{ENRICHMENT_MAX_RANK} and improved >= {ENRICHMENT_MIN_FACTOR:g}x; median rank of old not "
+                  "improved",
+    "locality": f"up to {LOCALITY_NEIGHBOURS} neighbours keep their top MLP layer and top head, and p(true) "
+                f"changes <= {LOCALITY_MAX_REL_CHANGE:.0%}",
+}
+
+
+@dataclass
+class MechanismSetup:
+    """What the checks look at for one edited fact."""
+
+    fact: Fact             # the edit prompt with its true (old) target
+    new_target: str        # as it continues the prompt
+    layer: int | None      # the (last) edited MLP layer, None for edits without one
+    position: int          # the subject position whose state the enrichment check reads
+    heads: list | None     # SiteMap heads [(layer, head)], None = rank by direct logit before the edit
+    neighbours: list       # [(Fact or prompt, true target)]
+
+
+def token_id(lm, prompt: str, subject: str, target: str) -> int:
+    return int(lm.encode(Fact(subject, prompt, target)).target_id)
+
+
+def setup_for(lm, fact: Fact, new_target: str, sites: dict | None, index: int, neighbours: Sequence,
+              sitemap=None) -> MechanismSetup:
+    """The check's inputs from an edit's `sites` (layers, key positions) and an optional SiteMap (or its dict)."""
+    sites = sites or {}
+    enc = lm.encode(fact)
+    layers = [int(l) for l in (sites.get("layers") or [])]
+    subject = list(enc.positions.subject)
+    position = None
+    positions = sites.get("positions") or []
+    offsets = sites.get("carrier_offsets") or []
+    if index < len(positions) and positions[index] is not None:
+        position = positions[index]
+        if isinstance(position, (list, tuple)):
+            position = position[-1] if position else None
+    elif sites.get("key_position") == "carrier" and index < len(offsets) and offsets[index] is not None:
+        position = enc.subject_start + int(offsets[index])
+    if position is None or int(position) % len(enc) not in subject:
+        position = enc.positions.subject_last
+    heads = None
+    if sitemap is not None:
+        d = sitemap.to_dict() if hasattr(sitemap, "to_dict") else sitemap
+        heads = [(int(h["layer"]), int(h["head"])) for h in d.get("heads", [])[:TOP_HEADS]] or None
+    elif index == 0 and sites.get("extraction_heads"):  # the SiteMap's top heads, when the edit recorded them
+        heads = [(int(l), int(h)) for l, h in sites["extraction_heads"][:TOP_HEADS]]
+    return MechanismSetup(fact, new_target, max(layers) if layers else None, int(position) % len(enc), heads,
+                          list(neighbours)[:LOCALITY_NEIGHBOURS])
+
+
+# --- one model state -------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def _state_readout(lm, enc: EncodedFact, token_ids: Sequence[int], position: int) -> dict:
+    """One forward: per-head direct logits (L, H, tokens), extraction-event top-1s, logit-lens ranks of the
+    tokens in the residual stream at `position` (entering each layer and the final output, L+1 rows)."""
+    L = lm.num_layers
+    caps = run(lm, enc, capture=Capture(residual=True, heads=True, attn=True, mlp=True)).captures
+    final = caps["residual", L][0, -1]
+    contributions = torch.stack([_head_contributions(lm, layer, {("heads", layer): caps["heads", layer][:, -1]})
+                                 for layer in range(L)])  # (L, H, d)
+    ids = torch.tensor(list(token_ids), device=final.device)
+    logit = lm.unembed(final).float()[ids]
+    without = lm.unembed(final - contributions).float()[..., ids]
+    dla = (logit - without).cpu().numpy()  # (L, H, tokens)
+    attn = lm.project(torch.stack([caps["attn", l][0, -1] for l in range(L)]), "model").float().argmax(-1)
+    mlp = lm.project(torch.stack([caps["mlp", l][0, -1] for l in range(L)]), "model").float().argmax(-1)
+    states = torch.stack([caps["residual", l][0, position] for l in range(L + 1)])
+    scores = lm.project(states, "model").float()
+    ranks = np.stack([rank_of(scores, int(t)).cpu().numpy() for t in token_ids], axis=1)  # (L+1, tokens)
+    return {"dla": dla, "attn_top1": attn.tolist(), "mlp_top1": mlp.tolist(), "ranks": ranks}
+
+
+@torch.no_grad()
+def _neighbour_readout(lm, prompt: Fact | str, true_target: str) -> dict:
+    """p(true first token), the top MLP layer (largest drop when one layer's MLP is zeroed at the subject's
+    positions, or at 1..n-2 for a bare prompt) and the top head (largest direct logit to the true target)."""
+    if isinstance(prompt, Fact):
+        enc = lm.encode(Fact(prompt.subject, prompt.prompt, true_target))
+        from ..sites import site_positions
+
+        positions = site_positions(enc)
+        text = prompt.prompt
+    else:
+        text = prompt
+        ids = list(lm.tokenizer(text, add_special_tokens=True)["input_ids"])
+        positions = list(range(1, len(ids) - 1)) or list(range(max(1, len(ids) - 1)))
+        enc = ids
+    from .metrics import prompt_ids, target_ids
+
+    pids = prompt_ids(lm, text)
+    true_id = target_ids(lm, text, true_target, pids)[0]
+    L = lm.num_layers
+    rows = [[]] + [[SetSublayer("mlp", [layer], positions)] for layer in range(L)]
+    out = run(lm, enc if isinstance(enc, EncodedFact) else pids, rows,
+              capture=Capture(heads=True, residual=True, layers=None, last_only=True))
+    probs = out.prob_of(true_id).cpu().numpy()
+    caps = out.captures
+    final = caps["residual", L][0]
+    contributions = torch.stack([_head_contributions(lm, layer, {("heads", layer): caps["heads", layer][:1]})
+                                 for layer in range(L)])
+    logit = lm.unembed(final).float()[true_id]
+    dla = (logit - lm.unembed(final - contributions).float()[..., true_id]).cpu().numpy()
+    drops = probs[0] - probs[1:]
+    top_head = np.unravel_index(int(np.argmax(dla)), dla.shape)
+    return {"prompt": text, "true_target": true_target, "p_true": float(probs[0]),
+            "top_mlp_layer": int(np.argmax(drops)), "mlp_drop": drops.tolist(),
+            "top_head": [int(top_head[0]), int(top_head[1])], "top_head_dla": float(dla[top_head])}
+
+
+def measure(lm, setup: MechanismSetup, *, after: bool) -> dict:
+    """Everything the checks need from the current model state: the old target's analyses before the edit
+    (`after=False`), the new target's after it."""
+    fact = setup.fact
+    old_id = token_id(lm, fact.prompt, fact.subject, fact.target)
+    new_id = token_id(lm, fact.prompt, fact.subject, setup.new_target)
+    tracked = Fact(fact.subject, fact.prompt, setup.new_target if after else fact.target)
+    enc = lm.encode(tracked)
+    groups = {k: v for k, v in position_groups(enc).items() if k in ("subject", "non_subject", "last")}
+    knockout = attention_knockout(lm, enc, window=min(KNOCKOUT_WINDOW, lm.num_layers), groups=groups,
+                                  use_fact_target=True)
+    readout = _state_readout(lm, enc, [old_id, new_id], setup.position)
+    neighbours = [_neighbour_readout(lm, p, t) for p, t in setup.neighbours]
+    return {"old_id": old_id, "new_id": new_id, "knockout": knockout.to_dict(), "readout": readout,
+            "neighbours": neighbours}
+
+
+# --- the checks ------------------------------------------------------------------------------------------------------
+def _pearson(a: Sequence[float], b: Sequence[float]) -> float:
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    if a.size < 2 or a.std() == 0 or b.std() == 0:
+        return 0.0
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+def _log_odds(p) -> np.ndarray:
+    p = np.clip(np.asarray(p, float), 1e-9, 1 - 1e-9)
+    return np.log(p / (1 - p))
+
+
+def _centre(curve: Sequence[float]) -> float:
+    """The drop-weighted mean layer of a knockout curve (a stabler critical layer than the argmin when the
+    minimum is broad); the argmin when nothing drops."""
+    drop = np.clip(-np.asarray(curve, float), 0, None)
+    if drop.sum() <= 0:
+        return float(np.argmin(curve))
+    return float((np.arange(len(drop)) * drop).sum() / drop.sum())
+
+
+def knockout_check(before: dict, after: dict) -> dict:
+    kb, ka = before["knockout"], after["knockout"]
+    sb, sa = kb["relative_change"]["subject"], ka["relative_change"]["subject"]
+    crit_b, crit_a = int(np.argmin(sb)), int(np.argmin(sa))
+    centre_b, centre_a = _centre(sb), _centre(sa)
+    corr = _pearson(sb, sa)
+    groups = sorted(set(kb["relative_change"]) & set(ka["relative_change"]))
+    corr_all = _pearson(np.concatenate([kb["relative_change"][g] for g in groups]),
+                        np.concatenate([ka["relative_change"][g] for g in groups]))
+    # log-odds of p(target) at the critical window, base minus blocked: robust to a saturated p(new) ~ 1
+    lo_b = float(_log_odds(kb["base_prob"]) - _log_odds(kb["probs"]["subject"][crit_b]))
+    lo_a = float(_log_odds(ka["base_prob"]) - _log_odds(ka["probs"]["subject"][crit_a]))
+    shift = centre_a - centre_b
+    passed = lo_a >= KNOCKOUT_MIN_LOGODDS and abs(shift) <= KNOCKOUT_MAX_SHIFT and corr >= KNOCKOUT_MIN_CORR
+    return {"critical_layer_before": crit_b, "critical_layer_after": crit_a,
+            "critical_centre_before": centre_b, "critical_centre_after": centre_a, "layer_shift": shift,
+            "subject_drop_before": -float(sb[crit_b]), "subject_drop_after": -float(sa[crit_a]),
+            "subject_logodds_drop_before": lo_b, "subject_logodds_drop_after": lo_a,
+            "curve_correlation": corr, "curve_correlation_all_groups": corr_all,
+            "p_before": kb["base_prob"], "p_after": ka["base_prob"], "passed": bool(passed),
+            "rule": RULES["knockout"],
+            "evidence": {"before": kb["relative_change"], "after": ka["relative_change"], "window": kb["window"]}}
+
+
+def extraction_check(lm, before: dict, after: dict, heads: list | None, source: str) -> dict:
+    db, da = before["readout"]["dla"], after["readout"]["dla"]  # (L, H, [old, new])
+    if heads is None:
+        order = np.argsort(-db[..., 0], axis=None)[:TOP_HEADS]
+        heads = [tuple(int(x) for x in np.unravel_index(int(i), db.shape[:2])) for i in order]
+    rows = [{"layer": l, "head": h, "old_before": float(db[l, h, 0]), "new_before": float(db[l, h, 1]),
+             "old_after": float(da[l, h, 0]), "new_after": float(da[l, h, 1])} for l, h in heads]
+    total = {k: float(sum(r[k] for r in rows)) for k in ("old_before", "new_before", "old_after", "new_after")}
+    gain = total["new_after"] - total["new_before"]
+    passed = total["new_after"] > total["old_after"] and gain > EXTRACTION_MIN_GAIN
+    old_id, new_id = before["old_id"], before["new_id"]
+    events = {"attn_old_before": [l for l, t in enumerate(before["readout"]["attn_top1"]) if t == old_id],
+              "mlp_old_before": [l for l, t in enumerate(before["readout"]["mlp_top1"]) if t == old_id],
+              "attn_new_after": [l for l, t in enumerate(after["readout"]["attn_top1"]) if t == new_id],
+              "mlp_new_after": [l for l, t in enumerate(after["readout"]["mlp_top1"]) if t == new_id]}
+    return {"heads": [[l, h] for l, h in heads], "head_source": source, **{f"sum_{k}": v for k, v in total.items()},
+            "new_gain": gain, "new_minus_old_after": total["new_after"] - total["old_after"],
+            "new_minus_old_before": total["new_before"] - total["old_before"], "events": events,
+            "passed": bool(passed), "rule": RULES["extraction"], "evidence": {"per_head": rows}}
+
+
+def enrichment_check(before: dict, after: dict, layer: int | None, position: int, token: str) -> dict:
+    if layer is None:
+        return {"applicable": False, "passed": None, "reason": "the edit changes no MLP layer",
+                "rule": RULES["enrichment"]}
+    rb, ra = before["readout"]["ranks"], after["readout"]["ranks"]  # (L+1, [old, new]); row l = entering l
+    L = rb.shape[0] - 1
+    # states leaving the edited layer .. leaving layer L-2; the final output (row L) only for an edit at the last
+    # layer: at the subject position it mostly reads the next-token prediction, which an edit writes directly
+    rows = list(range(layer + 1, L)) or [L]
+    best_b, best_a = int(rb[rows, 1].min()), int(ra[rows, 1].min())
+    old_b, old_a = float(np.median(rb[rows, 0])), float(np.median(ra[rows, 0]))
+    passed = (best_a <= ENRICHMENT_MAX_RANK and (best_a + 1) * ENRICHMENT_MIN_FACTOR <= best_b + 1
+              and old_a >= old_b)
+    return {"layer": layer, "position": position, "token": token, "layers_read": [rows[0] - 1, rows[-1] - 1],
+            "new_rank_at_layer_before": int(rb[layer + 1, 1]), "new_rank_at_layer_after": int(ra[layer + 1, 1]),
+            "new_best_rank_before": best_b, "new_best_rank_after": best_a,
+            "old_median_rank_before": old_b, "old_median_rank_after": old_a, "applicable": True,
+            "passed": bool(passed), "rule": RULES["enrichment"],
+            "evidence": {"new_rank_before": rb[:, 1].tolist(), "new_rank_after": ra[:, 1].tolist(),
+                         "old_rank_before": rb[:, 0].tolist(), "old_rank_after": ra[:, 0].tolist()}}
+
+
+def locality_check(before: dict, after: dict) -> dict:
+    if not before["neighbours"]:
+        return {"applicable": False, "passed": None, "reason": "no neighbourhood prompts",
+                "rule": RULES["locality"]}
+    rows = []
+    for b, a in zip(before["neighbours"], after["neighbours"]):
+        change = (a["p_true"] - b["p_true"]) / b["p_true"] if b["p_true"] > 0 else 0.0
+        rows.append({"prompt": b["prompt"], "true_target": b["true_target"], "p_true_before": b["p_true"],
+                     "p_true_after": a["p_true"], "relative_change": change,
+                     "top_mlp_layer_before": b["top_mlp_layer"], "top_mlp_layer_after": a["top_mlp_layer"],
+                     "top_head_before": b["top_head"], "top_head_after": a["top_head"],
+                     "same_sites": b["top_mlp_layer"] == a["top_mlp_layer"] and b["top_head"] == a["top_head"]})
+    passed = all(r["same_sites"] and abs(r["relative_change"]) <= LOCALITY_MAX_REL_CHANGE for r in rows)
+    return {"neighbours": len(rows), "same_sites": sum(r["same_sites"] for r in rows),
+            "max_abs_relative_change": max(abs(r["relative_change"]) for r in rows), "applicable": True,
+            "passed": bool(passed), "rule": RULES["locality"], "evidence": {"per_neighbour": rows}}
+
+
+def compare(lm, setup: MechanismSetup, before: dict, after: dict) -> dict:
+    """The four checks and the overall verdict (every applicable check passed)."""
+    enc = lm.encode(setup.fact)
+    checks = {
+        "knockout": knockout_check(before, after),
+        "extraction": extraction_check(lm, before, after, setup.heads,
+                                       "sitemap" if setup.heads is not None else "direct_logit_before"),
+        "enrichment": enrichment_check(before, after, setup.layer, setup.position, enc.tokens[setup.position]),
+        "locality": locality_check(before, after),
+    }
+    verdicts = [c["passed"] for c in checks.values() if c.get("passed") is not None]
+    checks["passed"] = bool(verdicts) and all(verdicts)
+    return checks
+
+
+def finite(value):
+    """NaN/inf to None, for JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value

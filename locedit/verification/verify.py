@@ -1,0 +1,372 @@
+"""`verify(lm, edit)`: did the edit work, did nothing else break, and is the new attribute retrieved through the
+same mechanism? Behaviour metrics (`metrics`) before and after, and the mechanistic checks (`mechanism`).
+
+Every "before" number is measured on the unedited model: `verify` reverts the edit (`edit.reverted()`), measures,
+and re-applies it (bit-exact), then measures again. An edit that is not applied is applied for the call and
+reverted afterwards.
+
+**Behaviour pass rule** (`BEHAVIOUR_RULE`): efficacy ES = 1 on the rewrite prompt, greedy generation from the
+rewrite prompt contains the new target, paraphrase score PS >= 0.5 when there are paraphrases, and neighbourhood
+score NS after >= NS before - 0.1 when there are neighbourhood prompts. `Verification.passed` = behaviour passed and
+(when computed) every applicable mechanistic check passed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from ..errors import LoceditError
+from ..facts import Fact
+from ..flow.common import _jsonable
+from . import mechanism as mech
+from .metrics import (PERPLEXITY_TEXT, contains_target, fluency, greedy_generate_ids, harmonic_mean,
+                      kl_divergence, perplexity, success_and_magnitude, target_probs)
+
+BEHAVIOUR_RULE = ("ES = 1 on the rewrite prompt; greedy generation from the rewrite prompt contains the new target; "
+                  "PS >= 0.5 (when paraphrases); NS after >= NS before - 0.1 (when neighbours)")
+NS_TOLERANCE = 0.1
+BEHAVIOUR_KEYS = ("efficacy_score", "efficacy_magnitude", "paraphrase_score", "paraphrase_magnitude",
+                  "neighborhood_score", "neighborhood_magnitude", "score", "generation_efficacy",
+                  "generation_efficacy_prompt", "neighborhood_score_prefixed", "fluency", "perplexity")
+
+
+@dataclass
+class FactInputs:
+    """The prompts one edited fact is measured on."""
+
+    fact: Fact                       # true target resolved
+    new_target: str                  # as it continues the prompt
+    paraphrases: list[str]
+    neighborhood: list[tuple]        # (prompt or Fact, true target as it continues that prompt)
+    generation_prompts: list[str]
+
+    def prefixed(self) -> list[str]:
+        """CounterFact+: "<edit prompt><target_new>. <neighbour prompt>"."""
+        head = f"{self.fact.prompt}{self.new_target}."
+        return [f"{head} {_prompt_text(p)}" for p, _ in self.neighborhood]
+
+
+def _prompt_text(p) -> str:
+    return p.prompt if isinstance(p, Fact) else p
+
+
+def _per_fact(value, n: int, name: str) -> list:
+    """`value` for each of n facts: None, a list for one fact, or a list of lists (one per fact)."""
+    if value is None:
+        return [None] * n
+    value = list(value)
+    if n == 1 and not (value and all(isinstance(v, (list, tuple)) and not _is_pair(v) for v in value)):
+        return [value]
+    if len(value) != n:
+        raise LoceditError(f"{name}: give one list per edited fact ({n}), got {len(value)}")
+    return [list(v) if v is not None else None for v in value]
+
+
+def _is_pair(v) -> bool:
+    return isinstance(v, (list, tuple)) and len(v) == 2 and isinstance(v[1], str) and isinstance(v[0], (str, Fact))
+
+
+def _neighbours(items, fact: Fact) -> list[tuple]:
+    """Neighbourhood prompts (true attribute = the edited fact's) or (prompt, true target) pairs or Facts."""
+    out = []
+    for item in items:
+        if isinstance(item, Fact):
+            target = item.target or fact.target
+            out.append((item, _cont(item.prompt, target)))
+        elif isinstance(item, str):
+            out.append((item, _cont(item, fact.target)))
+        elif _is_pair(item):
+            out.append((item[0], _cont(_prompt_text(item[0]), item[1])))
+        else:
+            raise LoceditError(f"a neighbourhood item must be a prompt, a (prompt, true_target) pair or a Fact, "
+                               f"not {item!r}")
+    return out
+
+
+def _cont(prompt: str, target: str) -> str:
+    from .metrics import continuation
+
+    return continuation(prompt, target)
+
+
+def fact_inputs(edit, *, paraphrases=None, neighborhood=None, generation_prompts=None) -> list[FactInputs]:
+    """Per edited fact: the given prompts, else those of the fact's dataset record (`fact.meta`)."""
+    facts = list(edit.facts)
+    n = len(facts)
+    para = _per_fact(paraphrases, n, "paraphrases")
+    neigh = _per_fact(neighborhood, n, "neighborhood")
+    gen = _per_fact(generation_prompts, n, "generation_prompts")
+    out = []
+    for i, (fact, new) in enumerate(zip(facts, edit.new_targets)):
+        if fact.target is None:
+            raise LoceditError(f"the edited fact {fact.prompt!r} has no true target")
+        meta = fact.meta if isinstance(fact.meta, dict) else {}
+        p = para[i] if para[i] is not None else list(meta.get("paraphrases") or [])
+        if neigh[i] is not None:
+            nb = neigh[i]
+        else:
+            prompts = list(meta.get("neighborhood") or [])
+            targets = meta.get("neighborhood_targets")
+            nb = list(zip(prompts, targets)) if targets and len(targets) == len(prompts) else prompts
+        g = gen[i] if gen[i] is not None else list(meta.get("generation_prompts") or [])
+        out.append(FactInputs(fact, _cont(fact.prompt, new), [str(x) for x in p], _neighbours(nb, fact),
+                              [str(x) for x in g]))
+    return out
+
+
+# --- behaviour -------------------------------------------------------------------------------------------------------
+def measure_behaviour(lm, inputs: Sequence[FactInputs], *, generation_tokens: int = 10, fluency_tokens: int = 30,
+                      perplexity_text: Sequence[str] = PERPLEXITY_TEXT) -> dict:
+    """Raw measurements of the current model state (one batched scoring pass, one generation pass)."""
+    pairs, index = [], []
+    for i, x in enumerate(inputs):
+        true = x.fact.target_text()
+        for group, prompts in (("rewrite", [x.fact.prompt]), ("paraphrase", x.paraphrases)):
+            for p in prompts:
+                pairs += [(p, x.new_target), (p, true if p == x.fact.prompt else _cont(p, x.fact.target))]
+                index.append((i, group))
+        for (p, t), pre in zip(x.neighborhood, x.prefixed()):
+            pairs += [(_prompt_text(p), _cont(_prompt_text(p), x.new_target)), (_prompt_text(p), t)]
+            index.append((i, "neighborhood"))
+            pairs += [(pre, _cont(pre, x.new_target)), (pre, t)]
+            index.append((i, "prefixed"))
+    # the next-token distributions after the prefixed neighbour prompts (NKL) come from the same forward
+    first = {2 * k: None for k, (_, group) in enumerate(index) if group == "prefixed"}
+    probs = target_probs(lm, pairs, first_logprobs=first).reshape(-1, 2) if pairs else np.zeros((0, 2))
+    per_fact: list[dict] = [{"rewrite": [], "paraphrase": [], "neighborhood": [], "prefixed": []} for _ in inputs]
+    for (i, group), (p_new, p_true) in zip(index, probs):
+        per_fact[i][group].append([float(p_new), float(p_true)])
+    logprobs = torch.stack([first[k] for k in sorted(first)]) if first else None
+    # generation: efficacy prompts (rewrite + paraphrases), then fluency prompts
+    gen_prompts, gen_index = [], []
+    for i, x in enumerate(inputs):
+        for p in [x.fact.prompt] + x.paraphrases:
+            gen_prompts.append(p)
+            gen_index.append((i, "efficacy"))
+        for p in x.generation_prompts:
+            gen_prompts.append(p)
+            gen_index.append((i, "fluency"))
+    longest = max(generation_tokens, fluency_tokens)
+    ids = greedy_generate_ids(lm, gen_prompts, longest)
+    decode = lm.tokenizer.decode
+    for d in per_fact:
+        d["generations"], d["fluency_texts"] = [], []
+    for (i, kind), prompt, toks in zip(gen_index, gen_prompts, ids):
+        d = per_fact[i]
+        if kind == "efficacy":
+            d["generations"].append({"prompt": prompt, "text": decode(toks[:generation_tokens],
+                                                                       skip_special_tokens=True)})
+            if not inputs[i].generation_prompts:  # no generation prompts: fluency of the efficacy prompts
+                d["fluency_texts"].append(prompt + decode(toks[:fluency_tokens], skip_special_tokens=True))
+        else:
+            d["fluency_texts"].append(prompt + decode(toks[:fluency_tokens], skip_special_tokens=True))
+    return {"per_fact": per_fact, "logprobs": logprobs, "perplexity": perplexity(lm, perplexity_text)}
+
+
+def _scores(inputs: Sequence[FactInputs], state: dict) -> dict:
+    """Per-fact and averaged scores of one state."""
+    facts = []
+    for x, d in zip(inputs, state["per_fact"]):
+        rw, pp, nb, pre = (np.array(d[k]).reshape(-1, 2) for k in ("rewrite", "paraphrase", "neighborhood",
+                                                                     "prefixed"))
+        es, em = success_and_magnitude(rw[:, 0], rw[:, 1])
+        ps, pm = success_and_magnitude(pp[:, 0], pp[:, 1])
+        ns, nm = success_and_magnitude(nb[:, 1], nb[:, 0])
+        ns_pre, _ = success_and_magnitude(pre[:, 1], pre[:, 0])
+        hits = [contains_target(g["text"], x.new_target) for g in d["generations"]]
+        facts.append({"efficacy_score": es, "efficacy_magnitude": em, "paraphrase_score": ps,
+                      "paraphrase_magnitude": pm, "neighborhood_score": ns, "neighborhood_magnitude": nm,
+                      "score": harmonic_mean([es, ps, ns]),
+                      "generation_efficacy": float(np.mean(hits)) if hits else None,
+                      "generation_efficacy_prompt": bool(hits[0]) if hits else None,
+                      "neighborhood_score_prefixed": ns_pre, "fluency": fluency(d["fluency_texts"])})
+    out: dict[str, Any] = {}
+    for key in facts[0]:
+        values = [f[key] for f in facts if f[key] is not None]
+        if key == "generation_efficacy_prompt":
+            out[key] = all(values) if values else None
+        else:
+            out[key] = float(np.mean(values)) if values else None
+    out["perplexity"] = state["perplexity"]
+    return {"mean": out, "per_fact": facts}
+
+
+def behaviour_metrics(inputs: Sequence[FactInputs], before: dict, after: dict) -> dict:
+    b, a = _scores(inputs, before), _scores(inputs, after)
+    out = dict(a["mean"])
+    out["neighborhood_kl"] = None
+    if before["logprobs"] is not None:
+        out["neighborhood_kl"] = float(np.mean(kl_divergence(before["logprobs"], after["logprobs"])))
+    out["perplexity_before"] = before["perplexity"]
+    out["perplexity_drift"] = after["perplexity"] / before["perplexity"] - 1
+    out["before"] = b["mean"]
+    checks = [out["efficacy_score"] == 1.0, bool(out["generation_efficacy_prompt"])]
+    if out["paraphrase_score"] is not None:
+        checks.append(out["paraphrase_score"] >= 0.5)
+    if out["neighborhood_score"] is not None:
+        checks.append(out["neighborhood_score"] >= b["mean"]["neighborhood_score"] - NS_TOLERANCE)
+    out["passed"] = all(checks)
+    out["rule"] = BEHAVIOUR_RULE
+    out["per_fact"] = []
+    for x, fa, fb, da, db in zip(inputs, a["per_fact"], b["per_fact"], after["per_fact"], before["per_fact"]):
+        out["per_fact"].append({
+            "prompt": x.fact.prompt, "true_target": x.fact.target_text(), "new_target": x.new_target,
+            "after": fa, "before": fb,
+            "probs_after": {k: da[k] for k in ("rewrite", "paraphrase", "neighborhood", "prefixed")},
+            "probs_before": {k: db[k] for k in ("rewrite", "paraphrase", "neighborhood", "prefixed")},
+            "paraphrases": x.paraphrases, "neighborhood": [[_prompt_text(p), t] for p, t in x.neighborhood],
+            "generations_after": da["generations"], "generations_before": db["generations"],
+            "fluency_texts_after": da["fluency_texts"]})
+    return out
+
+
+# --- the result ------------------------------------------------------------------------------------------------------
+@dataclass
+class Verification:
+    """The outcome of `verify`: `.behaviour` (after-edit metrics, `before`, per fact), `.mechanism` (per check:
+    numbers, `passed`, `rule`, `evidence`; for the first edited facts), `.passed`, `.summary()`, `.plot()`,
+    `.to_dict()`."""
+
+    method: str
+    model: str
+    facts: list
+    sites: dict
+    behaviour: dict
+    mechanism: dict | None
+    seconds: float
+    timings: dict = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        ok = bool(self.behaviour.get("passed"))
+        if self.mechanism is not None:
+            ok = ok and bool(self.mechanism.get("passed"))
+        return ok
+
+    def to_dict(self) -> dict:
+        return _jsonable({"analysis": "verify", "method": self.method, "model": self.model, "facts": self.facts,
+                          "sites": self.sites, "passed": self.passed, "behaviour": self.behaviour,
+                          "mechanism": self.mechanism, "seconds": self.seconds, "timings": self.timings})
+
+    def summary(self) -> str:
+        return summary_text(self.to_dict())
+
+    def plot(self):
+        from .plots import verification_figure
+
+        return verification_figure(self.to_dict())
+
+
+def _fmt(v, spec=".2f") -> str:
+    return "-" if v is None else format(float(v), spec)
+
+
+def summary_text(d: dict) -> str:
+    """A few lines for the terminal from a Verification's dict."""
+    b = d["behaviour"]
+    before = b["before"]
+    lines = []
+    for f in d["facts"][:3]:
+        lines.append(f"edit ({d['method']}, layers {d['sites'].get('layers')}): {f['prompt']!r}: "
+                     f"{f['true_target']!r} -> {f['new_target']!r}")
+    lines.append("behaviour (before -> after): "
+                 f"ES {_fmt(before['efficacy_score'])} -> {_fmt(b['efficacy_score'])} "
+                 f"(EM {_fmt(b['efficacy_magnitude'], '+.2f')}), "
+                 f"PS {_fmt(before['paraphrase_score'])} -> {_fmt(b['paraphrase_score'])}, "
+                 f"NS {_fmt(before['neighborhood_score'])} -> {_fmt(b['neighborhood_score'])}, "
+                 f"S {_fmt(b['score'])}")
+    gen = b["per_fact"][0]["generations_after"][0]["text"] if b["per_fact"] and b["per_fact"][0][
+        "generations_after"] else ""
+    lines.append(f"  generation efficacy {_fmt(b['generation_efficacy'])} (prompt: {gen!r}); "
+                 f"neighbourhood KL {_fmt(b['neighborhood_kl'], '.4f')} nats; NS+ (prefixed) "
+                 f"{_fmt(b['neighborhood_score_prefixed'])}; fluency {_fmt(before['fluency'])} -> "
+                 f"{_fmt(b['fluency'])} bits; perplexity {_fmt(b['perplexity_before'])} -> {_fmt(b['perplexity'])} "
+                 f"({_fmt(100 * b['perplexity_drift'], '+.1f')}%)")
+    lines.append(f"  behaviour {'PASSED' if b['passed'] else 'FAILED'} ({b['rule']})")
+    m = d.get("mechanism")
+    if m is not None:
+        k, e, n, loc = m["knockout"], m["extraction"], m["enrichment"], m["locality"]
+        parts = [f"knockout {_verdict(k)} (critical layer {k['critical_layer_before']} -> "
+                 f"{k['critical_layer_after']}, centre shift {k['layer_shift']:+.1f}, "
+                 f"r = {k['curve_correlation']:.2f}, "
+                 f"subject block -{k['subject_drop_after']:.0f}% / log-odds -{k['subject_logodds_drop_after']:.1f})",
+                 f"extraction {_verdict(e)} (heads {', '.join(f'L{l}H{h}' for l, h in e['heads'])}: new-old "
+                 f"{e['new_minus_old_before']:+.2f} -> {e['new_minus_old_after']:+.2f})"]
+        if n.get("applicable"):
+            parts.append(f"enrichment {_verdict(n)} (L{n['layer']} at {n['token']!r}: best rank of new "
+                         f"{n['new_best_rank_before']} -> {n['new_best_rank_after']}, old median "
+                         f"{n['old_median_rank_before']:.0f} -> {n['old_median_rank_after']:.0f})")
+        else:
+            parts.append(f"enrichment n/a ({n.get('reason')})")
+        if loc.get("applicable"):
+            parts.append(f"locality {_verdict(loc)} ({loc['same_sites']}/{loc['neighbours']} neighbours keep "
+                         f"their sites, max |dp| {100 * loc['max_abs_relative_change']:.0f}%)")
+        else:
+            parts.append(f"locality n/a ({loc.get('reason')})")
+        lines.append("mechanism: " + "; ".join(parts))
+        lines.append(f"  mechanism {'PASSED' if m['passed'] else 'FAILED'}")
+    lines.append(f"verdict: {'PASSED' if d['passed'] else 'FAILED'} ({d['seconds']:.1f} s)")
+    return "\n".join(lines)
+
+
+def _verdict(check: dict) -> str:
+    return "pass" if check.get("passed") else "FAIL"
+
+
+# --- verify ----------------------------------------------------------------------------------------------------------
+def verify(lm, edit, *, paraphrases=None, neighborhood=None, generation_prompts=None, mechanism: bool = True,
+           sites=None, generation_tokens: int = 10, fluency_tokens: int = 30, mechanism_facts: int = 1,
+           perplexity_text: Sequence[str] = PERPLEXITY_TEXT) -> Verification:
+    """Verify an edit (applied or not; it is left as it was).
+
+    `paraphrases`, `generation_prompts`: prompts (for an edit of several facts, one list per fact);
+    `neighborhood`: prompts whose true attribute is the edited fact's (CounterFact), `(prompt, true_target)` pairs
+    (EasyEdit locality rows) or Facts. Defaults come from the fact's dataset record (`fact.meta`). `sites`: the
+    fact's SiteMap (or its dict), whose top heads the extraction check reads (default: the heads with the largest
+    direct logit to the old target before the edit). `mechanism_facts`: how many of the edited facts get the
+    mechanistic checks. Greedy generations: `generation_tokens` for generation efficacy, `fluency_tokens` for GE."""
+    start = time.perf_counter()
+    inputs = fact_inputs(edit, paraphrases=paraphrases, neighborhood=neighborhood,
+                         generation_prompts=generation_prompts)
+    setups = []
+    if mechanism:
+        for i, x in enumerate(inputs[:mechanism_facts]):
+            setups.append(mech.setup_for(lm, x.fact, x.new_target, edit.sites, i, x.neighborhood,
+                                         sitemap=sites if i == 0 else None))
+    timings: dict[str, float] = {}
+    options = dict(generation_tokens=generation_tokens, fluency_tokens=fluency_tokens,
+                   perplexity_text=perplexity_text)
+    context = contextlib.nullcontext() if edit.is_applied else edit.applied(lm)
+    with context:
+        with edit.reverted():
+            t = time.perf_counter()
+            before = measure_behaviour(lm, inputs, **options)
+            timings["behaviour_before"] = time.perf_counter() - t
+            t = time.perf_counter()
+            mech_before = [mech.measure(lm, s, after=False) for s in setups]
+            timings["mechanism_before"] = time.perf_counter() - t
+        t = time.perf_counter()
+        after = measure_behaviour(lm, inputs, **options)
+        timings["behaviour_after"] = time.perf_counter() - t
+        t = time.perf_counter()
+        mech_after = [mech.measure(lm, s, after=True) for s in setups]
+        timings["mechanism_after"] = time.perf_counter() - t
+    behaviour = behaviour_metrics(inputs, before, after)
+    mechanism_result = None
+    if setups:
+        per_fact = [mech.compare(lm, s, b, a) for s, b, a in zip(setups, mech_before, mech_after)]
+        mechanism_result = dict(per_fact[0])
+        if len(per_fact) > 1:
+            mechanism_result["per_fact"] = per_fact
+            mechanism_result["passed"] = all(p["passed"] for p in per_fact)
+    facts = [{"subject": x.fact.subject, "prompt": x.fact.prompt, "true_target": x.fact.target_text(),
+              "new_target": x.new_target, "relation": x.fact.relation,
+              "id": x.fact.meta.get("id") if isinstance(x.fact.meta, dict) else None} for x in inputs]
+    return Verification(edit.method, getattr(lm, "name", "?"), facts, _jsonable(dict(edit.sites)), behaviour,
+                        mechanism_result, time.perf_counter() - start, timings)
