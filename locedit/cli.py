@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -130,8 +131,13 @@ def _load(args):
     import locedit
 
     torch.set_num_threads(max(1, args.threads))
+    device = args.device
+    if device is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under accelerate launch / torchrun
+        from accelerate import PartialState
+
+        device = str(PartialState(cpu=not torch.cuda.is_available()).device)
     print(f"loading {args.model} ...", file=sys.stderr)
-    return locedit.load(args.model, device=args.device, dtype=args.dtype)
+    return locedit.load(args.model, device=device, dtype=args.dtype)
 
 
 def _facts(args, lm=None) -> list:
