@@ -104,7 +104,7 @@ def _compute(lm, method, facts, targets, layers, heads, rule, offsets, hp, stats
         from .rome import rome_update
 
         result = rome_update(lm, facts[0], targets[0], layers[0], rule, offsets[0], hp,
-                             stats.mlp[layers[0]] if hp.mom2_adjustment else None)
+                             stats.get("mlp", layers[0]) if hp.mom2_adjustment else None)
         deltas, keys, losses = [result.delta], {}, [result.losses]
         timings["values_s"] = result.seconds
     elif method == "memit":

@@ -56,7 +56,7 @@ def head_update(lm, fact: Fact, new_target_text: str, heads, rule: str, carrier_
         result = optimize_values(lm, batch, sites, hp)
         merged: dict[int, tuple] = {}
         for (layer, cols, module), key, delta in zip(plan, result.keys, result.deltas):
-            C = stats.attn_out[layer][cols, cols] if hp.mom2_adjustment else None
+            C = stats.get("attn_out", layer)[cols, cols] if hp.mom2_adjustment else None
             r, u = rank_one(C, key, delta)
             right = torch.zeros(lm.num_heads * lm.head_dim, 1)
             right[cols] = u.cpu()
@@ -85,7 +85,7 @@ def head_update(lm, fact: Fact, new_target_text: str, heads, rule: str, carrier_
         result = optimize_values(lm, batch, sites, hp)
         deltas = []
         for (layer, rows, module), key, delta in zip(plan, result.keys, result.deltas):
-            r, u = rank_one(stats.attn_in[layer] if hp.mom2_adjustment else None, key, delta)
+            r, u = rank_one(stats.get("attn_in", layer) if hp.mom2_adjustment else None, key, delta)
             out_features = weight_out_in(module, lm.adapter.conv1d).shape[0]
             left = torch.zeros(out_features, 1)
             left[rows] = r.cpu()

@@ -71,7 +71,7 @@ def memit_update(lm, facts: Sequence[Fact], new_targets: Sequence[str], layers: 
         for i, layer in enumerate(layers):
             K, H = _keys_and_outputs(lm, prompts, modules[layer], top_module)
             R = (Z - H) / (len(layers) - i)
-            C = stats.mlp[layer]
+            C = stats.get("mlp", layer)
             if hp.nullspace:
                 P = _projector(C, hp.nullspace_threshold)
                 previous = _previous_keys(lm, modules[layer].weight, layer)

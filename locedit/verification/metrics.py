@@ -32,6 +32,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
+from ..editing.values import pad_rows
 from ..engine.run import _forward_params, _output_cache
 from ..errors import FactError
 
@@ -105,17 +106,6 @@ def _batches(lengths: Sequence[int], batch_tokens: int) -> Iterable[list[int]]:
         yield chunk
 
 
-def _pad_right(lm, id_lists: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(ids) for ids in id_lists)
-    pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
-    input_ids = torch.full((len(id_lists), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(id_lists), width), dtype=torch.long)
-    for row, ids in enumerate(id_lists):
-        input_ids[row, : len(ids)] = torch.tensor(list(ids), dtype=torch.long)
-        mask[row, : len(ids)] = 1
-    return input_ids.to(lm.device), mask.to(lm.device)
-
-
 def _logits(lm, input_ids: torch.Tensor, mask: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
     """Logits at positions [lo, hi) of a padded batch: only those are projected to the vocabulary when the model
     takes `logits_to_keep` (the projection dominates the cost of short prompts with a large vocabulary)."""
@@ -143,7 +133,7 @@ def token_nlls(lm, sequences: Sequence[tuple[Sequence[int], int]], *, batch_toke
         users[r].append(i)
     out: list[np.ndarray | None] = [None] * len(sequences)
     for chunk in _batches([len(x) for x in inputs], batch_tokens):
-        input_ids, mask = _pad_right(lm, [inputs[r] for r in chunk])
+        input_ids, mask = pad_rows(lm, [inputs[r] for r in chunk])
         lo = min(sequences[i][1] for r in chunk for i in users[r]) - 1
         hi = max(len(inputs[r]) for r in chunk)
         logits = _logits(lm, input_ids, mask, lo, hi)
@@ -184,7 +174,7 @@ def next_token_logprobs(lm, prompts: Sequence[str], *, batch_tokens: int = 2048)
     id_lists = [prompt_ids(lm, p) for p in prompts]
     out: list[torch.Tensor | None] = [None] * len(prompts)
     for chunk in _batches([len(i) for i in id_lists], batch_tokens):
-        input_ids, mask = _pad_right(lm, [id_lists[i] for i in chunk])
+        input_ids, mask = pad_rows(lm, [id_lists[i] for i in chunk])
         lo = min(len(id_lists[i]) for i in chunk) - 1
         logits = _logits(lm, input_ids, mask, lo, input_ids.shape[1])
         for row, i in enumerate(chunk):
