@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from .api import METHODS
@@ -39,7 +40,7 @@ def cmd_edit(args, load, facts_of, user_error) -> int:
     if args.facts is None:
         if not args.new_target or not args.new_target.strip():
             raise user_error("give --new-target, the attribute the edited model should produce")
-        facts = facts_of(args)  # validates the fact before the model loads
+        facts = [_with_curated_record(f) for f in facts_of(args)]  # validates the fact before the model loads
     if args.hparams is not None and not args.hparams.is_file():
         raise user_error(f"hyper-parameter file not found: {args.hparams}")
     lm = load(args)
@@ -87,6 +88,19 @@ def cmd_edit(args, load, facts_of, user_error) -> int:
         print(f"report: {(args.out / 'report.html').resolve()}")
     edit.revert()
     return 0
+
+
+def _with_curated_record(fact):
+    """A fact typed on the command line that is in locedit's curated set gets that record's paraphrases,
+    neighbourhood and generation prompts (what `--verify` measures); its target stays the user's."""
+    from ..datasets import curated_facts
+    from ..facts import Fact
+
+    for record in curated_facts():
+        if record.prompt == fact.prompt:
+            print(f"using the paraphrases and neighbours of curated fact {record.meta.get('id')}", file=sys.stderr)
+            return Fact(fact.subject, fact.prompt, fact.target, record.relation, dict(record.meta))
+    return fact
 
 
 def _readout(lm, fact, new_target: str) -> dict:
