@@ -1,0 +1,115 @@
+"""Statistics helpers of recipes/study_sites.py on synthetic data (no model, fast)."""
+
+import importlib.util
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+_PATH = Path(__file__).resolve().parent.parent / "recipes" / "study_sites.py"
+_spec = importlib.util.spec_from_file_location("study_sites", _PATH)
+study = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(study)
+
+
+def _items(n_per_relation=(10, 7, 3, 1)):
+    return [{"id": f"{r}-{i}", "relation": f"rel{r}"} for r, n in enumerate(n_per_relation) for i in range(n)]
+
+
+def test_split_is_deterministic_and_order_free():
+    items = _items()
+    a = study.split_facts(items)
+    b = study.split_facts(list(reversed(items)))
+    assert [x["id"] for x in a[0]] == [x["id"] for x in b[0]]
+    assert [x["id"] for x in a[1]] == [x["id"] for x in b[1]]
+
+
+def test_split_is_stratified_and_disjoint():
+    items = _items()
+    tuning, held = study.split_facts(items, tuning_fraction=0.3)
+    assert not {x["id"] for x in tuning} & {x["id"] for x in held}
+    assert len(tuning) + len(held) == len(items)
+    t = Counter(x["relation"] for x in tuning)
+    assert t == {"rel0": 3, "rel1": 2, "rel2": 1}   # round(0.3 n) per relation; a singleton relation stays held out
+    # adding facts to one relation never moves another relation's facts
+    more = items + [{"id": "0-extra", "relation": "rel0"}]
+    t2, _ = study.split_facts(more)
+    assert {x["id"] for x in t2 if x["relation"] != "rel0"} == {x["id"] for x in tuning if x["relation"] != "rel0"}
+
+
+def test_stratified_subset_round_robin():
+    chosen = study.stratified_subset(_items(), 6)
+    assert Counter(x["relation"] for x in chosen) == {"rel0": 2, "rel1": 2, "rel2": 1, "rel3": 1}
+    assert chosen == study.stratified_subset(_items(), 6)
+
+
+def test_bootstrap_ci_contains_mean_and_handles_edge_cases():
+    rng = np.random.default_rng(0)
+    x = rng.normal(1.0, 1.0, 200)
+    mean, lo, hi = study.bootstrap_ci(x)
+    assert lo < mean < hi and lo < 1.0 < hi and hi - lo < 0.6
+    assert study.bootstrap_ci([0.5, 0.5, 0.5]) == (0.5, 0.5, 0.5)
+    assert study.bootstrap_ci([1.0]) == (1.0, None, None)
+    assert study.bootstrap_ci([None]) == (None, None, None)
+
+
+def test_paired_difference_uses_only_shared_keys_and_detects_a_shift():
+    rng = np.random.default_rng(1)
+    base = rng.normal(0, 1, 60)
+    a = {i: float(base[i] + 0.5 + rng.normal(0, 0.05)) for i in range(60)}
+    b = {i: float(base[i]) for i in range(60)}
+    b[99] = 100.0          # unpaired: ignored
+    a[5] = None            # missing on one side: ignored
+    d = study.paired_difference(a, b)
+    assert d["n"] == 59
+    assert d["low"] > 0.4 and d["high"] < 0.6 and d["excludes_zero"]
+    assert d["wins"] == 59 and d["losses"] == 0
+    same = study.paired_difference(b, dict(b))
+    assert same["mean"] == 0 and same["ties"] == 61 and not same["excludes_zero"]
+
+
+def test_hase_regression_separates_layer_from_score():
+    rng = np.random.default_rng(2)
+    rows_layer, rows_score = [], []
+    for f in range(20):
+        for layer in range(0, 12, 3):
+            score = float(rng.uniform())
+            rows_layer.append({"fact": f, "layer": layer, "loc_score": score,
+                               "S": 1.0 - layer / 12 + rng.normal(0, 0.01)})       # layer explains everything
+            rows_score.append({"fact": f, "layer": layer, "loc_score": score,
+                               "S": score + rng.normal(0, 0.01)})                   # the score does
+    a = study.hase_regression(rows_layer)
+    assert a["r2_layer"] > 0.95 and a["r2_increment"] < 0.01 and a["r2_score"] < 0.2
+    b = study.hase_regression(rows_score)
+    assert b["r2_layer"] < 0.2 and b["r2_increment"] > 0.8 and b["cv_r2_layer+score"] > 0.8
+    assert study.hase_regression(rows_layer[:2]) == {"n": 2}
+
+
+def test_random_policies_are_seeded_and_valid():
+    assert study.random_layer("7", 30) == study.random_layer("7", 30)
+    assert 0 <= study.random_layer("7", 30) < 30
+    located = [[23, 4], [23, 5], [29, 1]]
+    same = study.random_heads("7", located, 30, 9, same_layers=True)
+    assert [h[0] for h in same] == [23, 23, 29]
+    assert not {tuple(h) for h in same} & {tuple(h) for h in located}
+    assert len({tuple(h) for h in same}) == 3
+    anyl = study.random_heads("7", located, 30, 9, same_layers=False)
+    assert anyl == study.random_heads("7", located, 30, 9, same_layers=False)
+    assert len({tuple(h) for h in anyl}) == 3 and not {tuple(h) for h in anyl} & {tuple(h) for h in located}
+
+
+def test_oracle_pick_and_fixed_choice():
+    rows = [{"S": 0.5, "PS": 1, "ES": 1, "NS": 1, "EM": 0.1, "layer": 0},
+            {"S": 0.8, "PS": 0.5, "ES": 1, "NS": 1, "EM": 0.2, "layer": 3},
+            {"S": 0.8, "PS": 0.7, "ES": 1, "NS": 1, "EM": 0.0, "layer": 6}]
+    assert study.best_row(rows)["layer"] == 6
+    table_rows = {f"tuning|{f}|L{l}": {"phase": "tuning", "fact": f, "layer": l, "S": s, "ES": 1, "PS": s, "NS": 1}
+                  for f in ("a", "b") for l, s in ((0, 0.2), (3, 0.9), (6, 0.5))}
+    table_rows["tuning|zzz|L6"] = {"phase": "tuning", "fact": "zzz", "layer": 6, "S": 1.0, "ES": 1, "PS": 1, "NS": 1}
+    fixed, table = study.choose_fixed(table_rows, {"a", "b"})   # a fact outside the tuning split never counts
+    assert fixed == 3 and table[6]["n"] == 2
+    tie = {f"tuning|{f}|L{l}": {"phase": "tuning", "fact": f, "layer": l, "S": 0.5, "ES": 1, "PS": 1, "NS": 1,
+                                "EM": em, "PM": 0.0, "NM": 0.0}
+           for f in ("a", "b") for l, em in ((0, 0.1), (5, 0.3))}
+    assert study.choose_fixed(tie, {"a", "b"})[0] == 5     # equal S, PS, ES: the larger summed margin wins
