@@ -704,7 +704,6 @@ def summarize(out: Path, config: dict, tuning_ids, held_ids, args) -> dict:
         if r["phase"] == "sequential":
             seq.setdefault(r["policy"], []).append(r)
     summary["sequential"] = {m: sorted(v, key=lambda r: r["n_edits"]) for m, v in seq.items()}
-    locs = [r for r in rows.values() if r["phase"] == "locate"]
     timing = {}
     for name in ("located", "fixed", "head_located"):
         ts = [r["edit_s"] for r in per_policy.get(name, {}).values() if r.get("edit_s") and not r.get("reused")]
@@ -730,7 +729,7 @@ LABELS = {"located": "located (locate's layer, carrier key)", "located_subject_l
 
 
 def markdown(s: dict) -> str:
-    lines = [f"# Does localization inform editing? (SmolLM2-135M, ROME r-ROME fix; held-out facts)", "",
+    lines = ["# Does localization inform editing? (SmolLM2-135M, ROME r-ROME fix; held-out facts)", "",
              f"Fixed layer chosen on the tuning split: **{s['fixed_layer']}**; run: `{' '.join(s['config']['argv'])}`",
              "", "Mean and bootstrap 95% CI, in % (NKL in nats, ppl drift in %):", "",
              "| policy | n | S | ES | PS | NS | gen. efficacy | NKL | ppl drift | layers used |",

@@ -5,7 +5,6 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 _PATH = Path(__file__).resolve().parent.parent / "recipes" / "study_sites.py"
 _spec = importlib.util.spec_from_file_location("study_sites", _PATH)
