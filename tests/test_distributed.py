@@ -34,7 +34,9 @@ SCRIPT = textwrap.dedent('''
              for i, f in enumerate(__import__("json").load(open(model_dir + "/facts.json")))][:limit]
     lm = locedit.load(model_dir)
     run = run_dataset(lm, "knockout", facts, out, options={"window": 3}, progress=False)
-    print("RESULT", len(run.results), run.skipped, run.ran, flush=True)
+    # one file per process: the processes' stdout would interleave
+    rank = __import__("os").environ.get("RANK", "0")
+    open(out + ".result" + rank, "w").write(f"RESULT {len(run.results)} {run.skipped} {run.ran}")
 ''')
 
 
@@ -54,7 +56,12 @@ def _torchrun(model_dir: Path, out: Path, limit: int, processes: int = 2) -> lis
            "--standalone", str(model_dir / "run.py"), str(model_dir), str(out), str(limit)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
-    return [line for line in done.stdout.splitlines() if line.startswith("RESULT")]
+    results = []
+    for rank in range(processes):  # each process writes its own result file (their stdout would interleave)
+        path = Path(f"{out}.result{rank}")
+        results.append(path.read_text())
+        path.unlink()
+    return results
 
 
 def test_two_process_dataset_run_equals_one_process_and_resumes(model_dir, tmp_path):
