@@ -83,14 +83,7 @@ def _raw_rows(path: Path) -> list[_Raw]:
     """Rows of a JSON list or of a JSONL file; JSONL lines that do not parse become problems."""
     if path.suffix.lower() in (".csv", ".tsv"):
         return _csv_rows(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise DatasetError(f"dataset file {str(path)!r} does not exist") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise DatasetError(f"cannot read dataset file {str(path)!r}: {e}") from None
-    if not text.strip():
-        raise DatasetError(f"dataset file {str(path)!r} is empty")
+    text = _read_text(path, "utf-8")
     try:
         whole = json.loads(text)
     except json.JSONDecodeError:
@@ -100,6 +93,19 @@ def _raw_rows(path: Path) -> list[_Raw]:
     if isinstance(whole, dict):  # a one-line JSONL file
         return [_Raw(0, 1, whole)]
     raise DatasetError(f"dataset file {str(path)!r} holds a JSON {type(whole).__name__}, not a list of rows")
+
+
+def _read_text(path: Path, encoding: str) -> str:
+    """The file's text; DatasetError if it is missing, unreadable or empty."""
+    try:
+        text = path.read_text(encoding=encoding)
+    except FileNotFoundError:
+        raise DatasetError(f"dataset file {str(path)!r} does not exist") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise DatasetError(f"cannot read dataset file {str(path)!r}: {e}") from None
+    if not text.strip():
+        raise DatasetError(f"dataset file {str(path)!r} is empty")
+    return text
 
 
 def _jsonl_rows(path: Path, text: str) -> list[_Raw]:
@@ -120,14 +126,7 @@ def _csv_rows(path: Path) -> list[_Raw]:
     """Rows of a CSV (or TSV) file with a header line; empty cells count as missing. `line` is the row's line."""
     import csv
 
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except FileNotFoundError:
-        raise DatasetError(f"dataset file {str(path)!r} does not exist") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise DatasetError(f"cannot read dataset file {str(path)!r}: {e}") from None
-    if not text.strip():
-        raise DatasetError(f"dataset file {str(path)!r} is empty")
+    text = _read_text(path, "utf-8-sig")  # a BOM some spreadsheet programs write is not a header
     reader = csv.DictReader(text.splitlines(), delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
     rows: list[_Raw] = []
     try:
