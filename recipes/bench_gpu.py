@@ -41,13 +41,7 @@ from locedit.flow import attention_knockout, causal_trace  # noqa: E402
 from locedit.flow.common import resolve_target, window_layers  # noqa: E402
 from locedit.flow.knockout import position_groups  # noqa: E402
 
-FACTS = [
-    Fact("The Eiffel Tower", "The Eiffel Tower is located in the city of"),
-    Fact("Rome", "Rome is the capital of"),
-    Fact("Michael Jordan", "Michael Jordan is a professional"),
-    Fact("The Colosseum", "The Colosseum is located in the city of"),
-    Fact("Tokyo", "Tokyo is the capital of"),
-]
+from bench_facts import FACTS  # noqa: E402
 
 SIZES = {
     "gpt2-xl-size": ("gpt2", dict(n_layer=48, n_embd=1600, n_head=25, n_positions=1024)),

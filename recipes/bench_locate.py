@@ -22,18 +22,11 @@ from pathlib import Path
 import torch
 
 import locedit
-from locedit import Fact
 from locedit.flow import attention_knockout, causal_trace, head_effects, head_projection
 from locedit.flow.common import resolve_target
 from locedit.sites import _head_candidates, _mlp_knockouts, locate, site_positions
 
-FACTS = [
-    Fact("The Eiffel Tower", "The Eiffel Tower is located in the city of"),
-    Fact("Rome", "Rome is the capital of"),
-    Fact("Michael Jordan", "Michael Jordan is a professional"),
-    Fact("The Colosseum", "The Colosseum is located in the city of"),
-    Fact("Tokyo", "Tokyo is the capital of"),
-]
+from bench_facts import FACTS
 
 
 class Clock:

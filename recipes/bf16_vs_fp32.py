@@ -15,17 +15,10 @@ import numpy as np
 import torch
 
 import locedit
-from locedit import Fact
 from locedit.flow import attention_knockout
 from locedit.sites import locate
 
-FACTS = [
-    Fact("The Eiffel Tower", "The Eiffel Tower is located in the city of"),
-    Fact("Rome", "Rome is the capital of"),
-    Fact("Michael Jordan", "Michael Jordan is a professional"),
-    Fact("The Colosseum", "The Colosseum is located in the city of"),
-    Fact("Tokyo", "Tokyo is the capital of"),
-]
+from bench_facts import FACTS
 
 
 def main() -> None:
