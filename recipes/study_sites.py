@@ -374,10 +374,10 @@ def run_task(task: dict) -> list[str]:
         for policy in task["policies"]:
             if _late():
                 break
-            key = f"heldout|{fid}|{policy}"
+            layer, kp = plan[policy]
+            key = policy_key(fid, policy, layer)
             if key in task.get("done", ()):
                 continue
-            layer, kp = plan[policy]
             extra = {"rec_layer": rec, **_loc_features(sm, layer)}
             if (layer, kp) in cache:  # the same site as a policy already run: the same (deterministic) edit
                 row = {**cache[(layer, kp)], "key": key, "policy": policy, "reused": True, **extra}
@@ -490,14 +490,33 @@ def read_rows(out: Path) -> dict:
                 row = json.loads(line)
             except ValueError:
                 continue
+            if row.get("phase") == "heldout" and row.get("policy") in FIXED_POLICIES and row.get("layer") is not None:
+                row["key"] = policy_key(row["fact"], row["policy"], row["layer"])  # rows written before keys had it
             rows[row["key"]] = row
     return rows
 
 
+FIXED_POLICIES = ("fixed", "fixed_carrier")
+
+
+def policy_key(fact_id: str, policy: str, layer: int | None) -> str:
+    """A held-out row's key. The fixed policies' keys name their layer, so re-tuning the fixed layer re-runs them
+    instead of reusing rows made at the old layer."""
+    return f"heldout|{fact_id}|{policy}" + (f"|L{layer}" if policy in FIXED_POLICIES else "")
+
+
 def choose_fixed(rows: dict, tuning_ids) -> tuple[int | None, dict]:
+    sweep = [r for r in rows.values() if r["phase"] == "tuning" and r["fact"] in tuning_ids and "error" not in r]
+    # only facts swept at every layer any fact was swept at: an interrupted sweep must not compare layers on
+    # different facts
+    layers = {r["layer"] for r in sweep}
+    per_fact: dict[str, set] = {}
+    for r in sweep:
+        per_fact.setdefault(r["fact"], set()).add(r["layer"])
+    complete = {f for f, ls in per_fact.items() if ls == layers}
     by_layer: dict[int, list] = {}
-    for r in rows.values():
-        if r["phase"] == "tuning" and r["fact"] in tuning_ids and "error" not in r:
+    for r in sweep:
+        if r["fact"] in complete:
             by_layer.setdefault(r["layer"], []).append(r)
     table = {l: {m: float(np.mean([r[m] for r in rs if r.get(m) is not None] or [np.nan]))
                  for m in ("S", "ES", "PS", "NS", "EM", "PM", "NM")} | {"n": len(rs)}
@@ -591,7 +610,7 @@ def main() -> None:
                             else list(range(0, num_layers, args.sweep_stride)))
             tasks = [{"kind": "locate", "fact": f} for f in tuning_ids if f"locate|{f}" not in rows]
             tasks += [{"kind": "sweep", "phase": "tuning", "fact": f, "layer": l, "with_sites": True}
-                      for l in sweep_layers for f in tuning_ids if f"tuning|{f}|L{l}" not in rows]
+                      for f in tuning_ids for l in sweep_layers if f"tuning|{f}|L{l}" not in rows]
             # locate tasks first so the sweep rows of a fact find its SiteMap (a worker computes it otherwise)
             run_phase(pool, tasks, "tuning sweep")
             rows = read_rows(out)
@@ -602,7 +621,9 @@ def main() -> None:
             policies = [x for x in args.policies.split(",") if x]
             tasks = [{"kind": "policies", "fact": f, "fixed_layer": fixed, "policies": policies,
                       "done": [k for k in rows if k.startswith(f"heldout|{f}|")]}
-                     for f in held_ids if any(f"heldout|{f}|{pol}" not in rows for pol in policies)]
+                     for f in held_ids if any(policy_key(f, pol, fixed) not in rows for pol in policies
+                                              if pol in FIXED_POLICIES) or
+                     any(f"heldout|{f}|{pol}" not in rows for pol in policies if pol not in FIXED_POLICIES)]
             run_phase(pool, tasks, "held-out policies")
             rows = read_rows(out)
             tasks = [{"kind": "heads", "fact": f, "done": [k for k in rows if k.startswith(f"heldout|{f}|head")]}
@@ -647,6 +668,8 @@ def summarize(out: Path, config: dict, tuning_ids, held_ids, args) -> dict:
     per_policy: dict[str, dict] = {}
     for r in ok:
         if r["phase"] == "heldout" and r["fact"] in held_ids:
+            if r["policy"] in FIXED_POLICIES and r.get("layer") != fixed:
+                continue  # made at a fixed layer an earlier tuning run chose
             per_policy.setdefault(r["policy"], {})[r["fact"]] = r
     oracle_rows: dict[str, list] = {}
     for r in ok:

@@ -1,5 +1,6 @@
 """Statistics helpers of recipes/study_sites.py on synthetic data (no model, fast)."""
 
+import json
 import importlib.util
 from collections import Counter
 from pathlib import Path
@@ -112,3 +113,23 @@ def test_oracle_pick_and_fixed_choice():
                                 "EM": em, "PM": 0.0, "NM": 0.0}
            for f in ("a", "b") for l, em in ((0, 0.1), (5, 0.3))}
     assert study.choose_fixed(tie, {"a", "b"})[0] == 5     # equal S, PS, ES: the larger summed margin wins
+
+
+def test_fixed_choice_uses_only_facts_swept_at_every_layer():
+    # fact "c" was swept only at layer 6 (an interrupted sweep) where it scores 1.0: it must not pull layer 6 up
+    rows = {f"tuning|{f}|L{l}": {"phase": "tuning", "fact": f, "layer": l, "S": s, "ES": 1, "PS": s, "NS": 1}
+            for f in ("a", "b") for l, s in ((0, 0.2), (3, 0.6), (6, 0.5))}
+    rows["tuning|c|L6"] = {"phase": "tuning", "fact": "c", "layer": 6, "S": 1.0, "ES": 1, "PS": 1, "NS": 1}
+    fixed, table = study.choose_fixed(rows, {"a", "b", "c"})
+    assert fixed == 3 and table[6]["n"] == 2
+
+
+def test_fixed_rows_are_keyed_by_their_layer(tmp_path):
+    # a fixed row made at an earlier tuning's layer (old key without the layer) is read under a key naming it, so a
+    # re-tuned fixed layer re-runs the fact instead of reusing it
+    old = {"key": "heldout|7|fixed", "phase": "heldout", "policy": "fixed", "fact": "7", "layer": 5, "S": 1.0}
+    located = {"key": "heldout|7|located", "phase": "heldout", "policy": "located", "fact": "7", "layer": 0, "S": 0.5}
+    (tmp_path / "rows-1.jsonl").write_text(json.dumps(old) + "\n" + json.dumps(located) + "\n")
+    rows = study.read_rows(tmp_path)
+    assert study.policy_key("7", "fixed", 5) in rows and study.policy_key("7", "fixed", 2) not in rows
+    assert "heldout|7|located" in rows and study.policy_key("7", "located", 0) == "heldout|7|located"
