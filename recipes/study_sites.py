@@ -167,6 +167,34 @@ def hase_regression(rows, *, outcome: str = "S", score: str = "loc_score", folds
     return out
 
 
+def within_fact_correlation(rows, *, outcome: str = "S", score: str = "loc_score") -> dict:
+    """Per fact, Spearman's ρ over its swept layers between locate's layer score and the edit outcome, and the same
+    for "earlier is better" (−layer); the mean of each over facts (bootstrap CI) and their paired difference. Facts
+    whose outcome (or score) is the same at every layer have no ranking to predict and are counted apart."""
+    from scipy.stats import spearmanr
+
+    by_fact: dict[str, list] = {}
+    for r in rows:
+        if r.get(outcome) is not None and r.get(score) is not None:
+            by_fact.setdefault(str(r["fact"]), []).append(r)
+    rho_score, rho_depth, flat = {}, {}, 0
+    for fact, rs in by_fact.items():
+        y = [float(r[outcome]) for r in rs]
+        x = [float(r[score]) for r in rs]
+        if len(rs) < 3 or len(set(y)) < 2 or len(set(x)) < 2:
+            flat += 1
+            continue
+        rho_score[fact] = float(spearmanr(x, y).statistic)
+        rho_depth[fact] = float(spearmanr([-r["layer"] for r in rs], y).statistic)
+    out = {"facts": len(by_fact), "flat": flat, "n": len(rho_score), "per_fact_score": rho_score,
+           "per_fact_depth": rho_depth}
+    for name, d in (("score", rho_score), ("depth", rho_depth)):
+        mean, lo, hi = bootstrap_ci(list(d.values()))
+        out[name] = {"mean": mean, "low": lo, "high": hi}
+    out["score_minus_depth"] = paired_difference(rho_score, rho_depth)
+    return out
+
+
 def best_row(rows):
     """The oracle's pick among sweep rows of one fact: highest (S, PS, ES, NS, EM)."""
     def k(r):
@@ -714,9 +742,13 @@ def summarize(out: Path, config: dict, tuning_ids, held_ids, args) -> dict:
                            "located_S": r["S"], "fixed_S": fr["S"], "located_PS": r["PS"], "fixed_PS": fr["PS"],
                            "located_NS": r["NS"], "fixed_NS": fr["NS"]})
     summary["located_loses_to_fixed"] = losses
+    both = [f for f in per_policy.get("located", {}) if f in per_policy.get("fixed", {})]
+    summary["located_at_fixed_layer"] = {"n": len(both), "same_layer": sum(
+        per_policy["located"][f].get("layer") == fixed for f in both)}
     sweep = [r for r in ok if r["phase"] in ("tuning", "oracle")]
     summary["regression"] = {y: hase_regression([{**r, "fact": r["fact"]} for r in sweep], outcome=y)
                              for y in ("S", "rewrite_score", "PS")}
+    summary["within_fact"] = {y: within_fact_correlation(sweep, outcome=y) for y in ("S", "rewrite_score")}
     summary["regression_rank"] = hase_regression(
         [{**r, "neg_rank": -r["loc_rank"] if r.get("loc_rank") is not None else None} for r in sweep],
         outcome="S", score="neg_rank")
@@ -771,6 +803,10 @@ def markdown(s: dict) -> str:
             if m in d else "–"  # noqa: E731
         lines.append(f"| {name} | {d['S']['n']} | {c('S')} | {c('PS')} | {c('NS')} | {c('gen_efficacy')} | "
                      f"{d['S']['wins']}/{d['S']['ties']}/{d['S']['losses']} |")
+    same = s.get("located_at_fixed_layer") or {}
+    if same.get("n"):
+        lines += ["", f"Located chose the fixed layer ({s['fixed_layer']}) for {same['same_layer']} of the {same['n']} "
+                      "held-out facts both policies edited."]
     lines += ["", "(* = CI excludes zero)", "", "Tuning sweep (mean S, %, by layer, subject-last key): " +
               ", ".join(f"L{l}: {100 * v['S']:.0f} (n={v['n']})" for l, v in s["tuning_sweep"].items())]
     reg = s["regression"].get("S", {})
@@ -782,6 +818,14 @@ def markdown(s: dict) -> str:
                              f"{r['r2_layer+score']:.3f} (increment {r['r2_increment']:+.3f}); fact-grouped CV R²: "
                              f"layer {r.get('cv_r2_layer', float('nan')):.3f}, score {r.get('cv_r2_score', float('nan')):.3f},"
                              f" layer + score {r.get('cv_r2_layer+score', float('nan')):.3f}")
+    for y, w in (s.get("within_fact") or {}).items():
+        if w.get("n"):
+            d = w["score_minus_depth"]
+            lines.append(f"- within each fact, Spearman ρ over its swept layers with {y} ({w['n']} facts; {w['flat']} "
+                         f"with the same {y} at every layer left out): locate's layer score "
+                         f"{_fmt(w['score']['mean'], w['score']['low'], w['score']['high'], False)}, earlier-is-better "
+                         f"(−layer) {_fmt(w['depth']['mean'], w['depth']['low'], w['depth']['high'], False)}; "
+                         f"score − depth {_fmt(d['mean'], d['low'], d['high'], False)}")
     if s.get("oracle_layers"):
         lines += ["", f"Oracle layers per fact: {s['oracle_layers']}"]
     if s.get("located_loses_to_fixed"):
