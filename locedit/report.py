@@ -99,7 +99,8 @@ def sitemap_report(sitemap, model_name: str, figures: Mapping[str, object] | Non
         "<h2>Recommendation</h2>",
         f"<p>Rank-one MLP edit at layer(s) <b>{rec['rank_one']['layers']}</b>, keyed at the subject token "
         f"<code>{html.escape(repr(rec['rank_one']['token']))}</code> (position {rec['rank_one']['position']}). "
-        f"Head edit: <b>{', '.join(f'L{l}H{h}' for l, h in rec['head_edit']['heads'])}</b>.</p>",
+        f"Head edit: <b>{', '.join(f'L{l}H{h}' for l, h in rec['head_edit']['heads'])}</b>. "
+        f"Why: {html.escape(rec['rank_one'].get('why', ''))}.</p>",
         "<h2>Which subject token carries the fact</h2>",
         "<p>Causal trace: best p(target) when one subject token's clean hidden state is restored in the corrupted "
         f"run (corrupted p = {d['evidence']['trace_low']:.3f}).</p>",

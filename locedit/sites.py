@@ -242,9 +242,7 @@ def _site_map(lm: LM, enc: EncodedFact, target, hidden, mlp_trace, cell_drop, la
                       "edge_knockout_change": float(edge_ko[layer, head]), "ov_rank": int(ov_rank[layer, head])})
 
     recommendation = {
-        "rank_one": {"layers": [m["layer"] for m in layers[:edit_layers]], "position": carrier_pos,
-                     "token": enc.tokens[carrier_pos],
-                     "why": "highest-scoring MLP layer(s); key the edit at the carrier token"},
+        "rank_one": _rank_one_recommendation(lm, enc, [m["layer"] for m in layers[:edit_layers]], carrier_pos),
         "head_edit": {"heads": [[h["layer"], h["head"]] for h in heads[:edit_heads]],
                       "why": "highest-scoring extraction heads at the last position"},
     }
@@ -258,6 +256,24 @@ def _site_map(lm: LM, enc: EncodedFact, target, hidden, mlp_trace, cell_drop, la
     }
     return SiteMap(target.token, target.token_id, target.base_prob, carrier, sites[:20], layers, relation, heads,
                    recommendation, evidence, seconds, fact_summary(enc))
+
+
+def _rank_one_recommendation(lm: LM, enc: EncodedFact, located: list[int], carrier_pos: int) -> dict:
+    """Where to make a rank-one edit: the located layer(s) keyed at the carrier token, unless the model has a
+    measured edit layer (`locedit.editing.measured`: a fixed layer that beat the located one on held-out facts);
+    the located layer(s) are always kept in `located_layers`."""
+    from .editing.measured import measured_layer
+
+    located_site = {"located_layers": located, "located_position": carrier_pos}
+    measured = measured_layer(lm)
+    if measured is None or len(located) != 1:
+        return {"layers": located, "position": carrier_pos, "token": enc.tokens[carrier_pos],
+                "key_position": "carrier", "source": "located", **located_site,
+                "why": "highest-scoring MLP layer(s); key the edit at the carrier token"}
+    position = enc.subject_end - 1 if measured.key_position == "subject_last" else carrier_pos
+    return {"layers": [measured.layer], "position": position, "token": enc.tokens[position],
+            "key_position": measured.key_position, "source": "measured", **located_site,
+            "why": f"this model's measured edit layer, not the located one: {measured.evidence}"}
 
 
 def site_positions(enc: EncodedFact) -> list[int]:

@@ -13,7 +13,7 @@ measured on the edited model and reverted. Phases (each resumable: rows are appe
 
 1. tuning: `locate` each tuning fact (for the regression) and edit it at every `--sweep-stride`-th layer with
    ROME's subject-last key; the **fixed** layer is the layer with the best mean S on the tuning split.
-2. held-out policies: located (locate's recommended layer, carrier key), located_subject_last, located_no_l0 (the
+2. held-out policies: located (locate's top-ranked MLP layer, `located_layers`, carrier key), located_subject_last, located_no_l0 (the
    best-ranked MLP layer other than 0, carrier key), fixed (the tuned layer, subject-last key: ROME/EasyEdit
    practice), fixed_carrier (tuned layer, carrier key), random (a uniform layer per fact, seeded by its id, carrier
    key).
@@ -383,7 +383,7 @@ def run_task(task: dict) -> list[str]:
         t = time.perf_counter()
         sm = _sitemap(fid)
         emit({"key": f"locate|{fid}", "phase": "locate", "fact": fid, "policy": "locate",
-              "rec_layer": sm.recommendation["rank_one"]["layers"][0], "carrier": sm.carrier.get("token"),
+              "rec_layer": located_layer(sm), "carrier": sm.carrier.get("token"),
               "edit_s": time.perf_counter() - t})
     elif kind == "sweep":  # one (fact, layer) cell of a layer sweep, subject-last key
         sm = _sitemap(fid) if task.get("with_sites") else None
@@ -392,7 +392,7 @@ def run_task(task: dict) -> list[str]:
         emit(row)
     elif kind == "policies":
         sm = _sitemap(fid)
-        rec = sm.recommendation["rank_one"]["layers"][0]
+        rec = located_layer(sm)
         no_l0 = next(m["layer"] for m in sm.mlp_layers if m["layer"] != 0)
         fixed = task["fixed_layer"]
         plan = {"located": (rec, "carrier"), "located_subject_last": (rec, "subject_last"),
@@ -429,6 +429,13 @@ def run_task(task: dict) -> list[str]:
     elif kind == "sequential":
         done += _sequential(task)
     return done
+
+
+def located_layer(sm) -> int:
+    """locate's top-ranked MLP layer (its `located_layers`: the recommendation itself may be a model's measured
+    layer, `locedit.editing.measured`; SiteMaps cached before that field existed recommend the located layer)."""
+    rank_one = sm.recommendation["rank_one"]
+    return rank_one.get("located_layers", rank_one["layers"])[0]
 
 
 def _head_scores(sm, heads) -> list:
@@ -480,7 +487,8 @@ def _sequential(task: dict) -> list[str]:
                     sm_path = _W["out"] / "sites" / f"{fid}.pkl"
                     if sm_path.is_file():
                         sm = _sitemap(fid)
-                        e = locedit.edit(lm, fact, fact.meta["target_new"], sites=sm, stats=_W["stats"])
+                        e = locedit.edit(lm, fact, fact.meta["target_new"], layers=[located_layer(sm)],
+                                         key_position="carrier", sites=sm, stats=_W["stats"])
                     else:
                         e = locedit.edit(lm, fact, fact.meta["target_new"], layers=[fixed], stats=_W["stats"])
                 else:
@@ -775,7 +783,7 @@ def summarize(out: Path, config: dict, tuning_ids, held_ids, args) -> dict:
     return summary
 
 
-LABELS = {"located": "located (locate's layer, carrier key)", "located_subject_last": "located layer, subject-last key",
+LABELS = {"located": "located (locate's top layer, carrier key)", "located_subject_last": "located layer, subject-last key",
           "located_no_l0": "located excluding layer 0 (carrier key)", "fixed": "fixed layer (tuned), subject-last key",
           "fixed_carrier": "fixed layer (tuned), carrier key", "random": "random layer, carrier key",
           "oracle": "oracle (best of a layer sweep, subject-last)", "head_located": "head edit: 3 located heads",

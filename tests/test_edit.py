@@ -413,3 +413,33 @@ def test_memit_z_batched_across_facts_equals_one_by_one():
         assert len(losses) == 3 and all(len(l) >= 1 for l in losses)
     for one, together in zip(factors[1], factors[3]):
         assert torch.allclose(one, together, atol=1e-4 * float(one.abs().max()))
+
+
+def test_a_measured_edit_layer_becomes_the_recommendation_and_the_default(monkeypatch):
+    # a model with a measured edit layer (locedit.editing.measured): locate recommends it (keeping the located
+    # layer in located_layers) and edit(layers=None) edits there at its key position; a model of another depth
+    # under the same name is not matched
+    from locedit.editing import measured
+    from locedit.sites import locate
+
+    lm = tiny.lm("llama")
+    plain = locate(lm, FACT).recommendation["rank_one"]
+    assert plain["source"] == "located" and plain["layers"] == plain["located_layers"]
+    layer = (plain["layers"][0] + 1) % lm.num_layers  # a layer locate did not choose
+    entry = measured.MeasuredLayer(layer=layer, key_position="subject_last", num_layers=lm.num_layers,
+                                   evidence="test")
+    monkeypatch.setitem(measured.MEASURED_LAYERS, lm.name, entry)
+    rec = locate(lm, FACT).recommendation["rank_one"]
+    enc = lm.encode(FACT)
+    assert rec["source"] == "measured" and rec["layers"] == [layer]
+    assert rec["located_layers"] == plain["layers"] and rec["position"] == enc.subject_end - 1
+    e = locedit.edit(lm, FACT, NEW, hparams=FAST)
+    try:
+        assert e.layers == [layer] and e.sites["key_position"] == "subject_last"
+        assert e.sites["layer_source"] == "measured"
+    finally:
+        e.revert()
+    monkeypatch.setitem(measured.MEASURED_LAYERS, lm.name,
+                        measured.MeasuredLayer(layer, "subject_last", lm.num_layers + 1, "other depth"))
+    assert measured.measured_layer(lm) is None
+    assert locate(lm, FACT).recommendation["rank_one"]["source"] == "located"

@@ -1,4 +1,5 @@
-"""The issue's acceptance edit on the real SmolLM2 weights: Eiffel Tower -> Rome at the located site."""
+"""The issue's acceptance edit on the real SmolLM2 weights: Eiffel Tower -> Rome where `edit` puts it by default
+(SmolLM2 has a measured edit layer, `locedit.editing.measured`; the located site is tested in test_verify_smollm2)."""
 
 import pytest
 import torch
@@ -17,16 +18,20 @@ def _top(lm, prompt: str, subject: str) -> str:
 @pytest.fixture(scope="module")
 def located_edit(smollm2, eiffel):
     before = {n: p.detach().clone() for n, p in smollm2.model.named_parameters()}
-    edit = locedit.edit(smollm2, eiffel, " Rome")  # everything as locate says: layer and key position
+    edit = locedit.edit(smollm2, eiffel, " Rome")  # everything as locate recommends: layer and key position
     yield edit
     if edit.is_applied:
         edit.revert()
     assert all(torch.equal(before[n], p) for n, p in smollm2.model.named_parameters())
 
 
-def test_located_rome_edit_moves_the_fact_and_spares_the_louvre(smollm2, eiffel, located_edit):
+def test_default_rome_edit_moves_the_fact_and_spares_the_louvre(smollm2, eiffel, located_edit):
     edit = located_edit
-    assert edit.sites["located"] and edit.sites["key_position"] == "carrier"
+    from locedit.editing.measured import measured_layer
+
+    measured = measured_layer(smollm2)
+    assert measured is not None and edit.sites["layer_source"] == "measured"
+    assert edit.layers == [measured.layer] and edit.sites["key_position"] == measured.key_position
     assert _top(smollm2, eiffel.prompt, eiffel.subject) == " Rome"
     moved = sum(_top(smollm2, p, "Eiffel Tower") == " Rome" for p in PARAPHRASES)
     assert moved >= 2, moved

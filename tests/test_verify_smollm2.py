@@ -13,7 +13,8 @@ PARAPHRASES = ["The Eiffel Tower can be found in the city of"]
 def test_eiffel_to_rome_verifies_and_wrong_site_is_told_apart(smollm2, eiffel):
     lm = smollm2
     sitemap = locedit.locate(lm, eiffel)
-    edit = locedit.edit(lm, eiffel, " Rome", sites=sitemap)
+    rank_one = sitemap.recommendation["rank_one"]  # the located site (SmolLM2's default edit layer is measured)
+    edit = locedit.edit(lm, eiffel, " Rome", layers=rank_one["located_layers"], key_position="carrier", sites=sitemap)
     try:
         ver = verify(lm, edit, neighborhood=NEIGHBOURS, paraphrases=PARAPHRASES, sites=sitemap,
                      fluency_tokens=10)

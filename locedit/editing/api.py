@@ -54,8 +54,9 @@ def edit_many(lm, facts: Sequence[Fact], new_targets: Sequence[str], *, method: 
         key_position == "carrier"
     if needs_location:
         site_maps = [s if s is not None else _locate(lm, f) for s, f in zip(site_maps, facts)]
-    # default key position: locate's carrier token when locate ran, ROME's subject-last token at given sites
-    rule = key_position or ("carrier" if needs_location else "subject_last")
+    # default key position: as locate recommends when it ran (its carrier token, or subject-last at a model's
+    # measured edit layer), ROME's subject-last token at given sites
+    rule = key_position or (_recommended_key_position(site_maps[0]) if needs_location else "subject_last")
     if rule not in ("subject_last", "carrier"):
         raise LoceditError(f"key_position must be 'subject_last' or 'carrier', not {rule!r}")
     offsets = [_carrier_offset(lm, f, s) if rule == "carrier" else None for f, s in zip(facts, site_maps)]
@@ -71,6 +72,8 @@ def edit_many(lm, facts: Sequence[Fact], new_targets: Sequence[str], *, method: 
             raise LoceditError(f"{method} edits exactly one layer; got layers {layers_used}")
     edit_obj = _compute(lm, method, facts, targets, layers_used, heads, rule, offsets, hp, stats, corpus, progress)
     edit_obj.sites.update({"key_position": rule, "located": located})
+    if located and method != "head":  # "located": locate's layer; "measured": the model's measured edit layer
+        edit_obj.sites["layer_source"] = site_maps[0].recommendation["rank_one"].get("source", "located")
     if site_maps[0] is not None:  # what verify's extraction check reads
         edit_obj.sites["extraction_heads"] = [list(h) for h in site_maps[0].recommendation["head_edit"]["heads"]]
     edit_obj.hparams = as_dict(hp)
@@ -198,6 +201,10 @@ def _carrier_offset(lm, fact: Fact, site_map) -> int | None:
         return None
     enc = lm.encode(fact)
     return int(site_map.carrier["position"]) - enc.subject_start
+
+
+def _recommended_key_position(site_map) -> str:
+    return site_map.recommendation["rank_one"].get("key_position", "carrier")  # older SiteMaps: the carrier
 
 
 def _located_layers(site_maps, method: str) -> list[int]:

@@ -66,7 +66,7 @@ def cmd_edit(args, load, facts_of, user_error) -> int:
     sites = edit.sites
     where = f"heads {sites['heads']}" if edit.method == "head" else f"layer(s) {sites['layers']}"
     print(f"{edit.method} edit of {len(edit.facts)} fact(s) at {where}, key position {sites['key_position']}"
-          f"{' (located)' if sites.get('located') else ''}; {edit.timings.get('total_s', 0):.1f} s")
+          f"{_source(sites)}; {edit.timings.get('total_s', 0):.1f} s")
     for note in edit.notes:
         print(f"note: {note}")
     fact = edit.facts[0]
@@ -129,3 +129,11 @@ def _hparams(args, method: str):
     if args.stats_tokens is not None and method != "ft":
         data["stats_tokens"] = args.stats_tokens
     return data or None
+
+
+def _source(sites: dict) -> str:
+    if not sites.get("located"):
+        return ""
+    if sites.get("layer_source") == "measured":
+        return " (this model's measured edit layer; see README, \"Does localization inform editing?\")"
+    return " (located)"
