@@ -41,8 +41,10 @@ def main() -> None:
     record = next(f for f in curated_facts() if f.subject == "Eiffel Tower")
     fact = locedit.Fact(record.subject, record.prompt, " Paris", record.relation, dict(record.meta))
     t = time.perf_counter()
-    if args.layer is None:
-        edit = locedit.edit(lm, fact, " Rome")
+    if args.layer is None:  # the located site (SmolLM2's default edit layer is its measured one, not this)
+        sites = locedit.locate(lm, fact)
+        edit = locedit.edit(lm, fact, " Rome", layers=sites.recommendation["rank_one"]["located_layers"],
+                            key_position="carrier", sites=sites)
     else:
         edit = locedit.edit(lm, fact, " Rome", layers=[args.layer], key_position="subject_last")
     edit_s = time.perf_counter() - t
