@@ -133,3 +133,21 @@ def test_fixed_rows_are_keyed_by_their_layer(tmp_path):
     rows = study.read_rows(tmp_path)
     assert study.policy_key("7", "fixed", 5) in rows and study.policy_key("7", "fixed", 2) not in rows
     assert "heldout|7|located" in rows and study.policy_key("7", "located", 0) == "heldout|7|located"
+
+
+def test_within_fact_correlation_compares_locate_score_with_depth():
+    # fact a: S follows the score and falls with depth; fact b: S follows the score but rises with depth;
+    # fact c: the same S at every layer (nothing to rank), counted apart
+    rows = []
+    for layer, score, s in ((0, 0.9, 1.0), (5, 0.5, 0.6), (10, 0.1, 0.2)):
+        rows.append({"fact": "a", "layer": layer, "loc_score": score, "S": s})
+    for layer, score, s in ((0, 0.1, 0.2), (5, 0.5, 0.6), (10, 0.9, 1.0)):
+        rows.append({"fact": "b", "layer": layer, "loc_score": score, "S": s})
+    for layer in (0, 5, 10):
+        rows.append({"fact": "c", "layer": layer, "loc_score": 0.5 + layer / 100, "S": 0.5})
+    w = study.within_fact_correlation(rows)
+    assert (w["facts"], w["flat"], w["n"]) == (3, 1, 2)
+    assert w["per_fact_score"] == {"a": 1.0, "b": 1.0}
+    assert w["per_fact_depth"] == {"a": 1.0, "b": -1.0}
+    assert w["score"]["mean"] == 1.0 and w["depth"]["mean"] == 0.0
+    assert w["score_minus_depth"]["n"] == 2 and w["score_minus_depth"]["mean"] == 1.0
