@@ -81,9 +81,16 @@ class SiteMap(FlowResult):
             f"relation reaches the last position around layers {self.relation['layers'][0]}-"
             f"{self.relation['layers'][-1]}",
             f"extraction heads: {heads}",
-            f"recommended rank-one edit: layer(s) {rec['rank_one']['layers']} keyed at {rec['rank_one']['token']!r}; "
-            f"head edit: {rec['head_edit']['heads']}",
+            f"recommended rank-one edit: layer(s) {rec['rank_one']['layers']} keyed at {rec['rank_one']['token']!r}"
+            f"{self._measured_note()}; head edit: {rec['head_edit']['heads']}",
         ])
+
+    def _measured_note(self) -> str:
+        rank_one = self.recommendation["rank_one"]
+        if rank_one.get("source") != "measured":
+            return ""
+        return (f" (this model's measured edit layer; the located one is {rank_one['located_layers']} at "
+                f"{self.evidence['tokens'][rank_one['located_position']]!r})")
 
     @staticmethod
     def aggregate(dicts: list[dict]) -> dict:

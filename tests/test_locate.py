@@ -57,3 +57,14 @@ def test_plan_chunks_cover_every_row_once():
         assert all(points[i][0] >= p0 and max(points[i][1], 0) >= l0 for i in rows)
     single = plan_chunks([(5, 3)] * 10, 12, 8)
     assert single == [(list(range(10)), 5, 3)]
+
+
+def test_summary_names_a_measured_edit_layer(monkeypatch):
+    from locedit.editing import measured
+
+    lm = tiny.lm("llama", tokenizer_kind="metaspace")
+    assert "measured" not in locate(lm, FACT).summary()
+    monkeypatch.setitem(measured.MEASURED_LAYERS, lm.name, measured.MeasuredLayer(1, "subject_last", lm.num_layers, "t"))
+    sites = locate(lm, FACT)
+    assert "measured edit layer" in sites.summary() and str(sites.recommendation["rank_one"]["located_layers"]) in \
+        sites.summary()
