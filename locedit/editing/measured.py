@@ -22,8 +22,8 @@ class MeasuredLayer:
 MEASURED_LAYERS: dict[str, MeasuredLayer] = {
     name: MeasuredLayer(
         layer=1, key_position="subject_last", num_layers=30,
-        evidence="ROME at layer 1 (best of layers 0-6, 8, 10, 15 on 8 tuning facts) vs locate's layer on 80 "
-                 "held-out facts: data/results/study/summary.md")
+        evidence="ROME at layer 1 (best of layers 0-6, 8, 10, 15 on 8 tuning facts) beat locate's layer by 2.8 pp "
+                 "of S [0.1, 5.8] on 114 held-out facts: data/results/study/summary.md")
     for name in ("smollm2-135m", "HuggingFaceTB/SmolLM2-135M-Instruct")
 }
 
