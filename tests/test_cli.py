@@ -16,10 +16,7 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-llama")
-    tiny.model("llama").save_pretrained(path)
-    tiny.tokenizer("metaspace").save_pretrained(path)
-    return path
+    return tiny.save(tmp_path_factory.mktemp("tiny-llama"), "llama", "metaspace")
 
 
 def run_cli(*args):

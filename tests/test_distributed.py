@@ -42,9 +42,7 @@ SCRIPT = textwrap.dedent('''
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny_llama")
-    tiny.model("llama").save_pretrained(path)
-    tiny.tokenizer().save_pretrained(path)
+    path = tiny.save(tmp_path_factory.mktemp("tiny_llama"), "llama")
     (path / "facts.json").write_text(json.dumps(FACTS))
     (path / "run.py").write_text(SCRIPT)
     return path

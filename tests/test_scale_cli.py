@@ -12,10 +12,7 @@ import tiny
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-gpt2")
-    tiny.model("gpt2").save_pretrained(path)
-    tiny.tokenizer().save_pretrained(path)
-    return path
+    return tiny.save(tmp_path_factory.mktemp("tiny-gpt2"), "gpt2")
 
 
 def test_analyze_knockout_dataset_writes_figure_and_logs_progress(tmp_path, model_dir):

@@ -19,10 +19,7 @@ PROMPT = "The Eiffel Tower is located in the city of"
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-llama")
-    tiny.model("llama").save_pretrained(path)
-    tiny.tokenizer("metaspace").save_pretrained(path)
-    return path
+    return tiny.save(tmp_path_factory.mktemp("tiny-llama"), "llama", "metaspace")
 
 
 @pytest.fixture(scope="module")

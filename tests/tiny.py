@@ -87,6 +87,13 @@ def model(family: str, seed: int = 0, attn: str | None = None) -> T.PreTrainedMo
     return m.eval()
 
 
+def save(path, family: str, tokenizer_kind: str = "bytelevel"):
+    """A tiny model and tokenizer written as a Hugging Face directory at `path` (what the CLI tests load)."""
+    model(family).save_pretrained(path)
+    tokenizer(tokenizer_kind).save_pretrained(path)
+    return path
+
+
 def lm(family: str, tokenizer_kind: str = "bytelevel", seed: int = 0, attn: str | None = None):
     import locedit
 
