@@ -270,6 +270,7 @@ def _rank_one_recommendation(lm: LM, enc: EncodedFact, located: list[int], carri
     measured edit layer (`locedit.editing.measured`: a fixed layer that beat the located one on held-out facts);
     the located layer(s) are always kept in `located_layers`."""
     from .editing.measured import measured_layer
+    from .editing.values import key_position
 
     located_site = {"located_layers": located, "located_position": carrier_pos}
     measured = measured_layer(lm)
@@ -277,7 +278,7 @@ def _rank_one_recommendation(lm: LM, enc: EncodedFact, located: list[int], carri
         return {"layers": located, "position": carrier_pos, "token": enc.tokens[carrier_pos],
                 "key_position": "carrier", "source": "located", **located_site,
                 "why": "highest-scoring MLP layer(s); key the edit at the carrier token"}
-    position = enc.subject_end - 1 if measured.key_position == "subject_last" else carrier_pos
+    position = key_position(enc, measured.key_position, carrier_pos - enc.subject_start)
     return {"layers": [measured.layer], "position": position, "token": enc.tokens[position],
             "key_position": measured.key_position, "source": "measured", **located_site,
             "why": f"this model's measured edit layer, not the located one: {measured.evidence}"}
