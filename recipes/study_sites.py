@@ -822,10 +822,7 @@ def markdown(s: dict) -> str:
         lines += ["", f"Hase-style regression on {reg['n']} sweep edits ({reg['facts']} facts × layers {reg['layers']}):"]
         for y, r in s["regression"].items():
             if "r2_layer" in r:
-                lines.append(f"- {y}: R² layer {r['r2_layer']:.3f}, locate score {r['r2_score']:.3f}, layer + score "
-                             f"{r['r2_layer+score']:.3f} (increment {r['r2_increment']:+.3f}); fact-grouped CV R²: "
-                             f"layer {r.get('cv_r2_layer', float('nan')):.3f}, score {r.get('cv_r2_score', float('nan')):.3f},"
-                             f" layer + score {r.get('cv_r2_layer+score', float('nan')):.3f}")
+                lines.append(regression_line(y, r, "locate score"))
     for y, w in (s.get("within_fact") or {}).items():
         if w.get("n"):
             d = w["score_minus_depth"]
@@ -854,6 +851,15 @@ def markdown(s: dict) -> str:
         lines += ["", f"{len(s['errors'])} edits failed: " + "; ".join(f"{e['key']}: {e['error'][:80]}"
                                                                        for e in s["errors"][:5])]
     return "\n".join(lines) + "\n"
+
+
+def regression_line(name: str, r: dict, score: str = "score") -> str:
+    """One `hase_regression` result as a Markdown list item: in-sample and fact-grouped cross-validated R²."""
+    nan = float("nan")
+    return (f"- {name}: R² layer {r['r2_layer']:.3f}, {score} {r['r2_score']:.3f}, layer + score "
+            f"{r['r2_layer+score']:.3f} (increment {r['r2_increment']:+.3f}); fact-grouped CV R²: layer "
+            f"{r.get('cv_r2_layer', nan):.3f}, score {r.get('cv_r2_score', nan):.3f}, layer + score "
+            f"{r.get('cv_r2_layer+score', nan):.3f}")
 
 
 def _pct(v) -> str:

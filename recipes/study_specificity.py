@@ -128,10 +128,7 @@ def markdown(res: dict) -> str:
     lines += ["", "Hase-style regression (R²; in-sample and fact-grouped cross-validated):", ""]
     for name, r in res["regression"].items():
         if "r2_layer" in r:
-            lines.append(f"- {name}: layer {r['r2_layer']:.3f}, score {r['r2_score']:.3f}, layer + score "
-                         f"{r['r2_layer+score']:.3f} (increment {r['r2_increment']:+.3f}); CV: layer "
-                         f"{r.get('cv_r2_layer', float('nan')):.3f}, score {r.get('cv_r2_score', float('nan')):.3f}, "
-                         f"layer + score {r.get('cv_r2_layer+score', float('nan')):.3f}")
+            lines.append(study.regression_line(name, r))
     by_layer = res["mean_log_specificity_by_layer"]
     lines += ["", "Mean log specificity by layer: " + ", ".join(f"L{l} {v:.2f}" for l, v in by_layer.items())]
     return "\n".join(lines) + "\n"
