@@ -443,37 +443,50 @@ def _head_scores(sm, heads) -> list:
     return [scores.get((int(l), int(h))) for l, h in heads]
 
 
+def sequential_key(chain: str, method: str, n: int) -> str:
+    """A sequential checkpoint's key: the chain (its length and edit layer) is part of it, so a longer chain or a
+    re-tuned layer never reuses a shorter chain's checkpoints."""
+    return f"sequential|{chain}|{method}|{n}"
+
+
 def _sequential(task: dict) -> list[str]:
     import locedit
     from locedit.verification import metrics as M
 
     lm, method = _W["lm"], task["method"]
-    ids, probe_ids = task["facts"], task["probes"]
-    fixed = task["fixed_layer"]
+    ids, probe_ids, known = task["facts"], task["probes"], set(task["known"])
+    fixed, chain = task["fixed_layer"], task["chain"]
     window = list(range(max(0, fixed - 4), fixed + 1))
     base_ppl = M.perplexity(lm)
     edits, edited, keys = [], [], []
+    edit_seconds = 0.0
 
     def measure(n: int) -> dict:
-        es, ps, ns = [], [], []
+        es, ps, ns, known_s = [], [], [], []
         for fid in edited:
             new, true, prompts, neighbours, _ = _probe_inputs(_W["facts"][fid])
             p = M.target_probs(lm, [(q, t) for q in prompts + neighbours for t in (new, true)])
             k = len(prompts)
-            es.append(float(p[0] > p[1]))
-            ps += [float(a > b) for a, b in zip(p[2:2 * k:2], p[3:2 * k:2])]
-            ns += [float(b > a) for a, b in zip(p[2 * k::2], p[2 * k + 1::2])]
+            fact_rates = ([float(p[0] > p[1])], [float(a > b) for a, b in zip(p[2:2 * k:2], p[3:2 * k:2])],
+                          [float(b > a) for a, b in zip(p[2 * k::2], p[2 * k + 1::2])])
+            es += fact_rates[0]
+            ps += fact_rates[1]
+            ns += fact_rates[2]
+            if fid in known:
+                known_s.append(fact_rates)
         probe = []
         for fid in probe_ids:
             f = _W["facts"][fid]
             p = M.target_probs(lm, [(f.prompt, f.target_text()), (f.prompt, " " + f.meta["target_new"].strip())])
             probe.append(float(p[0] > p[1]))
         rates = [float(np.mean(x)) if x else None for x in (es, ps, ns)]
-        return {"key": f"sequential|{method}|{n}", "phase": "sequential", "policy": method, "n_edits": n,
-                "attempted": task["attempted"], "ES": rates[0], "PS": rates[1], "NS": rates[2],
-                "S": M.harmonic_mean(rates), "probe_retention": float(np.mean(probe)) if probe else None,
-                "ppl_drift": M.perplexity(lm) / base_ppl - 1, "layers": window if method != "rome" else "located",
-                "t": time.time()}
+        known_rates = [float(np.mean(sum((r[i] for r in known_s), []))) if known_s else None for i in range(3)]
+        return {"key": sequential_key(chain, method, n), "phase": "sequential", "chain": chain, "policy": method,
+                "n_edits": n, "attempted": task["attempted"], "ES": rates[0], "PS": rates[1], "NS": rates[2],
+                "S": M.harmonic_mean(rates), "n_known": len(known_s), "S_known": M.harmonic_mean(known_rates),
+                "NS_known": known_rates[2], "probe_retention": float(np.mean(probe)) if probe else None,
+                "ppl_drift": M.perplexity(lm) / base_ppl - 1, "layers": window if method != "rome" else [fixed],
+                "edit_s_mean": edit_seconds / max(1, n), "t": time.time()}
 
     task["attempted"] = 0
     try:
@@ -482,15 +495,11 @@ def _sequential(task: dict) -> list[str]:
                 break
             fact = _W["facts"][fid]
             task["attempted"] += 1
+            t0 = time.perf_counter()
             try:
-                if method == "rome":
-                    sm_path = _W["out"] / "sites" / f"{fid}.pkl"
-                    if sm_path.is_file():
-                        sm = _sitemap(fid)
-                        e = locedit.edit(lm, fact, fact.meta["target_new"], layers=[located_layer(sm)],
-                                         key_position="carrier", sites=sm, stats=_W["stats"])
-                    else:
-                        e = locedit.edit(lm, fact, fact.meta["target_new"], layers=[fixed], stats=_W["stats"])
+                if method == "rome":  # the default ROME site on SmolLM2: the measured layer, subject-last key
+                    e = locedit.edit(lm, fact, fact.meta["target_new"], layers=[fixed], key_position="subject_last",
+                                     stats=_W["stats"])
                 else:
                     hp = {"nullspace": True} if method == "memit_nullspace" else None
                     e = locedit.edit_many(lm, [fact], [fact.meta["target_new"]], method="memit", layers=window,
@@ -500,13 +509,16 @@ def _sequential(task: dict) -> list[str]:
             except Exception as exc:  # noqa: BLE001
                 print(f"[{os.getpid()}] sequential {method} {fid}: {type(exc).__name__}: {exc}", flush=True)
                 continue
+            finally:
+                edit_seconds += time.perf_counter() - t0
             n = len(edited)
             if n == 1 or n % task["every"] == 0:
                 row = measure(n)
                 _write(row)
                 keys.append(row["key"])
-                print(f"[{os.getpid()}] sequential {method} n={n}: S={row['S']} NS={row['NS']} "
-                      f"probe={row['probe_retention']} ppl {row['ppl_drift']:+.3f}", flush=True)
+                print(f"[{os.getpid()}] sequential {method} n={n}: S={row['S']:.3f} NS={row['NS']:.3f} "
+                      f"probe={row['probe_retention']} ppl {row['ppl_drift']:+.3f} "
+                      f"({row['edit_s_mean']:.1f} s/edit)", flush=True)
         if edited and len(edited) % task["every"] != 0 and len(edited) != 1:
             row = measure(len(edited))
             _write(row)
@@ -515,6 +527,19 @@ def _sequential(task: dict) -> list[str]:
         for e in reversed(edits):
             e.revert()
     return keys
+
+
+def sequential_chain(split: dict, extra: list[dict], n: int, probes: list[str]) -> list[str]:
+    """The facts of a sequential chain, in order: the held-out facts, then the tuning facts outside the retention
+    probes (all known at top-1), then, when `n` needs more, curated facts SmolLM2 does not know at top-1 (`extra`:
+    id and relation), each group in relation-stratified hash order."""
+    rel = split["relation"]
+    as_items = lambda ids: [{"id": i, "relation": rel[i]} for i in ids]  # noqa: E731
+    chain = [x["id"] for x in stratified_subset(as_items(split["held_out"]), len(split["held_out"]))]
+    chain += [x["id"] for x in stratified_subset(as_items(split["tuning"]), len(split["tuning"]))
+              if x["id"] not in probes]
+    chain += [x["id"] for x in stratified_subset(extra, len(extra)) if x["id"] not in chain and x["id"] not in probes]
+    return chain[:n]
 
 
 # --- driver ------------------------------------------------------------------------------------------------------
@@ -667,22 +692,40 @@ def main() -> None:
                      if any(f"heldout|{f}|{p}" not in rows for p in ("head_located", "head_random_same_layers",
                                                                      "head_random_any"))]
             if args.sequential:
-                seq_ids = held_ids[: args.sequential]
-                if len(seq_ids) < args.sequential:
-                    more = [x["id"] for x in stratified_subset(as_items(split["held_out"]), len(split["held_out"]))]
-                    seq_ids += [i for i in more if i not in seq_ids][: args.sequential - len(seq_ids)]
                 probes = tuning_ids[:10]
+                known_ids = set(split["tuning"]) | set(split["held_out"])
+                from locedit.datasets import curated_facts
+
+                extra = [{"id": str(f.meta["id"]), "relation": f.relation or "-"} for f in curated_facts()
+                         if f.meta.get("target_new") and str(f.meta["id"]) not in known_ids]
+                seq_ids = sequential_chain(split, extra, args.sequential, probes)
+                chain = f"{len(seq_ids)}@L{fixed}"
+                print(f"sequential chain {chain}: {sum(i in known_ids for i in seq_ids)} known facts, "
+                      f"{sum(i not in known_ids for i in seq_ids)} not known at top-1", flush=True)
                 for method in [m for m in args.seq_methods.split(",") if m]:
-                    last = f"sequential|{method}|{len(seq_ids)}"
-                    if last not in rows:
+                    if sequential_key(chain, method, len(seq_ids)) not in rows:
                         tasks.append({"kind": "sequential", "method": method, "facts": seq_ids, "probes": probes,
-                                      "fixed_layer": fixed, "every": args.seq_every})
+                                      "known": sorted(known_ids & set(seq_ids)), "fixed_layer": fixed,
+                                      "chain": chain, "every": args.seq_every})
             oracle_ids = held_ids[: args.oracle_facts]
             tasks += [{"kind": "sweep", "phase": "oracle", "fact": f, "layer": l, "with_sites": True}
                       for f in oracle_ids for l in range(0, num_layers, args.oracle_stride)
                       if f"oracle|{f}|L{l}" not in rows]
             run_phase(pool, tasks, "heads, sequential, oracle")
     summarize(out, config, tuning_ids, held_ids, args)
+
+
+def latest_chains(rows: list[dict]) -> dict:
+    """Per method, the checkpoints of its longest sequential chain (rows before chains were named count as one
+    chain), in edit order."""
+    chains: dict = {}
+    for r in rows:
+        chains.setdefault(r["policy"], {}).setdefault(r.get("chain", "unnamed"), []).append(r)
+    out = {}
+    for method, by_chain in chains.items():
+        longest = max(by_chain.values(), key=lambda pts: max(p["n_edits"] for p in pts))
+        out[method] = sorted(longest, key=lambda r: r["n_edits"])
+    return out
 
 
 # --- summary -----------------------------------------------------------------------------------------------------
@@ -762,11 +805,7 @@ def summarize(out: Path, config: dict, tuning_ids, held_ids, args) -> dict:
         outcome="S", score="neg_rank")
     oracle_layers = {f: r["layer"] for f, r in per_policy["oracle"].items()}
     summary["oracle_layers"] = oracle_layers
-    seq: dict = {}
-    for r in ok:
-        if r["phase"] == "sequential":
-            seq.setdefault(r["policy"], []).append(r)
-    summary["sequential"] = {m: sorted(v, key=lambda r: r["n_edits"]) for m, v in seq.items()}
+    summary["sequential"] = latest_chains([r for r in ok if r["phase"] == "sequential"])
     timing = {}
     for name in ("located", "fixed", "head_located"):
         ts = [r["edit_s"] for r in per_policy.get(name, {}).values() if r.get("edit_s") and not r.get("reused")]
@@ -843,10 +882,21 @@ def markdown(s: dict) -> str:
         lines += ["", "Mean S by relation (held-out): " + "; ".join(
             f"{rel} (n={d['n']}): " + ", ".join(f"{k} {100 * v:.0f}" for k, v in d.items() if k != "n")
             for rel, d in s["by_relation_S"].items())]
-    for m, pts in s.get("sequential", {}).items():
-        lines += ["", f"Sequential {m}: " + "; ".join(
-            f"n={p['n_edits']}: S {_pct(p['S'])}, NS {_pct(p['NS'])}, probe {_pct(p['probe_retention'])}, "
-            f"ppl {100 * p['ppl_drift']:+.1f}%" for p in pts)]
+    if s.get("sequential"):
+        lines += ["", "## Sequential editing", "",
+                  "Edits applied one after another, never reverted in between; at each checkpoint every edit so far "
+                  "is measured (S, and S over the facts SmolLM2 knew at top-1), with retention of the unedited probe "
+                  "facts and perplexity drift. Figure: `sequential.png`.", "",
+                  "| method | chain | edits | S | S (known facts) | ES | PS | NS | probe retention | ppl drift | "
+                  "s/edit |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for m, pts in s["sequential"].items():
+            for p in pts:
+                lines.append(f"| {m} | {p.get('chain', '–')} | {p['n_edits']} | {_pct(p['S'])} | "
+                             f"{_pct(p.get('S_known'))} | {_pct(p['ES'])} | {_pct(p['PS'])} | {_pct(p['NS'])} | "
+                             f"{_pct(p['probe_retention'])} | {100 * p['ppl_drift']:+.1f}% | "
+                             f"{p['edit_s_mean']:.1f} |" if p.get("edit_s_mean") is not None else
+                             f"| {m} | – | {p['n_edits']} | {_pct(p['S'])} | – | {_pct(p['ES'])} | {_pct(p['PS'])} | "
+                             f"{_pct(p['NS'])} | {_pct(p['probe_retention'])} | {100 * p['ppl_drift']:+.1f}% | – |")
     if s.get("errors"):
         lines += ["", f"{len(s['errors'])} edits failed: " + "; ".join(f"{e['key']}: {e['error'][:80]}"
                                                                        for e in s["errors"][:5])]
@@ -873,7 +923,7 @@ def figures(s: dict, out: Path) -> None:
     import matplotlib.pyplot as plt
 
     order = [p for p in LABELS if p in s["policies"]]
-    fig, axes = plt.subplots(1, 4, figsize=(21, 4.8))
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
     ax = axes[0]
     for i, name in enumerate(order):
         e = s["policies"][name]["S"]
@@ -908,17 +958,34 @@ def figures(s: dict, out: Path) -> None:
     ax.set_yticklabels(names, fontsize=7)
     ax.set_xlabel("paired difference in S (held-out), 95% CI")
     ax.set_title("paired differences")
-    ax = axes[3]
-    for m, pts in s.get("sequential", {}).items():
-        n = [p["n_edits"] for p in pts]
-        ax.plot(n, [p["S"] for p in pts], marker="o", label=f"{m} S")
-        ax.plot(n, [p["probe_retention"] for p in pts], ls="--", label=f"{m} probe retention")
-        ax.plot(n, [p["ppl_drift"] for p in pts], ls=":", label=f"{m} ppl drift")
-    ax.set_xlabel("edits applied")
-    ax.legend(fontsize=7)
-    ax.set_title("sequential editing")
     fig.tight_layout()
     fig.savefig(out / "study.png", dpi=120)
+    plt.close(fig)
+    if s.get("sequential"):
+        sequential_figure(s["sequential"], out / "sequential.png")
+
+
+def sequential_figure(chains: dict, path: Path) -> None:
+    """S and NS over the edits so far, retention of the unedited probe facts, and perplexity drift, against the
+    number of edits applied, one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = (("S", "S over the edits so far"), ("NS", "neighbourhood accuracy (NS)"),
+              ("probe_retention", "unedited probe facts retained"), ("ppl_drift", "perplexity drift"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(18, 4.2))
+    for ax, (metric, title) in zip(axes, panels):
+        for method, pts in chains.items():
+            ax.plot([p["n_edits"] for p in pts], [p[metric] for p in pts], marker="o", ms=3, label=method)
+        ax.set_xlabel("edits applied, one after another")
+        ax.set_title(title)
+        if metric != "ppl_drift":
+            ax.set_ylim(-0.02, 1.02)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
     plt.close(fig)
 
 

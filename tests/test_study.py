@@ -151,3 +151,24 @@ def test_within_fact_correlation_compares_locate_score_with_depth():
     assert w["per_fact_depth"] == {"a": 1.0, "b": -1.0}
     assert w["score"]["mean"] == 1.0 and w["depth"]["mean"] == 0.0
     assert w["score_minus_depth"]["n"] == 2 and w["score_minus_depth"]["mean"] == 1.0
+
+
+def test_sequential_chain_orders_known_facts_first_and_skips_probes():
+    split = {"tuning": ["t1", "t2", "t3"], "held_out": ["h1", "h2", "h3", "h4"],
+             "relation": {"t1": "a", "t2": "b", "t3": "a", "h1": "a", "h2": "b", "h3": "a", "h4": "b"}}
+    extra = [{"id": f"u{i}", "relation": "a" if i % 2 else "b"} for i in range(5)]
+    chain = study.sequential_chain(split, extra, 8, probes=["t2"])
+    assert len(chain) == len(set(chain)) == 8
+    assert set(chain[:4]) == {"h1", "h2", "h3", "h4"} and set(chain[4:6]) == {"t1", "t3"}
+    assert "t2" not in chain and all(c.startswith("u") for c in chain[6:])
+    assert study.sequential_chain(split, extra, 3, probes=[]) == chain[:3]  # a shorter chain is a prefix
+
+
+def test_latest_chains_keeps_each_methods_longest_chain():
+    rows = [{"policy": "memit", "n_edits": n, "S": 0.9} for n in (1, 5, 10)]  # an older chain without a name
+    rows += [{"policy": "memit", "chain": "200@L1", "n_edits": n, "S": 0.5} for n in (20, 1, 200)]
+    rows += [{"policy": "rome", "chain": "200@L1", "n_edits": n, "S": 0.7} for n in (1, 20)]
+    out = study.latest_chains(rows)
+    assert [p["n_edits"] for p in out["memit"]] == [1, 20, 200] and {p["S"] for p in out["memit"]} == {0.5}
+    assert [p["n_edits"] for p in out["rome"]] == [1, 20]
+    assert study.sequential_key("200@L1", "rome", 20) != study.sequential_key("10@L5", "rome", 20)

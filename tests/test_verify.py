@@ -493,3 +493,22 @@ def test_extraction_heads_from_a_sitemap_or_the_edit(llama):
     carrier = mech.setup_for(llama, fact, " Rome", {"layers": [1], "key_position": "carrier",
                                                      "carrier_offsets": [0]}, 0, [])
     assert carrier.position == llama.encode(fact).subject_start
+
+
+def test_paired_comparison_uses_shared_facts_and_counts_wins():
+    from locedit.verification.evaluate import paired_comparison
+
+    def line(i, score, knockout):
+        return {"id": str(i), "result": {"behaviour": {"score": score},
+                                         "mechanism": {"knockout": {"passed": knockout}}}}
+
+    a = [line(i, 0.5, True) for i in range(6)] + [{"id": "9", "error": "failed"}]
+    b = [line(i, 0.5 + 0.1 * (i % 3 == 0), i % 2 == 0) for i in range(1, 8)] + [line(9, 1.0, True)]
+    cmp = paired_comparison(a, b)
+    assert cmp["n_shared"] == 5  # ids 1..5: 0, 6, 7 and the failed 9 are not in both
+    s = cmp["metrics"]["score"]
+    assert (s["n"], s["b_better"], s["a_better"]) == (5, 1, 0)  # only id 3 improved
+    assert s["difference"] == pytest.approx(0.02) and s["ci95"][0] <= 0.02 <= s["ci95"][1]
+    k = cmp["metrics"]["mechanism_knockout_passed"]
+    assert (k["a"], k["b"], k["a_better"]) == (1.0, 0.4, 3)  # ids 1, 3, 5 stop passing
+    assert "efficacy_score" not in cmp["metrics"]  # a metric neither run has is left out

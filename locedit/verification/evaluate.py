@@ -120,6 +120,28 @@ def aggregate(lines: Sequence[dict], counts: dict | None = None) -> dict:
             "by_relation": {k: {"n": len(v), **summarize(v)} for k, v in sorted(by_relation.items())}}
 
 
+def paired_comparison(lines_a: Sequence[dict], lines_b: Sequence[dict]) -> dict:
+    """Per metric, b − a over the facts (by id) both evaluations edited: {"n", "a", "b", "difference",
+    "ci95" (bootstrap, of the per-fact differences), "b_better", "a_better"}. Two runs of `evaluate` with
+    different options on the same facts give a paired comparison of, say, two edit-site policies."""
+    a = {l["id"]: l["result"] for l in lines_a if "result" in l}
+    b = {l["id"]: l["result"] for l in lines_b if "result" in l}
+    shared = [i for i in a if i in b]
+    out: dict = {"n_shared": len(shared), "metrics": {}}
+    for name, path in METRICS:
+        pairs = [(_at(a[i], path), _at(b[i], path)) for i in shared]
+        pairs = [(float(x), float(y)) for x, y in pairs if x is not None and y is not None]
+        if not pairs:
+            continue
+        diffs = [y - x for x, y in pairs]
+        low, high = bootstrap_ci(diffs)
+        out["metrics"][name] = {"n": len(pairs), "a": float(np.mean([x for x, _ in pairs])),
+                                "b": float(np.mean([y for _, y in pairs])), "difference": float(np.mean(diffs)),
+                                "ci95": [low, high], "b_better": sum(d > 0 for d in diffs),
+                                "a_better": sum(d < 0 for d in diffs)}
+    return out
+
+
 def table(agg: dict) -> str:
     """A Markdown table of the aggregate: every metric overall, then the main ones per relation."""
     lines = ["| metric | mean | 95% CI (bootstrap) | n |", "|---|---|---|---|"]
