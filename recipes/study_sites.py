@@ -131,6 +131,17 @@ def paired_difference(a: dict, b: dict, **kw) -> dict:
             "excludes_zero": bool(lo is not None and (lo > 0 or hi < 0))}
 
 
+def paired_by_layer_band(a: dict, b: dict, bands, metric: str = "S", **kw) -> dict:
+    """Paired difference a − b of `metric` per band of a's edit layer. `a`, `b`: {fact: row with "layer" and
+    metric}; `bands`: [(first, last), …] inclusive. Returns {"first–last": paired_difference}."""
+    out = {}
+    for first, last in bands:
+        in_band = {f: r for f, r in a.items() if r.get("layer") is not None and first <= int(r["layer"]) <= last}
+        out[f"{first}–{last}" if last != first else str(first)] = paired_difference(
+            {f: r.get(metric) for f, r in in_band.items()}, {f: r.get(metric) for f, r in b.items()}, **kw)
+    return out
+
+
 def hase_regression(rows, *, outcome: str = "S", score: str = "loc_score", folds: int = 5) -> dict:
     """Hase et al.'s question on sweep rows {fact, layer, outcome, score}: how much variance of the outcome does
     locate's score explain beyond layer identity? In-sample R² of OLS on layer one-hots, on the score alone, on
@@ -529,6 +540,13 @@ def _sequential(task: dict) -> list[str]:
     return keys
 
 
+def chain_complete(rows, chain: str, method: str, n_facts: int) -> bool:
+    """Whether a sequential chain ran to its end: one of its checkpoints attempted every fact (edits the model
+    already made, which are skipped, make the last checkpoint's `n_edits` smaller than the chain)."""
+    return any(r.get("phase") == "sequential" and r.get("chain") == chain and r.get("policy") == method
+               and r.get("attempted", 0) >= n_facts for r in rows)
+
+
 def sequential_chain(split: dict, extra: list[dict], n: int, probes: list[str]) -> list[str]:
     """The facts of a sequential chain, in order: the held-out facts, then the tuning facts outside the retention
     probes (all known at top-1), then, when `n` needs more, curated facts SmolLM2 does not know at top-1 (`extra`:
@@ -553,11 +571,13 @@ def read_rows(out: Path) -> dict:
                 continue
             if row.get("phase") == "heldout" and row.get("policy") in FIXED_POLICIES and row.get("layer") is not None:
                 row["key"] = policy_key(row["fact"], row["policy"], row["layer"])  # rows written before keys had it
-            rows[row["key"]] = row
+            if row.get("t", 0) >= rows.get(row["key"], {}).get("t", 0):  # a re-run's row replaces an older one
+                rows[row["key"]] = row
     return rows
 
 
 FIXED_POLICIES = ("fixed", "fixed_carrier")
+LAYER_BANDS = ((1, 1), (2, 4), (5, 29))  # the tuned layer, the early band that edits well on tuning, the rest
 
 
 def policy_key(fact_id: str, policy: str, layer: int | None) -> str:
@@ -703,7 +723,7 @@ def main() -> None:
                 print(f"sequential chain {chain}: {sum(i in known_ids for i in seq_ids)} known facts, "
                       f"{sum(i not in known_ids for i in seq_ids)} not known at top-1", flush=True)
                 for method in [m for m in args.seq_methods.split(",") if m]:
-                    if sequential_key(chain, method, len(seq_ids)) not in rows:
+                    if not chain_complete(rows.values(), chain, method, len(seq_ids)):
                         tasks.append({"kind": "sequential", "method": method, "facts": seq_ids, "probes": probes,
                                       "known": sorted(known_ids & set(seq_ids)), "fixed_layer": fixed,
                                       "chain": chain, "every": args.seq_every})
@@ -777,6 +797,10 @@ def summarize(out: Path, config: dict, tuning_ids, held_ids, args) -> dict:
                 d = paired_difference(da, db)
                 if d["n"]:
                     summary["paired"].setdefault(f"{a} - {b}", {})[m] = d
+    # where a located layer other than 0 helps or hurts: located_no_l0 − fixed by the band of its layer
+    summary["no_l0_minus_fixed_by_band"] = {
+        band: d for band, d in paired_by_layer_band(per_policy.get("located_no_l0", {}), per_policy.get("fixed", {}),
+                                                    LAYER_BANDS).items() if d["n"]}
     # by relation (located vs fixed, S)
     by_rel: dict = {}
     for name in ("located", "fixed", "fixed_carrier", "random", "located_no_l0"):
@@ -854,6 +878,10 @@ def markdown(s: dict) -> str:
     if same.get("n"):
         lines += ["", f"Located chose the fixed layer ({s['fixed_layer']}) for {same['same_layer']} of the {same['n']} "
                       "held-out facts both policies edited."]
+    if s.get("no_l0_minus_fixed_by_band"):
+        lines += ["", "located_no_l0 − fixed (S, pp) by the layer located_no_l0 chose: " + "; ".join(
+            f"L{band}: {_fmt(d['mean'], d['low'], d['high'])} (n={d['n']}, {d['wins']}/{d['ties']}/{d['losses']})"
+            for band, d in s["no_l0_minus_fixed_by_band"].items())]
     lines += ["", "(* = CI excludes zero)", "", "Tuning sweep (mean S, %, by layer, subject-last key): " +
               ", ".join(f"L{l}: {100 * v['S']:.0f} (n={v['n']})" for l, v in s["tuning_sweep"].items())]
     reg = s["regression"].get("S", {})

@@ -172,3 +172,29 @@ def test_latest_chains_keeps_each_methods_longest_chain():
     assert [p["n_edits"] for p in out["memit"]] == [1, 20, 200] and {p["S"] for p in out["memit"]} == {0.5}
     assert [p["n_edits"] for p in out["rome"]] == [1, 20]
     assert study.sequential_key("200@L1", "rome", 20) != study.sequential_key("10@L5", "rome", 20)
+
+
+def test_chain_complete_needs_a_checkpoint_that_attempted_every_fact():
+    rows = [{"phase": "sequential", "chain": "200@L1", "policy": "memit", "n_edits": 197, "attempted": 200},
+            {"phase": "sequential", "chain": "200@L1", "policy": "rome", "n_edits": 120, "attempted": 123}]
+    assert study.chain_complete(rows, "200@L1", "memit", 200)  # 3 edits skipped, still the whole chain
+    assert not study.chain_complete(rows, "200@L1", "rome", 200)  # cut off at 123 facts
+    assert not study.chain_complete(rows, "300@L1", "memit", 300)
+
+
+def test_read_rows_keeps_the_newer_row_of_a_rerun(tmp_path):
+    key = "sequential|200@L1|rome|20"
+    (tmp_path / "rows-9.jsonl").write_text(json.dumps({"key": key, "S": 0.2, "t": 2.0}) + "\n")
+    (tmp_path / "rows-10.jsonl").write_text(json.dumps({"key": key, "S": 0.1, "t": 1.0}) + "\nnot json\n")
+    assert study.read_rows(tmp_path)[key]["S"] == 0.2
+
+
+def test_paired_by_layer_band_splits_by_the_first_policys_layer():
+    a = {"f1": {"layer": 1, "S": 1.0}, "f2": {"layer": 3, "S": 0.5}, "f3": {"layer": 4, "S": 0.7},
+         "f4": {"layer": 9, "S": 0.0}, "f5": {"layer": 2, "S": 0.9}}
+    b = {f: {"layer": 1, "S": 0.8} for f in ("f1", "f2", "f3", "f4")}  # f5 has no fixed row
+    out = study.paired_by_layer_band(a, b, ((1, 1), (2, 4), (5, 29)))
+    assert list(out) == ["1", "2–4", "5–29"]
+    assert out["1"]["n"] == 1 and abs(out["1"]["mean"] - 0.2) < 1e-9
+    assert out["2–4"]["n"] == 2 and abs(out["2–4"]["mean"] - (-0.2)) < 1e-9 and out["2–4"]["losses"] == 2
+    assert out["5–29"]["n"] == 1 and out["5–29"]["mean"] == -0.8
