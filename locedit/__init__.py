@@ -1,7 +1,7 @@
 """locedit: locate, edit and verify factual knowledge in causal language models."""
 
-from .adapters import Adapter, supported_model_types
-from .engine import (
+from locedit.core.adapters import Adapter, supported_model_types
+from locedit.core.engine import (
     AddEmbeddingNoise,
     BlockAttention,
     Capture,
@@ -14,7 +14,7 @@ from .engine import (
     run,
     run_batch,
 )
-from .errors import (
+from locedit.errors import (
     DatasetError,
     FactError,
     InterventionError,
@@ -22,12 +22,12 @@ from .errors import (
     ModelLoadError,
     UnsupportedModelError,
 )
-from .facts import EncodedFact, Fact, PositionGroups
-from .lm import LM
-from .loading import DEFAULT_MODEL, load
-from .sites import SiteMap, locate
-from .editing import Edit, EditError, edit, edit_many, load_edit, save_model
-from .verification import Verification, verify
+from locedit.core.facts import EncodedFact, Fact, PositionGroups
+from locedit.core.lm import LM
+from locedit.core.loading import DEFAULT_MODEL, load
+from locedit.localization.sites import SiteMap, locate
+from locedit.editing import Edit, EditError, edit, edit_many, load_edit, save_model
+from locedit.verification import Verification, verify
 
 __version__ = "0.1.0"
 

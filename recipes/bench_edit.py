@@ -50,7 +50,7 @@ def locedit_fact():
 
 
 def known_curated(lm, progress: bool = False):
-    from locedit.datasets import curated_facts, known_facts
+    from locedit.core.datasets import curated_facts, known_facts
 
     return [f for f in known_facts(lm, curated_facts(), progress=progress) if f.meta.get("target_new")]
 
@@ -72,7 +72,7 @@ def stratified(facts, n: int):
 def speed(args) -> list[str]:
     import locedit
     from locedit.editing.stats import key_statistics
-    from locedit.sites import locate
+    from locedit.localization.sites import locate
 
     torch.set_num_threads(args.threads)
     lm = locedit.load("smollm2-135m")

@@ -22,12 +22,12 @@ import torch
 
 import locedit
 from locedit import AddEmbeddingNoise, BlockAttention, Capture, SetHeads, SetResidual, SetSublayer, run
-from locedit.datasets import curated_facts, known_facts
-from locedit.flow import (attention_knockout, attribute_rate, causal_trace, extraction_events, head_effects,
+from locedit.core.datasets import curated_facts, known_facts
+from locedit.localization import (attention_knockout, attribute_rate, causal_trace, extraction_events, head_effects,
                           head_projection, state_patching, sublayer_knockout)
-from locedit.flow.attributes import AttributeSet
-from locedit.flow.causal_trace import embedding_std
-from locedit.flow.common import resolve_target, window_layers
+from locedit.localization.attributes import AttributeSet
+from locedit.localization.causal_trace import embedding_std
+from locedit.localization.common import resolve_target, window_layers
 
 
 def knockout_configs(lm, enc):

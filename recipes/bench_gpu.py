@@ -36,10 +36,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import locedit  # noqa: E402
 from locedit import Fact  # noqa: E402
-from locedit.engine import BlockAttention, run  # noqa: E402
-from locedit.flow import attention_knockout, causal_trace  # noqa: E402
-from locedit.flow.common import resolve_target, window_layers  # noqa: E402
-from locedit.flow.knockout import position_groups  # noqa: E402
+from locedit.core.engine import BlockAttention, run  # noqa: E402
+from locedit.localization import attention_knockout, causal_trace  # noqa: E402
+from locedit.localization.common import resolve_target, window_layers  # noqa: E402
+from locedit.localization.knockout import position_groups  # noqa: E402
 
 from bench_facts import FACTS  # noqa: E402
 
@@ -196,7 +196,7 @@ def bench_model(bench: Bench, name: str, family: str, shape: dict, tokenizer):
     rec["validation"] = {"bfloat16": err16 or "ok", "float32": err32 or "ok",
                          "noop_eps_bfloat16": round(eps_units(lm16, enc0.input_ids), 3),
                          "noop_eps_float32": round(eps_units(lm32, enc0.input_ids), 3),
-                         "tolerance_eps": locedit.lm.VALIDATION_EPS}
+                         "tolerance_eps": locedit.core.lm.VALIDATION_EPS}
     print(f"  validation {rec['validation']}", flush=True)
     bench.save()
 
@@ -317,7 +317,7 @@ def bench_model(bench: Bench, name: str, family: str, shape: dict, tokenizer):
     bench.section(rec, "causal_trace", trace, need_s=30)
 
     def locate_():
-        from locedit.sites import locate, locate_many
+        from locedit.localization.sites import locate, locate_many
 
         out = {}
         lm = lm16
@@ -352,7 +352,7 @@ def bench_model(bench: Bench, name: str, family: str, shape: dict, tokenizer):
     def locate_packed():
         """locate_batch: every fact's rows packed into shared forward passes (what locate_many does by default),
         16 facts per call (the given facts repeated), against the single-fact top sites."""
-        from locedit.sites import locate, locate_batch
+        from locedit.localization.sites import locate, locate_batch
 
         lm = lm16
         out = {}
@@ -474,7 +474,7 @@ def tokenizer_for(args):
     from transformers import AutoTokenizer
 
     candidates = [args.tokenizer] if args.tokenizer else []
-    candidates.append(str(locedit.loading.cache_dir() / "smollm2-135m"))
+    candidates.append(str(locedit.core.loading.cache_dir() / "smollm2-135m"))
     for path in candidates:
         if path and (Path(path) / "tokenizer.json").is_file():
             return AutoTokenizer.from_pretrained(path)

@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 
 import locedit
-from locedit.flow import attention_knockout, causal_trace, head_effects, head_projection
-from locedit.flow.common import resolve_target
-from locedit.sites import _head_candidates, _mlp_knockouts, locate, site_positions
+from locedit.localization import attention_knockout, causal_trace, head_effects, head_projection
+from locedit.localization.common import resolve_target
+from locedit.localization.sites import _head_candidates, _mlp_knockouts, locate, site_positions
 
 from bench_facts import FACTS
 
@@ -123,7 +123,7 @@ def main() -> None:
         say(f"  {name:28s} {statistics.mean(values):6.1f}")
 
     # dataset mode: locate_many over the facts (targets resolved in one batched forward)
-    from locedit.sites import locate_many
+    from locedit.localization.sites import locate_many
 
     with tempfile.TemporaryDirectory() as tmp:
         clock = Clock(lm, lm.encode(facts[0]))
@@ -137,7 +137,7 @@ def main() -> None:
 def packed_comparison(lm, facts, say) -> None:
     """locate one fact at a time vs `locate_batch` (all facts packed): seconds, clean forwards and model calls per
     fact, and the largest difference of any number between the two."""
-    from locedit.sites import locate_batch
+    from locedit.localization.sites import locate_batch
 
     clock = Clock(lm, lm.encode(facts[0]))
     t_one, r_one, singles = clock.ratio(lambda: [locate(lm, f) for f in facts])

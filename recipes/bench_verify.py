@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import locedit  # noqa: E402
-from locedit.datasets import curated_facts  # noqa: E402
+from locedit.core.datasets import curated_facts  # noqa: E402
 from locedit.verification import verify  # noqa: E402
 
 

@@ -15,8 +15,8 @@ import numpy as np
 import torch
 
 import locedit
-from locedit.flow import attention_knockout
-from locedit.sites import locate
+from locedit.localization import attention_knockout
+from locedit.localization.sites import locate
 
 from bench_facts import FACTS
 

@@ -14,8 +14,8 @@ import argparse
 import json
 from pathlib import Path
 
-from locedit.flow.runner import read_lines
-from locedit.report import write_atomic
+from locedit.localization.runner import read_lines
+from locedit.core.report import write_atomic
 from locedit.verification.evaluate import RESULTS, paired_comparison
 
 

@@ -20,14 +20,14 @@ import numpy as np
 import torch
 
 import locedit
-from locedit.datasets import curated_facts, known_facts
-from locedit.flow import (attention_knockout, attribute_rate, causal_trace, extraction_events, head_projection,
+from locedit.core.datasets import curated_facts, known_facts
+from locedit.localization import (attention_knockout, attribute_rate, causal_trace, extraction_events, head_projection,
                           knockout_map, state_patching, sublayer_knockout)
-from locedit.flow.attributes import AttributeSet, generate_attribute_text
-from locedit.flow.extraction import ExtractionResult
-from locedit.flow.patching import PatchingResult
-from locedit.flow.runner import read_results, run_dataset
-from locedit.plots import (attribute_rate_curves, extraction_rates, heads_table, knockout_curves, knockout_heatmap,
+from locedit.localization.attributes import AttributeSet, generate_attribute_text
+from locedit.localization.extraction import ExtractionResult
+from locedit.localization.patching import PatchingResult
+from locedit.localization.runner import read_results, run_dataset
+from locedit.core.plots import (attribute_rate_curves, extraction_rates, heads_table, knockout_curves, knockout_heatmap,
                            patching_bars, save_figure, sublayer_curves)
 
 ATTRIBUTES: dict[str, AttributeSet] = {}

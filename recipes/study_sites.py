@@ -242,7 +242,7 @@ def _init(threads: int, out: str, stop_at: float | None, fluency: bool = False, 
     import torch
 
     import locedit
-    from locedit.datasets import curated_facts
+    from locedit.core.datasets import curated_facts
     from locedit.editing.stats import key_statistics
 
     torch.set_num_threads(threads)
@@ -269,7 +269,7 @@ def _sitemap(fact_id: str):
             return pickle.loads(path.read_bytes())
         except Exception:  # noqa: BLE001 - a torn cache file is recomputed
             pass
-    from locedit.sites import locate
+    from locedit.localization.sites import locate
 
     t = time.perf_counter()
     sm = locate(_W["lm"], _W["facts"][fact_id])
@@ -660,7 +660,7 @@ def main() -> None:
         import torch
 
         import locedit
-        from locedit.datasets import curated_facts, known_facts
+        from locedit.core.datasets import curated_facts, known_facts
 
         torch.set_num_threads(args.threads)
         lm = locedit.load(MODEL)
@@ -714,7 +714,7 @@ def main() -> None:
             if args.sequential:
                 probes = tuning_ids[:10]
                 known_ids = set(split["tuning"]) | set(split["held_out"])
-                from locedit.datasets import curated_facts
+                from locedit.core.datasets import curated_facts
 
                 extra = [{"id": str(f.meta["id"]), "relation": f.relation or "-"} for f in curated_facts()
                          if f.meta.get("target_new") and str(f.meta["id"]) not in known_ids]

@@ -74,7 +74,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     import locedit
-    from locedit.datasets import curated_facts
+    from locedit.core.datasets import curated_facts
     from locedit.editing.hparams import ROMEHyperParams
     from locedit.editing.stats import key_statistics
     from locedit.editing.templates import context_templates

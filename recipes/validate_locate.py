@@ -27,9 +27,9 @@ import torch
 
 import locedit
 from locedit import Fact, SetHeads, SetSublayer, run
-from locedit.datasets import curated_facts, known_facts
-from locedit.flow.runner import read_results, run_dataset
-from locedit.sites import locate, site_positions
+from locedit.core.datasets import curated_facts, known_facts
+from locedit.localization.runner import read_results, run_dataset
+from locedit.localization.sites import locate, site_positions
 
 RANDOM_DRAWS = 10
 

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 import tiny
-from locedit.cli import main
+from locedit.cli.main import main
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -20,7 +20,7 @@ def model_dir(tmp_path_factory):
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "locedit.cli", *map(str, args)], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "locedit.cli.main", *map(str, args)], capture_output=True, text=True,
                           timeout=600)
 
 

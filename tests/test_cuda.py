@@ -13,7 +13,7 @@ import torch
 import locedit
 import tiny
 from locedit import Capture
-from locedit.engine import (AddEmbeddingNoise, BlockAttention, SetHeads, SetResidual, SetSublayer,
+from locedit.core.engine import (AddEmbeddingNoise, BlockAttention, SetHeads, SetResidual, SetSublayer,
                             UniformAttention, run, run_batch)
 
 # LOCEDIT_TEST_DEVICE=cpu runs the same checks against a second CPU copy (to test the tests without a GPU)
@@ -65,7 +65,7 @@ def pair(family: str, dtype: torch.dtype):
 def test_load_on_cuda_validates(family, dtype):
     cpu, gpu = pair(family, dtype)
     assert gpu.device.type == DEVICE and gpu.dtype == dtype
-    locedit.lm.validate_adapter(gpu)
+    locedit.core.lm.validate_adapter(gpu)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -112,7 +112,7 @@ def test_engine_run_matches_cpu(family, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_run_batch_and_known_facts_on_cuda(dtype):
-    from locedit.datasets import known_facts
+    from locedit.core.datasets import known_facts
 
     cpu, gpu = pair("llama", dtype)
     encs = [cpu.encode(f) for f in FACTS]
@@ -141,7 +141,7 @@ def _close_curves(a: dict, b: dict, atol: float) -> None:
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("family", FAMILIES)
 def test_analyses_on_cuda_match_cpu(family, dtype):
-    from locedit.flow import attention_knockout, causal_trace, head_effects
+    from locedit.localization import attention_knockout, causal_trace, head_effects
 
     cpu, gpu = pair(family, dtype)
     pp = 0.1 if dtype == torch.float32 else 5.0  # percentage points of relative change
@@ -163,7 +163,7 @@ def test_analyses_on_cuda_match_cpu(family, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("family", FAMILIES)
 def test_locate_on_cuda_matches_cpu_top_sites(family, dtype):
-    from locedit.sites import locate
+    from locedit.localization.sites import locate
 
     cpu, gpu = pair(family, dtype)
     a, b = locate(cpu, FACT).to_dict(), locate(gpu, FACT).to_dict()
@@ -180,7 +180,7 @@ def test_locate_on_cuda_matches_cpu_top_sites(family, dtype):
 
 
 def test_dataset_run_on_cuda(tmp_path):
-    from locedit.flow import run_dataset
+    from locedit.localization import run_dataset
 
     cpu, gpu = pair("gpt2", torch.float32)
     ran = run_dataset(gpu, "knockout", FACTS, tmp_path / "k.jsonl", progress=False)

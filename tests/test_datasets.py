@@ -8,11 +8,11 @@ import torch
 
 import tiny
 from locedit import Fact
-from locedit.datasets import curated_facts, curated_facts_path, known_facts, read_facts
+from locedit.core.datasets import curated_facts, curated_facts_path, known_facts, read_facts
 from locedit.errors import DatasetError, FactError, LoceditError
-from locedit.flow import runner
-from locedit.flow.knockout import attention_knockout
-from locedit.flow.runner import aggregate_series, resolve_analysis, run_dataset
+from locedit.localization import runner
+from locedit.localization.knockout import attention_knockout
+from locedit.localization.runner import aggregate_series, resolve_analysis, run_dataset
 
 
 def write_json(path, rows):
@@ -317,7 +317,7 @@ def test_runner_writes_resumes_and_repairs(llama, tmp_path):
     assert [line["id"] for line in lines] == [f"f{i}" for i in range(5)]
     assert lines[0]["result"]["analysis"] == "attention_knockout"
     assert lines[0]["fact"]["prompt"] == PROMPTS[0][1]
-    assert lines[0]["analysis_fn"] == "locedit.flow.knockout:attention_knockout"
+    assert lines[0]["analysis_fn"] == "locedit.localization.knockout:attention_knockout"
 
     again = run_dataset(llama, attention_knockout, facts, out, progress=False)  # same analysis as a callable
     assert (again.skipped, again.ran) == (5, 0)
@@ -389,15 +389,15 @@ def test_aggregate_series_generic():
 
 def test_registry(monkeypatch):
     spec, fn = resolve_analysis("knockout")
-    assert fn is attention_knockout and spec == "locedit.flow.knockout:attention_knockout"
+    assert fn is attention_knockout and spec == "locedit.localization.knockout:attention_knockout"
     for name in ("attribute_rate", "sublayer", "extraction", "heads", "patching", "trace"):
         assert name in runner.ANALYSES
     with pytest.raises(LoceditError, match="unknown analysis 'nope'"):
         resolve_analysis("nope")
-    monkeypatch.setitem(runner.ANALYSES, "ghost", "locedit.flow.ghost_module:ghost")
+    monkeypatch.setitem(runner.ANALYSES, "ghost", "locedit.localization.ghost_module:ghost")
     with pytest.raises(LoceditError, match="ghost_module"):
         resolve_analysis("ghost")
-    monkeypatch.setitem(runner.ANALYSES, "ghost", "locedit.flow.knockout:no_such_function")
+    monkeypatch.setitem(runner.ANALYSES, "ghost", "locedit.localization.knockout:no_such_function")
     with pytest.raises(LoceditError, match="no_such_function"):
         resolve_analysis("ghost")
 

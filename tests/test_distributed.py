@@ -27,7 +27,7 @@ FACTS = [
 SCRIPT = textwrap.dedent('''
     import sys, torch
     import locedit
-    from locedit.flow import run_dataset
+    from locedit.localization import run_dataset
     torch.set_num_threads(1)
     model_dir, out, limit = sys.argv[1], sys.argv[2], int(sys.argv[3])
     facts = [locedit.Fact(f["subject"], f["prompt"], f["target"], meta={"id": str(i)})
@@ -63,7 +63,7 @@ def _torchrun(model_dir: Path, out: Path, limit: int, processes: int = 2) -> lis
 
 
 def test_two_process_dataset_run_equals_one_process_and_resumes(model_dir, tmp_path):
-    from locedit.flow import run_dataset
+    from locedit.localization import run_dataset
 
     facts = [locedit.Fact(f["subject"], f["prompt"], f["target"], meta={"id": str(i)})
              for i, f in enumerate(FACTS)]

@@ -306,7 +306,7 @@ def test_alphaedit_keeps_earlier_edits_keys(monkeypatch):
 
 
 def test_cli_edit_writes_the_edit_and_rejects_bad_input(tmp_path, capsys):
-    from locedit.cli import main
+    from locedit.cli.main import main
 
     model_dir = tmp_path / "tiny"
     lm = tiny.lm("llama")
@@ -420,7 +420,7 @@ def test_a_measured_edit_layer_becomes_the_recommendation_and_the_default(monkey
     # layer in located_layers) and edit(layers=None) edits there at its key position; a model of another depth
     # under the same name is not matched
     from locedit.editing import measured
-    from locedit.sites import locate
+    from locedit.localization.sites import locate
 
     lm = tiny.lm("llama")
     plain = locate(lm, FACT).recommendation["rank_one"]

@@ -48,7 +48,7 @@ def test_edited_model_saves_as_a_hugging_face_directory(smollm2, eiffel, located
 
 
 def test_cli_edit_on_the_built_in_model(tmp_path, capsys, located_edit):
-    from locedit.cli import main
+    from locedit.cli.main import main
 
     located_edit.revert()  # the CLI loads its own copy; keep the session model clean for other tests
     code = main(["edit", "--model", "smollm2-135m", "--subject", "The Eiffel Tower", "--prompt",

@@ -7,7 +7,7 @@ import locedit
 import tiny
 from locedit import (AddEmbeddingNoise, BlockAttention, Capture, Fact, SetHeads, SetResidual, SetSublayer,
                      UniformAttention, run, run_batch)
-from locedit.engine import registered
+from locedit.core.engine import registered
 
 TOL = 1e-5
 FACT = Fact("Eiffel Tower", "The Eiffel Tower is located in the city of")
@@ -138,7 +138,7 @@ def test_head_weights_reconstruct_attention_output(lm):
     enc = lm.encode(FACT)
     layer = 1
     inputs = {}
-    module = locedit.adapters._get(lm.layers[layer], lm.adapter.attn)
+    module = locedit.core.adapters._get(lm.layers[layer], lm.adapter.attn)
     def keep_input(module, args, kwargs):
         inputs["x"] = kwargs.get("hidden_states", args[0] if args else None)
 
@@ -210,7 +210,7 @@ def test_intervene_context_applies_interventions(lm):
 
 def test_chunked_passes_equal_full_recompute(lm):
     """Rows restoring states at every (position, layer), as causal tracing does, split into several passes."""
-    from locedit.engine.run import _reuse_point, plan_chunks
+    from locedit.core.engine.run import _reuse_point, plan_chunks
 
     enc = lm.encode(FACT)
     n, L = len(enc), lm.num_layers

@@ -7,13 +7,13 @@ import torch
 import locedit
 import tiny
 from locedit import Fact
-from locedit.adapters import _get
-from locedit.flow.causal_trace import causal_trace
-from locedit.flow.common import window_layers
-from locedit.flow.extraction import extraction_events
-from locedit.flow.heads import head_effects, head_projection
-from locedit.flow.knockout import attention_knockout, knockout_map
-from locedit.flow.patching import state_patching
+from locedit.core.adapters import _get
+from locedit.localization.causal_trace import causal_trace
+from locedit.localization.common import window_layers
+from locedit.localization.extraction import extraction_events
+from locedit.localization.heads import head_effects, head_projection
+from locedit.localization.knockout import attention_knockout, knockout_map
+from locedit.localization.patching import state_patching
 
 TOL = 1e-5
 FACT = Fact("Eiffel Tower", "The Eiffel Tower is located in the city of")
@@ -89,7 +89,7 @@ def test_extraction_ablations_renormalise(lm):
     enc = lm.encode(FACT)
     result = extraction_events(lm, FACT, projection="model")
     target = result.target_id
-    from locedit.flow.extraction import _ablations, ablation_keys
+    from locedit.localization.extraction import _ablations, ablation_keys
 
     layer = lm.num_layers - 1
     abl = _ablations(lm, enc, [layer], target, "model")[str(layer)]

@@ -10,12 +10,12 @@ import torch
 
 import tiny
 from locedit import DatasetError, Fact
-from locedit.adapters import _get
+from locedit.core.adapters import _get
 from locedit.errors import InterventionError
-from locedit.flow.attribute_rate import AttributeRateResult, aggregate, attribute_rate
-from locedit.flow.attributes import AttributeSet, attribute_set, generate_attribute_text, load_paragraphs
-from locedit.flow.common import STOPWORDS
-from locedit.flow.sublayer import SublayerKnockoutResult, knocked_layers, sublayer_knockout
+from locedit.localization.attribute_rate import AttributeRateResult, aggregate, attribute_rate
+from locedit.localization.attributes import AttributeSet, attribute_set, generate_attribute_text, load_paragraphs
+from locedit.localization.common import STOPWORDS
+from locedit.localization.sublayer import SublayerKnockoutResult, knocked_layers, sublayer_knockout
 
 TOL = 1e-5
 FAMILIES = ["gpt2", "llama", "gemma2", "gpt_neox"]
@@ -199,7 +199,7 @@ def test_attribute_rate_aggregate(attrs):
 
 
 def test_paragraphs_option_run_dataset_and_plots(tmp_path):
-    from locedit.flow.runner import run_dataset
+    from locedit.localization.runner import run_dataset
 
     lm = tiny_lm("llama")
     paragraphs = {"Eiffel Tower": " ".join(tiny.CORPUS[:4]), "Rome": "Rome is the capital of Italy"}

@@ -22,7 +22,7 @@ from locedit.errors import FactError, InterventionError, ModelLoadError, Unsuppo
 ])
 def test_subject_span_decodes_to_subject(kind, subject, prompt):
     tok = tiny.tokenizer(kind)
-    enc = locedit.facts.encode_fact(tok, Fact(subject, prompt))
+    enc = locedit.core.facts.encode_fact(tok, Fact(subject, prompt))
     text = tok.decode(list(enc.input_ids[enc.subject_start:enc.subject_end]))
     assert text.strip() == subject
     assert enc.subject_end <= len(enc.input_ids)
@@ -33,7 +33,7 @@ def test_subject_span_decodes_to_subject(kind, subject, prompt):
 
 def test_metaspace_tokenizer_has_bos_outside_subject():
     tok = tiny.tokenizer("metaspace")
-    enc = locedit.facts.encode_fact(tok, Fact("Rome", "Rome is the capital of"))
+    enc = locedit.core.facts.encode_fact(tok, Fact("Rome", "Rome is the capital of"))
     assert enc.input_ids[0] == tok.bos_token_id and enc.subject_start == 1
     groups = enc.positions
     assert groups.first == (0,) and 0 not in groups.non_subject and 0 in groups.non_subject_paper

@@ -5,8 +5,8 @@ import random
 
 import tiny
 from locedit import Fact
-from locedit.engine.run import plan_chunks
-from locedit.sites import SiteMap, locate, site_positions
+from locedit.core.engine.run import plan_chunks
+from locedit.localization.sites import SiteMap, locate, site_positions
 
 FACT = Fact("Eiffel Tower", "The Eiffel Tower is located in the city of")
 

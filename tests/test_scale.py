@@ -12,12 +12,12 @@ import torch
 
 import locedit
 import tiny
-from locedit.engine import BlockAttention, SetSublayer, run
+from locedit.core.engine import BlockAttention, SetSublayer, run
 from locedit.errors import UnsupportedModelError
-from locedit.lm import validation_tolerance
+from locedit.core.lm import validation_tolerance
 
 FACT = locedit.Fact("The Eiffel Tower", "The Eiffel Tower is located in the city of", " Paris")
-run_module = importlib.import_module("locedit.engine.run")
+run_module = importlib.import_module("locedit.core.engine.run")
 
 
 def engine_tolerance(dtype: torch.dtype) -> float:
@@ -53,7 +53,7 @@ def _no_causal_mask(self, module, layer, query, key, value, attention_mask, **kw
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_broken_adapter_still_fails_in_half_precision(monkeypatch, family, dtype):
-    from locedit.engine import hooks
+    from locedit.core.engine import hooks
 
     monkeypatch.setattr(hooks._PassState, "attention", _no_causal_mask)
     with pytest.raises(UnsupportedModelError, match="without any intervention"):
@@ -118,7 +118,7 @@ def test_attention_knockout_uses_the_dtype_minimum():
 
 
 def test_direct_logits_computed_in_float32():
-    from locedit.flow import head_effects
+    from locedit.localization import head_effects
 
     m = tiny.model("llama")
     lm32 = locedit.load((m, tiny.tokenizer()))
@@ -159,8 +159,8 @@ def _count_forwards(lm):
 
 
 def test_locate_resolves_the_target_once(monkeypatch):
-    from locedit.flow import common
-    from locedit.sites import locate
+    from locedit.localization import common
+    from locedit.localization.sites import locate
 
     lm = locedit.load((tiny.model("llama"), tiny.tokenizer()))
     resolved = []
@@ -170,7 +170,7 @@ def test_locate_resolves_the_target_once(monkeypatch):
         resolved.append(1)
         return original(*args, **kwargs)
 
-    for name in ("locedit.flow.causal_trace", "locedit.flow.heads", "locedit.flow.knockout", "locedit.sites"):
+    for name in ("locedit.localization.causal_trace", "locedit.localization.heads", "locedit.localization.knockout", "locedit.localization.sites"):
         monkeypatch.setattr(importlib.import_module(name), "resolve_target", counting)
     first = locate(lm, FACT)
     assert len(resolved) == 1
@@ -181,8 +181,8 @@ def test_locate_resolves_the_target_once(monkeypatch):
 
 
 def test_target_parameter_gives_the_same_result():
-    from locedit.flow import attention_knockout, causal_trace, head_effects
-    from locedit.flow.common import resolve_target, resolve_targets
+    from locedit.localization import attention_knockout, causal_trace, head_effects
+    from locedit.localization.common import resolve_target, resolve_targets
 
     lm = locedit.load((tiny.model("qwen2"), tiny.tokenizer()))
     enc = lm.encode(FACT)
@@ -274,7 +274,7 @@ def _close(a, b, tol=1e-5, path="", percent_tol=None) -> None:
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "gemma3", "gpt_neox", "olmo2"])
 def test_run_packed_equals_run_per_prompt(family):
-    from locedit.engine import AddEmbeddingNoise, SetResidual, run_packed
+    from locedit.core.engine import AddEmbeddingNoise, SetResidual, run_packed
 
     lm = tiny.lm(family)
     encs = [lm.encode(f) for f in PACK_FACTS]
@@ -307,7 +307,7 @@ def test_run_packed_equals_run_per_prompt(family):
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "gemma3", "qwen2"])
 def test_locate_batch_equals_locate(family):
-    from locedit.sites import locate, locate_batch
+    from locedit.localization.sites import locate, locate_batch
 
     lm = tiny.lm(family)
     batched = locate_batch(lm, PACK_FACTS, max_rows=64)
@@ -324,10 +324,10 @@ def test_locate_batch_equals_locate(family):
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_analyses_many_equal_single(family):
-    from locedit.flow import attention_knockout, causal_trace, head_projection
-    from locedit.flow.causal_trace import causal_trace_many
-    from locedit.flow.heads import head_projection_many
-    from locedit.flow.knockout import attention_knockout_many
+    from locedit.localization import attention_knockout, causal_trace, head_projection
+    from locedit.localization.causal_trace import causal_trace_many
+    from locedit.localization.heads import head_projection_many
+    from locedit.localization.knockout import attention_knockout_many
 
     lm = tiny.lm(family)
     for fact, result in zip(PACK_FACTS, attention_knockout_many(lm, PACK_FACTS, window=3)):
@@ -339,7 +339,7 @@ def test_analyses_many_equal_single(family):
 
 
 def test_dataset_mode_batches_facts_and_resumes(tmp_path):
-    from locedit.flow import run_dataset
+    from locedit.localization import run_dataset
 
     lm = tiny.lm("llama")
     one = run_dataset(lm, "knockout", PACK_FACTS, tmp_path / "one.jsonl", options={"window": 3}, progress=False,
@@ -369,8 +369,8 @@ def _offloaded_llama(tmp_path):
 
 
 def test_offloaded_model_knockout_and_locate_equal_plain(tmp_path):
-    from locedit.flow import attention_knockout
-    from locedit.sites import locate
+    from locedit.localization import attention_knockout
+    from locedit.localization.sites import locate
 
     plain, offloaded = tiny.lm("llama"), _offloaded_llama(tmp_path)
     _close(attention_knockout(offloaded, FACT, window=3).to_dict(), attention_knockout(plain, FACT, window=3).to_dict())

@@ -24,7 +24,7 @@ def test_analyze_knockout_dataset_writes_figure_and_logs_progress(tmp_path, mode
         {"known_id": 2, "subject": "Beats Music", "prompt": "Beats Music is owned by", "attribute": "Apple"},
     ]))
     out = tmp_path / "o"
-    result = subprocess.run([sys.executable, "-m", "locedit.cli", "analyze", "knockout", "--model", str(model_dir),
+    result = subprocess.run([sys.executable, "-m", "locedit.cli.main", "analyze", "knockout", "--model", str(model_dir),
                              "--facts", str(facts), "--out", str(out)], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     assert len((out / "knockout.jsonl").read_text().splitlines()) == 3
@@ -35,7 +35,7 @@ def test_analyze_knockout_dataset_writes_figure_and_logs_progress(tmp_path, mode
 
 
 def test_dataset_figure_for_each_analysis_with_one():
-    from locedit.flow.runner import dataset_figure
+    from locedit.localization.runner import dataset_figure
 
     ko = {"analysis": "attention_knockout", "window": 3, "relative_change": {"subject": [-1.0, -5.0, 0.0],
                                                                               "last": [0.0, 1.0, 2.0]}}

@@ -17,7 +17,7 @@ from locedit.errors import LoceditError
 from locedit.verification import Verification, verify
 from locedit.verification import metrics as M
 from locedit.verification.evaluate import bootstrap_ci, evaluate
-from locedit.flow.runner import read_lines
+from locedit.localization.runner import read_lines
 
 EIFFEL = Fact("Eiffel Tower", "The Eiffel Tower is located in the city of")
 
@@ -375,7 +375,7 @@ def test_evaluate_resumes_without_redoing_or_duplicating(llama, tmp_path):
 
 
 def test_evaluate_skips_and_counts_unknown_facts(llama, tmp_path, monkeypatch):
-    import locedit.datasets
+    import locedit.core.datasets
 
     calls = []
 
@@ -383,7 +383,7 @@ def test_evaluate_skips_and_counts_unknown_facts(llama, tmp_path, monkeypatch):
         calls.append(len(facts))
         return [f for f in facts if f.target != "Tokyo"]
 
-    monkeypatch.setattr(locedit.datasets, "known_facts", known)
+    monkeypatch.setattr(locedit.core.datasets, "known_facts", known)
     facts = plain_facts(llama, 3)
     wrong = Fact("Big Ben", "Big Ben is in", "Tokyo", meta={"id": "u", "target_new": "Rome"})
     no_new = Fact("Big Ben", "Big Ben is in", "London", meta={"id": "v"})

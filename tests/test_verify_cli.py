@@ -10,8 +10,8 @@ import pytest
 
 import tiny
 from locedit import Fact
-from locedit.cli import main
-from locedit.flow.runner import read_lines
+from locedit.cli.main import main
+from locedit.localization.runner import read_lines
 from test_cli import render_check
 
 PROMPT = "The Eiffel Tower is located in the city of"
@@ -44,7 +44,7 @@ def saved_edit(model_dir, tmp_path_factory):
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "locedit.cli", *map(str, args)], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "locedit.cli.main", *map(str, args)], capture_output=True, text=True,
                           timeout=600)
 
 

@@ -109,7 +109,7 @@ def reference_knockout(family: str, input_ids, blocks) -> torch.Tensor:
     import locedit
 
     model_ = model(family, attn="eager")
-    adapter = locedit.adapters.adapter_for(model_)
+    adapter = locedit.core.adapters.adapter_for(model_)
     n = len(input_ids)
     handles = []
     for layer, block in enumerate(adapter.get_layers(model_)):
@@ -124,7 +124,7 @@ def reference_knockout(family: str, input_ids, blocks) -> torch.Tensor:
         def pre(module, args, kwargs, mask=mask):
             return args, {**kwargs, "attention_mask": mask}
 
-        handles.append(locedit.adapters._get(block, adapter.attn).register_forward_pre_hook(pre, with_kwargs=True))
+        handles.append(locedit.core.adapters._get(block, adapter.attn).register_forward_pre_hook(pre, with_kwargs=True))
     try:
         with torch.no_grad():
             return model_(input_ids=torch.tensor([list(input_ids)])).logits[0, -1]

@@ -8,10 +8,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from ..errors import FactError, LoceditError
-from ..facts import Fact
-from .edit import Edit, EditError, applied_edits, geometry
-from .hparams import METHOD_HPARAMS, as_dict, resolve_hparams
+from locedit.errors import FactError, LoceditError
+from locedit.core.facts import Fact
+from locedit.editing.edit import Edit, EditError, applied_edits, geometry
+from locedit.editing.hparams import METHOD_HPARAMS, as_dict, resolve_hparams
 
 METHODS = tuple(METHOD_HPARAMS)
 
@@ -83,8 +83,8 @@ def edit_many(lm, facts: Sequence[Fact], new_targets: Sequence[str], *, method: 
 
 
 def _compute(lm, method, facts, targets, layers, heads, rule, offsets, hp, stats, corpus, progress) -> Edit:
-    from .stats import key_statistics
-    from .templates import context_templates
+    from locedit.editing.stats import key_statistics
+    from locedit.editing.templates import context_templates
 
     notes: list[str] = []
     timings: dict = {}
@@ -104,27 +104,27 @@ def _compute(lm, method, facts, targets, layers, heads, rule, offsets, hp, stats
     # No weight is written while an edit is computed: ROME, head and FT optimise through hooks, MEMIT restores its
     # temporary writes (memit._restoring). The Edit is applied atomically afterwards.
     if method == "rome":
-        from .rome import rome_update
+        from locedit.editing.rome import rome_update
 
         result = rome_update(lm, facts[0], targets[0], layers[0], rule, offsets[0], hp,
                              stats.get("mlp", layers[0]) if hp.mom2_adjustment else None)
         deltas, keys, losses = [result.delta], {}, [result.losses]
         timings["values_s"] = result.seconds
     elif method == "memit":
-        from .memit import memit_update
+        from locedit.editing.memit import memit_update
 
         result = memit_update(lm, facts, targets, layers, rule, offsets, hp, stats)
         deltas, keys, losses = result.deltas, result.keys, result.losses
         timings["values_s"] = result.seconds_values
     elif method == "head":
-        from .heads import head_update
+        from locedit.editing.heads import head_update
 
         result = head_update(lm, facts[0], targets[0], heads, rule, offsets[0], hp, stats)
         deltas, keys, losses = result.deltas, {}, [result.losses]
         notes += result.notes
         timings["values_s"] = result.seconds
     else:
-        from .ft import ft_update
+        from locedit.editing.ft import ft_update
 
         result = ft_update(lm, facts[0], targets[0], layers[0], hp)
         deltas, keys, losses = [result.delta], {}, [result.losses]
@@ -191,7 +191,7 @@ def _new_target_text(lm, fact: Fact, new_target: str) -> str:
 
 
 def _locate(lm, fact: Fact):
-    from ..sites import locate
+    from locedit.localization.sites import locate
 
     return locate(lm, fact)
 
@@ -250,6 +250,6 @@ def save_model(lm, directory) -> Path:
     """Write `lm` (with whatever edits are applied) as a normal Hugging Face directory that `from_pretrained` loads:
     config.json, the tokenizer and model.safetensors, written to a temporary directory and renamed into place.
     Works also for models dequantized from GGUF files (whose config still names the GGUF quantizer)."""
-    from ..loading import write_hf_directory
+    from locedit.core.loading import write_hf_directory
 
     return write_hf_directory(lm.model, lm.tokenizer, Path(directory))

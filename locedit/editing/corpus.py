@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import DatasetError
+from locedit.errors import DatasetError
 
 log = logging.getLogger(__name__)
 

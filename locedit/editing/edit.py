@@ -27,8 +27,8 @@ from typing import Iterator
 
 import torch
 
-from ..errors import LoceditError
-from ..facts import Fact
+from locedit.errors import LoceditError
+from locedit.core.facts import Fact
 
 FORMAT = "locedit-edit"
 FORMAT_VERSION = 1

@@ -11,11 +11,11 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import LoceditError
-from ..facts import Fact
-from .edit import WeightDelta, tensor_sha256
-from .rank_one import param_name, weight_out_in
-from .values import _output_tensor, _replace_output, build_batch
+from locedit.errors import LoceditError
+from locedit.core.facts import Fact
+from locedit.editing.edit import WeightDelta, tensor_sha256
+from locedit.editing.rank_one import param_name, weight_out_in
+from locedit.editing.values import _output_tensor, _replace_output, build_batch
 
 
 @dataclass

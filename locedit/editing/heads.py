@@ -22,12 +22,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..errors import LoceditError
-from ..facts import Fact
-from .edit import WeightDelta
-from .rank_one import linear_delta, rank_one, weight_out_in
-from .templates import context_templates
-from .values import Site, build_batch, optimize_values
+from locedit.errors import LoceditError
+from locedit.core.facts import Fact
+from locedit.editing.edit import WeightDelta
+from locedit.editing.rank_one import linear_delta, rank_one, weight_out_in
+from locedit.editing.templates import context_templates
+from locedit.editing.values import Site, build_batch, optimize_values
 
 
 @dataclass

@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import LoceditError
+from locedit.errors import LoceditError
 
 
 @dataclass

@@ -17,17 +17,17 @@ from typing import Sequence
 
 import torch
 
-from ..facts import Fact
-from .edit import WeightDelta, applied_edits
-from .rank_one import (
+from locedit.core.facts import Fact
+from locedit.editing.edit import WeightDelta, applied_edits
+from locedit.editing.rank_one import (
     alphaedit_factors,
     linear_delta,
     memit_factors,
     nullspace_projector,
     weight_out_in,
 )
-from .templates import context_templates
-from .values import (
+from locedit.editing.templates import context_templates
+from locedit.editing.values import (
     Site,
     _output_tensor,
     build_batch,

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import LoceditError
-from .edit import WeightDelta, tensor_sha256
+from locedit.errors import LoceditError
+from locedit.editing.edit import WeightDelta, tensor_sha256
 
 
 def param_name(model: torch.nn.Module, param: torch.Tensor) -> str:

@@ -13,11 +13,11 @@ from dataclasses import dataclass
 
 import torch
 
-from ..facts import Fact
-from .edit import WeightDelta
-from .rank_one import linear_delta, rank_one
-from .templates import context_templates
-from .values import Site, build_batch, optimize_values
+from locedit.core.facts import Fact
+from locedit.editing.edit import WeightDelta
+from locedit.editing.rank_one import linear_delta, rank_one
+from locedit.editing.templates import context_templates
+from locedit.editing.values import Site, build_batch, optimize_values
 
 
 @dataclass

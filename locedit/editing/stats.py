@@ -42,8 +42,8 @@ from pathlib import Path
 
 import torch
 
-from ..errors import InterventionError, LoceditError
-from . import corpus as corpus_mod
+from locedit.errors import InterventionError, LoceditError
+from locedit.editing import corpus as corpus_mod
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ def key_statistics(lm, layers: Iterable[int] | None = None, kinds: str | Sequenc
     user corpus is used whole. `batch_tokens`: tokens per forward (rows are min(context, 256, batch_tokens) long).
     `cache`: read and write the disk cache (also for the sampled corpus). Raises LoceditError (InterventionError
     for a layer out of range, DatasetError for an empty or unreadable corpus)."""
-    from ..loading import cache_dir
+    from locedit.core.loading import cache_dir
 
     kinds = _check_kinds(kinds)
     layers = _check_layers(lm, layers)

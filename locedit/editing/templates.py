@@ -55,7 +55,7 @@ def _clean(text: str) -> str:
 
 
 def _key(lm, spec, seed) -> str:
-    from .stats import model_fingerprint
+    from locedit.editing.stats import model_fingerprint
 
     return f"{model_fingerprint(lm)}-{json.dumps(spec)}-{seed}"
 
@@ -63,7 +63,7 @@ def _key(lm, spec, seed) -> str:
 def _cache_path(key: str):
     import hashlib
 
-    from ..loading import cache_dir
+    from locedit.core.loading import cache_dir
 
     return cache_dir() / "templates" / (hashlib.sha256(key.encode()).hexdigest()[:32] + ".json")
 

@@ -20,8 +20,8 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from ..errors import FactError, LoceditError
-from ..facts import Fact, encode_fact
+from locedit.errors import FactError, LoceditError
+from locedit.core.facts import Fact, encode_fact
 
 KEY_POSITIONS = ("subject_last", "carrier", "last")
 
@@ -201,7 +201,7 @@ def optimize_values_many(lm, batches: Sequence[PromptBatch], sites: Sequence[Sit
     projection only where a loss term reads it."""
     import time
 
-    from ..engine.run import _forward_params, _output_cache
+    from locedit.core.engine.run import _forward_params, _output_cache
 
     start = time.perf_counter()
     merged, row_fact, target_index_cols = _merge(lm, batches)

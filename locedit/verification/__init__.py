@@ -2,18 +2,18 @@
 perplexity drift), mechanistic checks (does the new attribute go through the located mechanism?), `verify`,
 `evaluate` over a fact set, and the before/after report."""
 
-from .verify import Verification, verify
+from locedit.verification.verify import Verification, verify
 
 __all__ = ["Verification", "verify", "evaluate", "verify_and_report"]
 
 
 def __getattr__(name):  # heavier pieces load on first use
     if name == "evaluate":
-        from .evaluate import evaluate
+        from locedit.verification.evaluate import evaluate
 
         return evaluate
     if name == "verify_and_report":
-        from .report import verify_and_report
+        from locedit.verification.report import verify_and_report
 
         return verify_and_report
     raise AttributeError(name)

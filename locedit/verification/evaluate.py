@@ -4,7 +4,7 @@ relation. `sequential=True` instead keeps the edits applied and measures, every 
 and a fixed probe set: the collapse curve.
 
 Protocol: facts without a `target_new` are skipped, and so are facts the model does not know (the true target's
-first token is not its top-1; the paper's convention, `locedit.datasets.known_facts`); both are counted.
+first token is not its top-1; the paper's convention, `locedit.core.datasets.known_facts`); both are counted.
 
 Files in `out_dir`: `results.jsonl` (one line per fact: `{"id", "fact", "new_target", "options", "result"}` or
 `"error"`), `aggregate.json`, `table.md`; sequential runs: `sequential.jsonl`, `collapse.png/.svg`.
@@ -28,10 +28,10 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from ..errors import DatasetError, LoceditError
-from ..facts import Fact
-from ..flow.common import _jsonable
-from ..flow.runner import _append, _normalize, _rewrite, fact_id, fact_record, read_lines
+from locedit.errors import DatasetError, LoceditError
+from locedit.core.facts import Fact
+from locedit.localization.common import _jsonable
+from locedit.localization.runner import _append, _normalize, _rewrite, fact_id, fact_record, read_lines
 
 logger = logging.getLogger("locedit")
 
@@ -103,7 +103,7 @@ def summarize(results: Sequence[dict]) -> dict:
         low, high = bootstrap_ci(values)
         out[name] = {"mean": float(np.mean(values)), "ci95": [low, high], "n": len(values)}
     means = [out.get(k, {}).get("mean") for k in ("efficacy_score", "paraphrase_score", "neighborhood_score")]
-    from .metrics import harmonic_mean
+    from locedit.verification.metrics import harmonic_mean
 
     out["score_of_means"] = {"mean": harmonic_mean(means), "ci95": [None, None], "n": len(results)}
     return out
@@ -166,7 +166,7 @@ def _num(v) -> str:
 
 # --- the per-fact run ------------------------------------------------------------------------------------------------
 def _default_edit(lm, fact, new_target, **options):
-    from ..editing import edit
+    from locedit.editing import edit
 
     return edit(lm, fact, new_target, **options)
 
@@ -175,7 +175,7 @@ def evaluate_one(lm, fact: Fact, new_target: str, *, edit_options: dict, verify_
                  edit_fn: Callable | None = None) -> dict:
     """Edit one fact, verify, revert. A `LoceditError` (e.g. the model already predicts the new target) becomes
     `{"error": ...}`."""
-    from .verify import verify
+    from locedit.verification.verify import verify
 
     edit_fn = edit_fn or _default_edit
     start = time.perf_counter()
@@ -216,7 +216,7 @@ def _worker(spec: str, rank: int, todo: list, path: str, options: dict, edit_opt
             threads: int, dtype, device) -> None:  # pragma: no cover - runs in a subprocess
     import torch
 
-    from ..loading import load
+    from locedit.core.loading import load
 
     torch.set_num_threads(max(1, threads))
     lm = load(spec, dtype=dtype, device=device)
@@ -265,7 +265,7 @@ class Evaluation:
 
 def prepare_facts(lm, facts, *, n: int | None, only_known: bool, progress: bool) -> tuple[list, dict]:
     """(fact, new target) pairs to edit, and the counts of what was skipped."""
-    from ..datasets import known_facts
+    from locedit.core.datasets import known_facts
 
     facts = list(getattr(facts, "facts", facts))
     counts = {"given": len(facts)}
@@ -313,7 +313,7 @@ def evaluate(model, facts, out_dir: str | Path, *, method: str = "rome", layers:
     (known) facts. `edit_options`: more keyword arguments for `locedit.edit` (hparams, key_position, ...);
     `verify_options`: for `verify` (generation_tokens, fluency_tokens, ...). `edit_fn(lm, fact, new_target,
     **options) -> Edit` replaces `locedit.edit` (tests; not with jobs > 1)."""
-    from ..loading import load
+    from locedit.core.loading import load
 
     lm = model if hasattr(model, "model") and hasattr(model, "tokenizer") else load(model, dtype=dtype, device=device)
     out = Path(out_dir)
@@ -352,7 +352,7 @@ def evaluate(model, facts, out_dir: str | Path, *, method: str = "rome", layers:
     counts["evaluated"] = sum("result" in l for l in mine)
     counts["errors"] = sum("error" in l for l in mine)
     agg = aggregate(mine, counts)
-    from ..report import write_atomic
+    from locedit.core.report import write_atomic
 
     write_atomic(out / "aggregate.json", json.dumps(_jsonable(agg), indent=1))
     write_atomic(out / "table.md", table(agg))
@@ -394,7 +394,7 @@ def _probe_set(lm, all_facts, edited: list, probes: int) -> list[tuple[Fact, str
     pool = [f for f in getattr(all_facts, "facts", all_facts)
             if fact_id(f) not in edited_ids and f.target is not None and isinstance(f.meta, dict)
             and f.meta.get("target_new")]
-    from ..datasets import known_facts
+    from locedit.core.datasets import known_facts
 
     pool = known_facts(lm, pool[-4 * probes:], progress=False)[-probes:] if pool else []
     return [(f, f.meta["target_new"]) for f in pool]
@@ -403,7 +403,7 @@ def _probe_set(lm, all_facts, edited: list, probes: int) -> list[tuple[Fact, str
 def _sequential_point(lm, edited: list, probe: list, count: int) -> dict:
     import torch
 
-    from .metrics import continuation, perplexity, target_probs
+    from locedit.verification.metrics import continuation, perplexity, target_probs
 
     point: dict[str, Any] = {"edits": count}
     if edited:
@@ -435,8 +435,8 @@ def _sequential(lm, todo: list, all_facts, out: Path, *, every: int, probes: int
     model state would have to be rebuilt): the file is rewritten from scratch."""
     from tqdm.auto import tqdm
 
-    from ..report import write_atomic
-    from .plots import collapse_figure
+    from locedit.core.report import write_atomic
+    from locedit.verification.plots import collapse_figure
 
     if every < 1:
         raise LoceditError(f"every must be at least 1, not {every}")
@@ -470,7 +470,7 @@ def _sequential(lm, todo: list, all_facts, out: Path, *, every: int, probes: int
             if e.is_applied:
                 e.revert()
     fig = collapse_figure(points)
-    from ..plots import save_figure
+    from locedit.core.plots import save_figure
 
     save_figure(fig, out / "collapse")
     counts = {**counts, "edited": len(edited), "edit_errors": len(errors), "probes": len(probe)}

@@ -4,7 +4,7 @@ After the edit, locedit's own analyses are re-run on the edit prompt for the **n
 same analyses for the **old** target on the unedited model (measured with the edit reverted). Four checks, each
 with its numbers, a pass rule and its evidence (the thresholds are the module constants below):
 
-* **knockout** (attention knockout, `locedit.flow.attention_knockout`, window 9, groups subject / non-subject /
+* **knockout** (attention knockout, `locedit.localization.attention_knockout`, window 9, groups subject / non-subject /
   last): blocking last -> subject must still cut the prediction, at about the same layers. Passes when, after the
   edit, blocking the subject at its critical window (where it hurts most) lowers the log-odds of p(new) by at least
   `KNOCKOUT_MIN_LOGODDS` (log-odds rather than the relative change: an edit saturates p(new) near 1, where
@@ -16,7 +16,7 @@ with its numbers, a pass rule and its evidence (the thresholds are the module co
   heads with the largest direct logit attribution to the old target before the edit (the strongest of SiteMap's
   head evidence, at the cost of one forward). Direct
   logit of a head = the target's logit from the final residual minus the logit without that head's output at the
-  last position (as `locedit.flow.heads.head_effects`). Passes when, summed over those heads, the direct logit of
+  last position (as `locedit.localization.heads.head_effects`). Passes when, summed over those heads, the direct logit of
   the new target after the edit exceeds the old target's after the edit, and rose by at least
   `EXTRACTION_MIN_GAIN` (logits) from before the edit. Evidence: per-head values, and extraction events (layers
   whose attention / MLP output at the last position projects to the target at top-1) for old-before and new-after.
@@ -51,11 +51,11 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..engine import Capture, SetSublayer, run
-from ..facts import EncodedFact, Fact
-from ..flow.heads import _head_contributions
-from ..flow.knockout import attention_knockout, position_groups
-from ..flow.common import rank_of
+from locedit.core.engine import Capture, SetSublayer, run
+from locedit.core.facts import EncodedFact, Fact
+from locedit.localization.heads import _head_contributions
+from locedit.localization.knockout import attention_knockout, position_groups
+from locedit.localization.common import rank_of
 
 KNOCKOUT_WINDOW = 9
 KNOCKOUT_MIN_LOGODDS = 1.0
@@ -156,7 +156,7 @@ def _neighbour_readout(lm, prompt: Fact | str, true_target: str) -> dict:
     positions, or at 1..n-2 for a bare prompt) and the top head (largest direct logit to the true target)."""
     if isinstance(prompt, Fact):
         enc = lm.encode(Fact(prompt.subject, prompt.prompt, true_target))
-        from ..sites import site_positions
+        from locedit.localization.sites import site_positions
 
         positions = site_positions(enc)
         text = prompt.prompt
@@ -165,7 +165,7 @@ def _neighbour_readout(lm, prompt: Fact | str, true_target: str) -> dict:
         ids = list(lm.tokenizer(text, add_special_tokens=True)["input_ids"])
         positions = list(range(1, len(ids) - 1)) or list(range(max(1, len(ids) - 1)))
         enc = ids
-    from .metrics import prompt_ids, target_ids
+    from locedit.verification.metrics import prompt_ids, target_ids
 
     pids = prompt_ids(lm, text)
     true_id = target_ids(lm, text, true_target, pids)[0]

@@ -32,9 +32,9 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
-from ..editing.values import pad_rows
-from ..engine.run import _forward_params, _output_cache
-from ..errors import FactError
+from locedit.editing.values import pad_rows
+from locedit.core.engine.run import _forward_params, _output_cache
+from locedit.errors import FactError
 
 # A fixed, neutral text sample for the perplexity drift (no facts that edits in the curated set touch).
 PERPLEXITY_TEXT = [

@@ -6,7 +6,7 @@ import html
 import json
 from pathlib import Path
 
-from ..report import figure_data_uri, figure_html, page, table, write_atomic
+from locedit.core.report import figure_data_uri, figure_html, page, table, write_atomic
 
 
 def _v(x, spec=".3f") -> str:
@@ -19,7 +19,7 @@ def _v(x, spec=".3f") -> str:
 
 def verification_report(d: dict) -> str:
     """The HTML of one verification (a `Verification.to_dict()`)."""
-    from .plots import verification_figure
+    from locedit.verification.plots import verification_figure
 
     b, before, m = d["behaviour"], d["behaviour"]["before"], d.get("mechanism")
     facts = "".join(f"<li><b>{html.escape(f['prompt'])}</b> {html.escape(repr(f['true_target']))} → "
@@ -74,8 +74,8 @@ def verification_report(d: dict) -> str:
 def verify_and_report(lm, edit, out_dir, **verify_options):
     """Verify `edit` on `lm` (applied or not; left as it was), write `verification.json`, `figures/verification.png`
     and `.svg`, and a self-contained `report.html` into `out_dir`. Returns the Verification."""
-    from ..plots import save_figure
-    from .verify import verify
+    from locedit.core.plots import save_figure
+    from locedit.verification.verify import verify
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -97,7 +97,7 @@ def evaluation_report(agg: dict, model_name: str, method: str, figures: dict | N
                 for k, s in agg["overall"].items()]
         sections += ["<h2>All facts (mean, bootstrap 95% CI)</h2>",
                      table(rows, ["metric", "mean", "CI low", "CI high", "n"])]
-        from .evaluate import TABLE_COLUMNS
+        from locedit.verification.evaluate import TABLE_COLUMNS
 
         rel = [{"relation": r, "n": s["n"], **{c: s.get(c, {}).get("mean") for c in TABLE_COLUMNS}}
                for r, s in agg.get("by_relation", {}).items()]

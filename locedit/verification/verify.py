@@ -21,11 +21,11 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from ..errors import LoceditError
-from ..facts import Fact
-from ..flow.common import _jsonable
-from . import mechanism as mech
-from .metrics import (PERPLEXITY_TEXT, contains_target, fluency, greedy_generate_ids, harmonic_mean,
+from locedit.errors import LoceditError
+from locedit.core.facts import Fact
+from locedit.localization.common import _jsonable
+from locedit.verification import mechanism as mech
+from locedit.verification.metrics import (PERPLEXITY_TEXT, contains_target, fluency, greedy_generate_ids, harmonic_mean,
                       kl_divergence, perplexity, success_and_magnitude, target_probs)
 
 BEHAVIOUR_RULE = ("ES = 1 on the rewrite prompt; greedy generation from the rewrite prompt contains the new target; "
@@ -90,7 +90,7 @@ def _neighbours(items, fact: Fact) -> list[tuple]:
 
 
 def _cont(prompt: str, target: str) -> str:
-    from .metrics import continuation
+    from locedit.verification.metrics import continuation
 
     return continuation(prompt, target)
 
@@ -258,7 +258,7 @@ class Verification:
         return summary_text(self.to_dict())
 
     def plot(self):
-        from .plots import verification_figure
+        from locedit.verification.plots import verification_figure
 
         return verification_figure(self.to_dict())
 

@@ -9,11 +9,11 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..engine import Capture, SetResidual, run
-from ..facts import EncodedFact, Fact
-from ..lm import LM, Projection
-from .common import FlowResult, Target, as_encoded, fact_summary, mean_ci, resolve_target
-from .knockout import position_groups
+from locedit.core.engine import Capture, SetResidual, run
+from locedit.core.facts import EncodedFact, Fact
+from locedit.core.lm import LM, Projection
+from locedit.localization.common import FlowResult, Target, as_encoded, fact_summary, mean_ci, resolve_target
+from locedit.localization.knockout import position_groups
 
 
 @dataclass
@@ -33,7 +33,7 @@ class PatchingResult(FlowResult):
     analysis = "state_patching"
 
     def plot(self, ax=None):
-        from ..plots import patching_bars
+        from locedit.core.plots import patching_bars
 
         return patching_bars(self.aggregate([self.to_dict()]), ax=ax)
 

@@ -19,12 +19,12 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
-from ..engine import Capture, run
-from ..facts import EncodedFact, Fact
-from ..lm import LM, Projection
-from .attributes import AttributeSet, attribute_set, decode_ids
-from .common import FlowResult, Target, as_encoded, clean_token, fact_summary, resolve_target
-from .common import mean_ci as _mean_ci
+from locedit.core.engine import Capture, run
+from locedit.core.facts import EncodedFact, Fact
+from locedit.core.lm import LM, Projection
+from locedit.localization.attributes import AttributeSet, attribute_set, decode_ids
+from locedit.localization.common import FlowResult, Target, as_encoded, clean_token, fact_summary, resolve_target
+from locedit.localization.common import mean_ci as _mean_ci
 
 POSITIONS: tuple[str, ...] = ("first", "subject_first", "subject_last", "after_subject", "last")
 
@@ -103,7 +103,7 @@ class AttributeRateResult(FlowResult):
         return aggregate(results)
 
     def plot(self, ax=None):
-        from ..plots import attribute_rate_curves
+        from locedit.core.plots import attribute_rate_curves
 
         return attribute_rate_curves([self], ax=ax)
 

@@ -9,11 +9,11 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
-from ..engine import BlockAttention, run
-from ..errors import InterventionError
-from ..facts import EncodedFact, Fact
-from ..lm import LM
-from .common import FlowResult, Target, as_encoded, fact_summary, resolve_target, window_layers
+from locedit.core.engine import BlockAttention, run
+from locedit.errors import InterventionError
+from locedit.core.facts import EncodedFact, Fact
+from locedit.core.lm import LM
+from locedit.localization.common import FlowResult, Target, as_encoded, fact_summary, resolve_target, window_layers
 
 
 def position_groups(enc: EncodedFact, groups: str | Mapping[str, Sequence[int]] = "default") -> dict[str, tuple]:
@@ -52,7 +52,7 @@ class KnockoutResult(FlowResult):
     analysis = "attention_knockout"
 
     def plot(self, ax=None):
-        from ..plots import knockout_curves
+        from locedit.core.plots import knockout_curves
 
         return knockout_curves([self], ax=ax)
 
@@ -79,8 +79,8 @@ def attention_knockout_many(lm: LM, facts: Sequence[Fact | EncodedFact], *, wind
     """`attention_knockout` of several facts, their rows packed into shared forward passes (`run_packed`); each
     result equals the single-fact one. `targets`: already resolved targets (else one padded forward resolves
     them all)."""
-    from ..engine import run_packed
-    from .common import resolve_targets
+    from locedit.core.engine import run_packed
+    from locedit.localization.common import resolve_targets
 
     if window < 1:
         raise InterventionError(f"window must be at least 1, not {window}")
@@ -140,7 +140,7 @@ class KnockoutMap(FlowResult):
     analysis = "knockout_map"
 
     def plot(self, ax=None):
-        from ..plots import knockout_heatmap
+        from locedit.core.plots import knockout_heatmap
 
         return knockout_heatmap(self, ax=ax)
 

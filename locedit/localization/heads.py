@@ -9,15 +9,15 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..engine import BlockAttention, Capture, SetHeads, run
-from ..facts import EncodedFact, Fact
-from ..lm import LM, Projection
-from .common import FlowResult, Target, as_encoded, fact_summary, rank_of, resolve_target
+from locedit.core.engine import BlockAttention, Capture, SetHeads, run
+from locedit.core.facts import EncodedFact, Fact
+from locedit.core.lm import LM, Projection
+from locedit.localization.common import FlowResult, Target, as_encoded, fact_summary, rank_of, resolve_target
 
 
 def head_ov(lm: LM, layer: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """W_V (heads, head_dim, d), b_V (heads, head_dim) or None, W_O (heads, d, head_dim) of one layer."""
-    from ..lm import materialized
+    from locedit.core.lm import materialized
 
     w_v, b_v, w_o = [], [], []
     with materialized(lm.layers[layer]):  # offloaded (device_map) weights are loaded for the read
@@ -65,7 +65,7 @@ class HeadProjectionResult(FlowResult):
     analysis = "head_projection"
 
     def plot(self, ax=None):
-        from ..plots import heads_table
+        from locedit.core.plots import heads_table
 
         return heads_table(self.top_heads[:15], ax=ax)
 
@@ -96,8 +96,8 @@ def head_projection_many(lm: LM, facts: Sequence[Fact | EncodedFact], *, project
                          ) -> list[HeadProjectionResult]:
     """`head_projection` of several facts: one padded forward captures every fact's states, and each layer's OV
     weights are gathered once for all facts. `fact_heads[k]` overrides `heads` for fact k."""
-    from ..engine import run_batch
-    from .common import resolve_targets
+    from locedit.core.engine import run_batch
+    from locedit.localization.common import resolve_targets
 
     encs = [as_encoded(lm, f) for f in facts]
     if not encs:
@@ -184,8 +184,8 @@ def head_effects_many(lm: LM, facts: Sequence[Fact | EncodedFact], *, use_fact_t
                       targets: Sequence[Target] | None = None, max_rows: int = 512) -> list[HeadEffectsResult]:
     """`head_effects` of several facts: one padded clean forward for all, then every fact's knockout rows packed
     into shared passes (`run_packed`); each result equals the single-fact one."""
-    from ..engine import run_batch, run_packed
-    from .common import resolve_targets
+    from locedit.core.engine import run_batch, run_packed
+    from locedit.localization.common import resolve_targets
 
     encs = [as_encoded(lm, f) for f in facts]
     if not encs:
@@ -246,7 +246,7 @@ def _head_contributions(lm: LM, layer: int, clean, row: int = 0, cache: dict | N
     per_head = torch.einsum("hdk,hk->hd", w_o, z)  # float32: the difference below must not lose the small heads
     if not lm.adapter.post_norms:
         return per_head
-    from ..lm import materialized
+    from locedit.core.lm import materialized
 
     with materialized(lm.layers[layer]):
         bias = lm.adapter.attn_output_bias(lm.model, layer)

@@ -11,10 +11,10 @@ from typing import Iterator, Sequence
 
 import torch
 
-from ..errors import FactError, InterventionError
-from ..facts import EncodedFact, Fact
-from .hooks import Layout, Pass, attached
-from .interventions import AddEmbeddingNoise, Capture, Intervention, SetHeads, first_layer, written_positions
+from locedit.errors import FactError, InterventionError
+from locedit.core.facts import EncodedFact, Fact
+from locedit.core.engine.hooks import Layout, Pass, attached
+from locedit.core.engine.interventions import AddEmbeddingNoise, Capture, Intervention, SetHeads, first_layer, written_positions
 
 Rows = Sequence[Sequence[Intervention]]
 

@@ -16,8 +16,8 @@ from typing import Iterable, Mapping, Sequence
 
 import torch
 
-from ..errors import DatasetError
-from .common import clean_token
+from locedit.errors import DatasetError
+from locedit.localization.common import clean_token
 
 DEFAULT_PROMPTS: tuple[str, ...] = (
     "{subject} is",

@@ -27,13 +27,13 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .engine import SetSublayer, run
-from .facts import EncodedFact, Fact
-from .flow.causal_trace import causal_trace
-from .flow.common import FlowResult, as_encoded, fact_summary, resolve_target, window_layers
-from .flow.heads import head_effects, head_projection
-from .flow.knockout import attention_knockout
-from .lm import LM
+from locedit.core.engine import SetSublayer, run
+from locedit.core.facts import EncodedFact, Fact
+from locedit.localization.causal_trace import causal_trace
+from locedit.localization.common import FlowResult, as_encoded, fact_summary, resolve_target, window_layers
+from locedit.localization.heads import head_effects, head_projection
+from locedit.localization.knockout import attention_knockout
+from locedit.core.lm import LM
 
 MLP_WEIGHTS = {"knockout_cell": 0.4, "trace": 0.3, "knockout_layer": 0.3}
 HEAD_WEIGHTS = {"direct_logit": 0.35, "output_knockout": 0.35, "edge_knockout": 0.15, "ov": 0.15}
@@ -65,7 +65,7 @@ class SiteMap(FlowResult):
     analysis = "locate"
 
     def plot(self, ax=None):
-        from .plots import sitemap_figure
+        from locedit.core.plots import sitemap_figure
 
         return sitemap_figure(self)
 
@@ -147,13 +147,13 @@ def locate_batch(lm: LM, facts: Sequence[Fact | EncodedFact], *, samples: int = 
                  edit_layers: int = 1, edit_heads: int = 3, ov_candidates: int = 30,
                  use_fact_target: bool = False, max_rows: int = 512) -> list[SiteMap]:
     """`locate` of several facts at once: every analysis packs the facts' rows into shared forward passes
-    (`locedit.engine.run_packed`), so a GPU runs a few large forwards instead of many small ones per fact. Each
+    (`locedit.core.engine.run_packed`), so a GPU runs a few large forwards instead of many small ones per fact. Each
     SiteMap equals `locate(lm, fact)`'s (tested to 1e-5 in float32); `seconds` is the batch's time divided
     evenly. `max_rows` bounds the rows of one pass (memory)."""
-    from .flow.causal_trace import causal_trace_many
-    from .flow.common import resolve_targets
-    from .flow.heads import head_effects_many, head_projection_many
-    from .flow.knockout import attention_knockout_many
+    from locedit.localization.causal_trace import causal_trace_many
+    from locedit.localization.common import resolve_targets
+    from locedit.localization.heads import head_effects_many, head_projection_many
+    from locedit.localization.knockout import attention_knockout_many
 
     start = time.perf_counter()
     encs = [as_encoded(lm, f) for f in facts]
@@ -269,8 +269,8 @@ def _rank_one_recommendation(lm: LM, enc: EncodedFact, located: list[int], carri
     """Where to make a rank-one edit: the located layer(s) keyed at the carrier token, unless the model has a
     measured edit layer (`locedit.editing.measured`: a fixed layer that beat the located one on held-out facts);
     the located layer(s) are always kept in `located_layers`."""
-    from .editing.measured import measured_layer
-    from .editing.values import key_position
+    from locedit.editing.measured import measured_layer
+    from locedit.editing.values import key_position
 
     located_site = {"located_layers": located, "located_position": carrier_pos}
     measured = measured_layer(lm)
@@ -325,7 +325,7 @@ def _mlp_knockout_rows(lm: LM, enc: EncodedFact) -> list:
 
 def _mlp_knockouts_many(lm: LM, encs: Sequence[EncodedFact], targets, max_rows: int = 512) -> list:
     """`_mlp_knockouts` of several facts in shared passes (`run_packed`)."""
-    from .engine import run_packed
+    from locedit.core.engine import run_packed
 
     plans = [_mlp_knockout_rows(lm, enc) for enc in encs]
     rows = [r for plan in plans for r in plan]
@@ -345,10 +345,10 @@ def _mlp_knockouts_many(lm: LM, encs: Sequence[EncodedFact], targets, max_rows: 
 
 def locate_many(lm: LM, facts: Sequence[Fact], out_path, *, progress: bool = True, only_known: bool = False,
                 batch_facts: int | None = None, **options):
-    """`locate` over many facts into a resumable JSON Lines file (see `locedit.flow.run_dataset`). Facts are
+    """`locate` over many facts into a resumable JSON Lines file (see `locedit.localization.run_dataset`). Facts are
     located `batch_facts` at a time with `locate_batch` (default 16 on a GPU, 1 on the CPU; see
-    `locedit.flow.runner.default_batch_facts`); the results are the same to float rounding."""
-    from .flow.runner import run_dataset
+    `locedit.localization.runner.default_batch_facts`); the results are the same to float rounding."""
+    from locedit.localization.runner import run_dataset
 
     return run_dataset(lm, locate, facts, out_path, options=options, progress=progress, only_known=only_known,
                        batch_facts=batch_facts)

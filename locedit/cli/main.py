@@ -10,15 +10,15 @@ import time
 from pathlib import Path
 
 ANALYSES = {
-    "knockout": ("locedit.flow.knockout", "attention_knockout"),
-    "knockout-map": ("locedit.flow.knockout", "knockout_map"),
-    "attribute-rate": ("locedit.flow.attribute_rate", "attribute_rate"),
-    "sublayer": ("locedit.flow.sublayer", "sublayer_knockout"),
-    "extraction": ("locedit.flow.extraction", "extraction_events"),
-    "heads": ("locedit.flow.heads", "head_projection"),
-    "head-effects": ("locedit.flow.heads", "head_effects"),
-    "patching": ("locedit.flow.patching", "state_patching"),
-    "trace": ("locedit.flow.causal_trace", "causal_trace"),
+    "knockout": ("locedit.localization.knockout", "attention_knockout"),
+    "knockout-map": ("locedit.localization.knockout", "knockout_map"),
+    "attribute-rate": ("locedit.localization.attribute_rate", "attribute_rate"),
+    "sublayer": ("locedit.localization.sublayer", "sublayer_knockout"),
+    "extraction": ("locedit.localization.extraction", "extraction_events"),
+    "heads": ("locedit.localization.heads", "head_projection"),
+    "head-effects": ("locedit.localization.heads", "head_effects"),
+    "patching": ("locedit.localization.patching", "state_patching"),
+    "trace": ("locedit.localization.causal_trace", "causal_trace"),
 }
 
 
@@ -97,8 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     facts.add_argument("--format", choices=["table", "jsonl"], default="table")
     facts.add_argument("--relations", action="store_true", help="print the relations and their counts instead")
 
-    from .editing.cli import add_parser as _edit_parser
-    from .verification.cli import add_parsers as _verification_parsers
+    from locedit.cli.edit import add_parser as _edit_parser
+    from locedit.cli.verify import add_parsers as _verification_parsers
 
     _edit_parser(sub, _model_args, _fact_args)
 
@@ -109,10 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from .errors import LoceditError
+    from locedit.errors import LoceditError
 
     try:
-        from .verification.cli import cmd_evaluate, cmd_verify
+        from locedit.cli.verify import cmd_evaluate, cmd_verify
 
         return {"locate": cmd_locate, "analyze": cmd_analyze, "facts": cmd_facts, "models": cmd_models,
                 "verify": cmd_verify, "evaluate": cmd_evaluate, "edit": cmd_edit}[args.command](args)
@@ -141,8 +141,8 @@ def _load(args):
 
 
 def _facts(args, lm=None) -> list:
-    from .datasets import curated_facts_path, known_facts, read_facts
-    from .facts import Fact
+    from locedit.core.datasets import curated_facts_path, known_facts, read_facts
+    from locedit.core.facts import Fact
 
     if args.facts is not None:
         if args.subject or args.prompt:
@@ -164,21 +164,21 @@ def _facts(args, lm=None) -> list:
 
 
 def _save_figure(fig, out: Path, name: str) -> None:
-    from .plots import save_figure
+    from locedit.core.plots import save_figure
 
     save_figure(fig, out / "figures" / name)
 
 
 # --- commands --------------------------------------------------------------------------------------------------
 def cmd_edit(args) -> int:
-    from .editing.cli import cmd_edit as run_edit
+    from locedit.cli.edit import cmd_edit as run_edit
 
     return run_edit(args, _load, _facts, UserError)
 
 
 def cmd_locate(args) -> int:
-    from .sites import SiteMap, locate
-    from .report import dataset_report, sitemap_report, write_atomic
+    from locedit.localization.sites import SiteMap, locate
+    from locedit.core.report import dataset_report, sitemap_report, write_atomic
 
     if args.facts is None:
         facts = _facts(args)  # validate the fact before loading a model
@@ -195,8 +195,8 @@ def cmd_locate(args) -> int:
         report = write_atomic(out / "report.html", sitemap_report(sitemap, lm.name))
         print(sitemap.summary())
     else:
-        from .flow.runner import run_dataset
-        from .plots import heads_table
+        from locedit.localization.runner import run_dataset
+        from locedit.core.plots import heads_table
 
         start = time.perf_counter()
         result = run_dataset(lm, locate, facts, out / "sites.jsonl", options=options,
@@ -218,7 +218,7 @@ def cmd_locate(args) -> int:
 def cmd_analyze(args) -> int:
     import importlib
 
-    from .report import write_atomic
+    from locedit.core.report import write_atomic
 
     module_name, fn_name = ANALYSES[args.analysis]
     fn = getattr(importlib.import_module(module_name), fn_name)
@@ -240,7 +240,7 @@ def cmd_analyze(args) -> int:
             pass
         print(f"wrote {out / (name + '.json')}")
         return 0
-    from .flow.runner import run_dataset
+    from locedit.localization.runner import run_dataset
 
     result = run_dataset(lm, fn, facts, out / f"{name}.jsonl", options=options,
                          batch_facts=getattr(args, "batch_facts", None))
@@ -248,7 +248,7 @@ def cmd_analyze(args) -> int:
     write_atomic(out / f"{name}_aggregate.json", json.dumps(aggregate, indent=1, default=str))
     figure = result.figure(aggregate)
     if figure is not None:  # the paper's figure: mean curves with 95% CIs over facts, next to the JSONL
-        from .plots import save_figure
+        from locedit.core.plots import save_figure
 
         save_figure(figure, out / name)
     print(f"{len(result.results)} facts, {len(result.errors)} errors; wrote {out / (name + '.jsonl')}"
@@ -276,14 +276,14 @@ def _analysis_options(args, lm) -> dict:
     if args.paragraphs is not None:
         if args.analysis not in ("attribute-rate", "sublayer"):
             raise UserError("--paragraphs only applies to attribute-rate and sublayer")
-        from .flow.attributes import load_paragraphs
+        from locedit.localization.attributes import load_paragraphs
 
         options["paragraphs"] = load_paragraphs(args.paragraphs)
     return options
 
 
 def cmd_facts(args) -> int:
-    from .datasets import curated_facts_path, known_facts, read_facts
+    from locedit.core.datasets import curated_facts_path, known_facts, read_facts
 
     path = args.file or curated_facts_path()
     fact_file = read_facts(path)
@@ -319,8 +319,8 @@ def cmd_facts(args) -> int:
 
 
 def cmd_models(args) -> int:
-    from .adapters import ADAPTERS
-    from .loading import ALIASES
+    from locedit.core.adapters import ADAPTERS
+    from locedit.core.loading import ALIASES
 
     print("aliases:")
     for alias, description in ALIASES.items():

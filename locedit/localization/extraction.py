@@ -9,10 +9,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..engine import BlockAttention, Capture, SetHeads, run
-from ..facts import EncodedFact, Fact
-from ..lm import LM, Projection
-from .common import FlowResult, Target, as_encoded, fact_summary, mean_ci, rank_of, resolve_target
+from locedit.core.engine import BlockAttention, Capture, SetHeads, run
+from locedit.core.facts import EncodedFact, Fact
+from locedit.core.lm import LM, Projection
+from locedit.localization.common import FlowResult, Target, as_encoded, fact_summary, mean_ci, rank_of, resolve_target
 
 
 def ablation_keys(enc: EncodedFact) -> dict[str, tuple[int, ...] | None]:
@@ -62,7 +62,7 @@ class ExtractionResult(FlowResult):
     analysis = "extraction_events"
 
     def plot(self, ax=None):
-        from ..plots import extraction_rates
+        from locedit.core.plots import extraction_rates
 
         return extraction_rates(self.aggregate([self.to_dict()]), ax=ax)
 

@@ -12,7 +12,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from .errors import UnsupportedModelError
+from locedit.errors import UnsupportedModelError
 
 QKVLayout = Literal["separate", "fused", "gpt2_conv1d", "neox_interleaved"]
 

@@ -1,4 +1,4 @@
-"""The `verify` and `evaluate` subcommands of the `locedit` command line (registered by `locedit.cli`)."""
+"""The `verify` and `evaluate` subcommands of the `locedit` command line (registered by `locedit.cli.main`)."""
 
 from __future__ import annotations
 
@@ -7,12 +7,12 @@ import sys
 import time
 from pathlib import Path
 
-from ..errors import LoceditError
+from locedit.errors import LoceditError
 
 
 class UserError(LoceditError):
-    """A mistake in the command line or its inputs (a LoceditError, so `locedit.cli.main` prints one line and
-    exits 2 also when the module runs as `python -m locedit.cli`)."""
+    """A mistake in the command line or its inputs (a LoceditError, so `locedit.cli.main.main` prints one line and
+    exits 2 also when the module runs as `python -m locedit.cli.main`)."""
 
 
 def add_parsers(sub, model_args) -> None:
@@ -57,11 +57,11 @@ def add_parsers(sub, model_args) -> None:
 
 
 def cmd_verify(args) -> int:
-    from ..cli import _load, _save_figure
-    from ..editing import load_edit
-    from ..report import write_atomic
-    from .report import verification_report
-    from .verify import verify
+    from locedit.cli.main import _load, _save_figure
+    from locedit.editing import load_edit
+    from locedit.core.report import write_atomic
+    from locedit.verification.report import verification_report
+    from locedit.verification.verify import verify
 
     if not args.edit.exists():
         raise UserError(f"edit directory {str(args.edit)!r} does not exist")
@@ -86,10 +86,10 @@ def cmd_verify(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from ..datasets import curated_facts_path, read_facts
-    from ..report import write_atomic
-    from .evaluate import evaluate, table
-    from .report import evaluation_report
+    from locedit.core.datasets import curated_facts_path, read_facts
+    from locedit.core.report import write_atomic
+    from locedit.verification.evaluate import evaluate, table
+    from locedit.verification.report import evaluation_report
 
     path = curated_facts_path() if str(args.facts) == "curated" else args.facts
     fact_file = read_facts(path)
@@ -101,7 +101,7 @@ def cmd_evaluate(args) -> int:
         raise UserError("--jobs must be at least 1")
     import torch
 
-    from ..loading import load
+    from locedit.core.loading import load
 
     torch.set_num_threads(max(1, args.threads))
     print(f"loading {args.model} ...", file=sys.stderr)
@@ -115,14 +115,14 @@ def cmd_evaluate(args) -> int:
                       model_spec=str(args.model))
     figures = {}
     if args.sequential:
-        from .plots import collapse_figure
+        from locedit.verification.plots import collapse_figure
 
         figures["Collapse curve"] = collapse_figure(result.sequential)
         for p in result.sequential:
             print(f"{p['edits']:5d} edits: edit ES {p['edit_efficacy']}, probe accuracy {p['probe_accuracy']}, "
                   f"perplexity {p['perplexity']:.2f}")
     else:
-        from .plots import metrics_figure
+        from locedit.verification.plots import metrics_figure
 
         figures["Metrics and mechanistic pass rates"] = metrics_figure(result.aggregate)
         print(table(result.aggregate), end="")

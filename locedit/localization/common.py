@@ -11,9 +11,9 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..errors import FactError
-from ..facts import EncodedFact, Fact
-from ..lm import LM, Projection
+from locedit.errors import FactError
+from locedit.core.facts import EncodedFact, Fact
+from locedit.core.lm import LM, Projection
 
 # NLTK's English stopword list (the official code filters with it), inlined so nothing is downloaded.
 STOPWORDS = frozenset("""
@@ -48,7 +48,7 @@ class Target:
 def resolve_target(lm: LM, enc: EncodedFact, use_fact_target: bool = False) -> Target:
     """The fact's given target if `use_fact_target` (and one is given), else the model's top-1 prediction.
     Probabilities in float32. Analyses take `target=` to reuse one resolved target (see `locate`)."""
-    from ..engine.run import _forward_params
+    from locedit.core.engine.run import _forward_params
 
     kwargs = {"logits_to_keep": 1} if "logits_to_keep" in _forward_params(lm.model) else {}
     with torch.no_grad():
@@ -58,7 +58,7 @@ def resolve_target(lm: LM, enc: EncodedFact, use_fact_target: bool = False) -> T
 
 def resolve_targets(lm: LM, encs: Sequence[EncodedFact], use_fact_target: bool = False) -> list[Target]:
     """`resolve_target` for several facts in one padded forward (`run_batch`; padding changes no number)."""
-    from ..engine import run_batch
+    from locedit.core.engine import run_batch
 
     if not encs:
         return []

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from .api import METHODS
+from locedit.editing.api import METHODS
 
 
 def add_parser(sub, model_args, fact_args) -> None:
@@ -81,7 +81,7 @@ def cmd_edit(args, load, facts_of, user_error) -> int:
         locedit.save_model(lm, args.save_model)
         print(f"edited model written to {args.save_model.resolve()}")
     if args.verify:
-        from ..verification.report import verify_and_report
+        from locedit.verification.report import verify_and_report
 
         verification = verify_and_report(lm, edit, args.out)
         print(verification.summary())
@@ -93,8 +93,8 @@ def cmd_edit(args, load, facts_of, user_error) -> int:
 def _with_curated_record(fact):
     """A fact typed on the command line that is in locedit's curated set gets that record's paraphrases,
     neighbourhood and generation prompts (what `--verify` measures); its target stays the user's."""
-    from ..datasets import curated_facts
-    from ..facts import Fact
+    from locedit.core.datasets import curated_facts
+    from locedit.core.facts import Fact
 
     for record in curated_facts():
         if record.prompt == fact.prompt:
@@ -104,7 +104,7 @@ def _with_curated_record(fact):
 
 
 def _readout(lm, fact, new_target: str) -> dict:
-    from ..verification.metrics import greedy_generate, target_probs
+    from locedit.verification.metrics import greedy_generate, target_probs
 
     old = fact.target_text() or lm.predict(fact)[0].token
     p_old, p_new = target_probs(lm, [(fact.prompt, old), (fact.prompt, new_target)])
@@ -121,7 +121,7 @@ def _head(text: str, user_error) -> tuple[int, int]:
 
 
 def _hparams(args, method: str):
-    from .hparams import _read_file
+    from locedit.editing.hparams import _read_file
 
     data = _read_file(args.hparams) if args.hparams is not None else {}
     if args.nullspace:

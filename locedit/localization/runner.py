@@ -23,9 +23,9 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from ..errors import DatasetError, LoceditError
-from ..facts import Fact
-from .common import FlowResult, _jsonable, mean_ci
+from locedit.errors import DatasetError, LoceditError
+from locedit.core.facts import Fact
+from locedit.localization.common import FlowResult, _jsonable, mean_ci
 
 logger = logging.getLogger("locedit")
 
@@ -34,13 +34,13 @@ Analysis = Callable[..., FlowResult]
 # Analysis names -> "module:function" (resolved on first use, so a missing module only fails when asked for) or
 # the callable itself. Add entries to register more analyses.
 ANALYSES: dict[str, str | Analysis] = {
-    "knockout": "locedit.flow.knockout:attention_knockout",
-    "attribute_rate": "locedit.flow.attribute_rate:attribute_rate",
-    "sublayer": "locedit.flow.sublayer:sublayer_knockout",
-    "extraction": "locedit.flow.extraction:extraction_events",
-    "heads": "locedit.flow.heads:head_projection",
-    "patching": "locedit.flow.patching:state_patching",
-    "trace": "locedit.flow.causal_trace:causal_trace",
+    "knockout": "locedit.localization.knockout:attention_knockout",
+    "attribute_rate": "locedit.localization.attribute_rate:attribute_rate",
+    "sublayer": "locedit.localization.sublayer:sublayer_knockout",
+    "extraction": "locedit.localization.extraction:extraction_events",
+    "heads": "locedit.localization.heads:head_projection",
+    "patching": "locedit.localization.patching:state_patching",
+    "trace": "locedit.localization.causal_trace:causal_trace",
 }
 
 
@@ -377,7 +377,7 @@ def _run_group(lm, fn: Analysis, batched: Callable, group: list, spec: str, opti
 
 
 def _keep_known(lm, facts: list[Fact], progress: bool) -> list[Fact]:
-    from ..datasets import known_facts
+    from locedit.core.datasets import known_facts
 
     kept = known_facts(lm, facts, progress=progress)
     message = f"only_known: the model knows {len(kept)} of {len(facts)} facts"
@@ -487,7 +487,7 @@ def dataset_figure(results: Sequence[dict], aggregate: Mapping[str, dict]):
     """A matplotlib figure summarising results of one analysis over facts (see `DatasetRun.figure`), or None."""
     if not results:
         return None
-    from .. import plots
+    from locedit import plots
 
     name = results[0].get("analysis")
     if name == "attention_knockout":

@@ -19,14 +19,14 @@ from typing import Literal, Mapping, Sequence
 import numpy as np
 import torch
 
-from ..engine import Capture, Intervention, SetSublayer, UniformAttention, run
-from ..errors import InterventionError
-from ..facts import EncodedFact, Fact
-from ..lm import LM, Projection
-from .attribute_rate import state_rates, unwrap
-from .attributes import AttributeSet, attribute_set
-from .common import FlowResult, Target, as_encoded, fact_summary, resolve_target
-from .common import mean_ci as _mean_ci
+from locedit.core.engine import Capture, Intervention, SetSublayer, UniformAttention, run
+from locedit.errors import InterventionError
+from locedit.core.facts import EncodedFact, Fact
+from locedit.core.lm import LM, Projection
+from locedit.localization.attribute_rate import state_rates, unwrap
+from locedit.localization.attributes import AttributeSet, attribute_set
+from locedit.localization.common import FlowResult, Target, as_encoded, fact_summary, resolve_target
+from locedit.localization.common import mean_ci as _mean_ci
 
 Mode = Literal["zero", "paper"]
 SUBLAYERS: tuple[str, ...] = ("mlp", "attn")
@@ -102,7 +102,7 @@ class SublayerKnockoutResult(FlowResult):
         return aggregate(results)
 
     def plot(self, ax=None):
-        from ..plots import sublayer_curves
+        from locedit.core.plots import sublayer_curves
 
         return sublayer_curves([self], ax=ax)
 

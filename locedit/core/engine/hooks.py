@@ -16,9 +16,9 @@ from typing import Callable, Iterator, Sequence
 import torch
 from torch import nn
 
-from ..adapters import _get
-from ..errors import InterventionError
-from .interventions import (
+from locedit.core.adapters import _get
+from locedit.errors import InterventionError
+from locedit.core.engine.interventions import (
     AddEmbeddingNoise,
     BlockAttention,
     Capture,

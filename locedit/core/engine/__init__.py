@@ -1,7 +1,7 @@
 """The batched intervention engine: specify interventions as data, run many of them in one forward pass."""
 
-from .hooks import registered
-from .interventions import (
+from locedit.core.engine.hooks import registered
+from locedit.core.engine.interventions import (
     AddEmbeddingNoise,
     BlockAttention,
     Capture,
@@ -11,7 +11,7 @@ from .interventions import (
     SetSublayer,
     UniformAttention,
 )
-from .run import Captures, RunResult, intervene, run, run_batch, run_packed
+from locedit.core.engine.run import Captures, RunResult, intervene, run, run_batch, run_packed
 
 __all__ = [
     "AddEmbeddingNoise", "BlockAttention", "Capture", "Captures", "Intervention", "RunResult", "SetHeads",

@@ -1,0 +1,1 @@
+"""The `locedit` command line: one module per verb over shared helpers."""

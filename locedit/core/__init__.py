@@ -1,0 +1,1 @@
+"""The shared core: model adapters, loading, facts, the intervention engine, datasets, plots."""
