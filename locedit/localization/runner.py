@@ -487,7 +487,7 @@ def dataset_figure(results: Sequence[dict], aggregate: Mapping[str, dict]):
     """A matplotlib figure summarising results of one analysis over facts (see `DatasetRun.figure`), or None."""
     if not results:
         return None
-    from locedit import plots
+    from locedit.core import plots
 
     name = results[0].get("analysis")
     if name == "attention_knockout":
