@@ -25,3 +25,11 @@ class InterventionError(LoceditError):
 
 class DatasetError(LoceditError):
     """A dataset file cannot be read at all (missing, not JSON, unknown format). Bad rows are reported per row."""
+
+
+class HeadSpecError(LoceditError, ValueError):
+    """A head written in a form `Head.parse` cannot read (use "L23H4", "23.4", (23, 4) or [23, 4])."""
+
+
+class EditError(LoceditError):
+    """An edit cannot be made, applied, reverted or read (wrong model, applied twice, corrupt file, ...)."""

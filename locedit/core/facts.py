@@ -49,6 +49,30 @@ class Fact:
 
 
 @dataclass(frozen=True)
+class EditRequest:
+    """What to edit: a `fact` and the `new_target` the edited model should give instead.
+
+    `fact.target` is the true attribute the edit replaces (None: the model's own top-1). This is the one typed
+    home of an edit request: `locedit.edit`, `evaluate`, the CLI and the dataset readers all use it.
+    """
+
+    fact: Fact
+    new_target: str
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.fact, Fact):
+            raise FactError(f"an edit request needs a Fact, not {type(self.fact).__name__}")
+        if not isinstance(self.new_target, str) or not self.new_target.strip():
+            raise FactError(f"new target {self.new_target!r} is empty: give the attribute the edit should produce")
+        if self.fact.target is not None and self.fact.target.strip() == self.new_target.strip():
+            raise FactError(f"new target {self.new_target!r} is the fact's own target: nothing to edit")
+
+    def new_target_text(self) -> str:
+        """The new target as it continues the prompt (with a leading space where one is needed)."""
+        return Fact(self.fact.subject, self.fact.prompt, self.new_target).target_text()
+
+
+@dataclass(frozen=True)
 class PositionGroups:
     """Token positions of an encoded prompt of length `n` (0-indexed, absolute).
 

@@ -27,17 +27,13 @@ from typing import Iterator
 
 import torch
 
-from locedit.errors import LoceditError
+from locedit.errors import EditError, LoceditError
 from locedit.core.facts import Fact
 
 FORMAT = "locedit-edit"
 FORMAT_VERSION = 1
 JSON_NAME = "edit.json"
 TENSORS_NAME = "edit.safetensors"
-
-
-class EditError(LoceditError):
-    """An edit cannot be made, applied, reverted or read (wrong model, applied twice, corrupt file, ...)."""
 
 
 # model -> edits applied to it, oldest first
