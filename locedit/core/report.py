@@ -5,10 +5,11 @@ from __future__ import annotations
 import base64
 import html
 import io
-import os
-import tempfile
-from pathlib import Path
 from typing import Mapping, Sequence
+
+from locedit.core.results import write_atomic
+
+__all__ = ["dataset_report", "figure_data_uri", "figure_html", "page", "sitemap_report", "table", "write_atomic"]
 
 STYLE = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;max-width:1100px;color:#222;
@@ -20,6 +21,12 @@ td:first-child,th:first-child{text-align:left}
 .pred{font-size:1.1rem;background:#f7f7fb;padding:.6rem 1rem;border-radius:6px}
 figure{margin:1rem 0}figure img{max-width:100%;border:1px solid #eee}figcaption{font-size:.85rem;color:#555}
 code{background:#f3f3f3;padding:0 .2rem}.note{color:#555;font-size:.85rem}
+.verdict{padding:.6rem 1.2rem;border-radius:6px;border-left:6px solid #999;background:#f7f7fb}
+.verdict.ok{border-color:#2a7d2a;background:#f1f8f1}.verdict.bad{border-color:#b02a2a;background:#fbf1f1}
+.verdict .big{font-size:1.4rem;margin:.3rem 0}.verdict li{margin:.2rem 0}
+.pass{color:#2a7d2a;font-weight:600}.fail{color:#b02a2a;font-weight:600}.na{color:#777;font-weight:600}
+h3{font-size:1rem;margin-top:1.2rem}.rule{color:#555;font-size:.85rem;margin:.2rem 0}
+table.check td:nth-child(n+2){font-variant-numeric:tabular-nums}
 """
 
 # Set on load: how many embedded images decoded (the render test reads it back from the DOM).
@@ -67,21 +74,6 @@ def page(title: str, sections: Sequence[str]) -> str:
 
 def figure_html(uri: str, caption: str) -> str:
     return f"<figure><img src=\"{uri}\" alt=\"{html.escape(caption)}\"><figcaption>{html.escape(caption)}</figcaption></figure>"
-
-
-def write_atomic(path: str | Path, text: str) -> Path:
-    """Write `text` to `path` through a temporary file and a rename: never a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
 
 
 def sitemap_report(sitemap, model_name: str, figures: Mapping[str, object] | None = None) -> str:
