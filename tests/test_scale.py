@@ -201,7 +201,7 @@ def test_target_parameter_gives_the_same_result():
 
 # --- GGUF: dequantized once, cached by content hash ----------------------------------------------------------------
 def test_gguf_path_is_converted_once_and_cached_by_content(tmp_path, monkeypatch):
-    from locedit import loading
+    from locedit.core import loading
 
     monkeypatch.setenv("LOCEDIT_CACHE", str(tmp_path / "cache"))
     conversions, hashes = [], []
@@ -323,7 +323,7 @@ def test_locate_batch_equals_locate(family):
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_analyses_many_equal_single(family):
+def test_analyses_batch_equal_single(family):
     from locedit.localization import attention_knockout, causal_trace, head_projection
     from locedit.localization.causal_trace import causal_trace_batch
     from locedit.localization.heads import head_projection_batch
