@@ -191,6 +191,20 @@ class HeadEffectsResult(FlowResult):
         return (f"{self.target_line()}\nlargest direct logit: {d} ({direct[d]:+.2f}); "
                 f"largest output-knockout drop: {k} ({drop[k]:+.1f}% p(target))")
 
+    def top_heads(self, count: int = 15) -> list[dict]:
+        """The `count` heads with the largest direct logit, each with its three numbers."""
+        direct = np.asarray(self.direct_logit, dtype=float)
+        order = np.argsort(-direct, axis=None)[:count]
+        heads = [Head(*map(int, np.unravel_index(int(i), direct.shape))) for i in order]
+        return [{"head": str(h), "direct_logit": float(direct[h]),
+                 "output_knockout": self.output_knockout[h.layer][h.head],
+                 "edge_knockout": self.edge_knockout[h.layer][h.head]} for h in heads]
+
+    def plot(self, ax=None):
+        from locedit.core.plots import heads_table
+
+        return heads_table(self.top_heads(), ax=ax, title=f"Heads by direct logit of {self.target!r}")
+
 
 def head_effects(lm: LM, fact: Fact | EncodedFact, *,
                  target: Target | None = None) -> HeadEffectsResult:
