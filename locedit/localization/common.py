@@ -43,8 +43,8 @@ class Target:
     token: str
     base_prob: float
     is_top1: bool
-    source: str = "top1"
-    text: str = ""
+    source: str
+    text: str
 
     def fields(self) -> dict:
         """The result fields every analysis records besides `target`/`target_id`: `target_source`, `target_text`."""
