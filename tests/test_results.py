@@ -103,3 +103,9 @@ def test_verification_has_the_result_interface(lm, tmp_path):
     fig = ver.plot(ax=None)
     assert isinstance(fig, plt.Figure)
     plt.close(fig)
+
+
+def test_head_projection_reads_heads_in_any_spelling(lm):
+    spelled = head_projection(lm, FACT, heads=["L1H2", (0, 1), Head(3, 0)]).to_dict()
+    assert spelled == head_projection(lm, FACT, heads=[(1, 2), (0, 1), (3, 0)]).to_dict()
+    assert {(h["layer"], h["head"]) for h in spelled["top_heads"]} == {(1, 2), (0, 1), (3, 0)}
