@@ -317,7 +317,7 @@ def bench_model(bench: Bench, name: str, family: str, shape: dict, tokenizer):
     bench.section(rec, "causal_trace", trace, need_s=30)
 
     def locate_():
-        from locedit.localization.sites import locate, locate_many
+        from locedit.localization.sites import locate, locate_dataset
 
         out = {}
         lm = lm16
@@ -334,7 +334,7 @@ def bench_model(bench: Bench, name: str, family: str, shape: dict, tokenizer):
         out["peak_gib"] = bench.peak_gib()
         out["top_sites_bf16"] = tops
         with tempfile.TemporaryDirectory() as tmp:
-            t, _ = bench.timed(lambda: locate_many(lm, facts, Path(tmp) / "s.jsonl", progress=False))
+            t, _ = bench.timed(lambda: locate_dataset(lm, facts, Path(tmp) / "s.jsonl", progress=False))
         out["dataset_mode_per_fact_s"] = round(t / len(facts), 3)
         out["facts_per_5min_dataset_mode"] = round(300 / (t / len(facts)), 1)
         # fp32 top sites on the same weights (bf16 vs fp32 agreement of locate's ranking), first 3 facts
@@ -350,7 +350,7 @@ def bench_model(bench: Bench, name: str, family: str, shape: dict, tokenizer):
     bench.section(rec, "locate", locate_, need_s=40)
 
     def locate_packed():
-        """locate_batch: every fact's rows packed into shared forward passes (what locate_many does by default),
+        """locate_batch: every fact's rows packed into shared forward passes (what locate_dataset does by default),
         16 facts per call (the given facts repeated), against the single-fact top sites."""
         from locedit.localization.sites import locate, locate_batch
 

@@ -1,6 +1,6 @@
 """Throughput of `locate` and of the attention-knockout sweep on CPU, in clean forwards (issue 10's goals:
 locate <= 80 clean forwards per fact, knockout <= 5), with the share of each of locate's analyses, and the
-dataset mode (`locate_many`) per fact: one fact at a time (`batch_facts=1`) and packed (`locate_batch`, every
+dataset mode (`locate_dataset`) per fact: one fact at a time (`batch_facts=1`) and packed (`locate_batch`, every
 fact's rows in shared forward passes), with the model calls each needs.
 
     python recipes/bench_locate.py [--facts 3] [--threads 1] [--out data/results/bench_locate.txt]
@@ -122,13 +122,13 @@ def main() -> None:
     for name, values in parts_total.items():
         say(f"  {name:28s} {statistics.mean(values):6.1f}")
 
-    # dataset mode: locate_many over the facts (targets resolved in one batched forward)
-    from locedit.localization.sites import locate_many
+    # dataset mode: locate_dataset over the facts (targets resolved in one batched forward)
+    from locedit.localization.sites import locate_dataset
 
     with tempfile.TemporaryDirectory() as tmp:
         clock = Clock(lm, lm.encode(facts[0]))
-        t_ds, r_ds, _ = clock.ratio(lambda: locate_many(lm, facts, Path(tmp) / "sites.jsonl", progress=False))
-    say(f"dataset mode (locate_many, {len(facts)} facts): {t_ds / len(facts):.1f} s per fact = "
+        t_ds, r_ds, _ = clock.ratio(lambda: locate_dataset(lm, facts, Path(tmp) / "sites.jsonl", progress=False))
+    say(f"dataset mode (locate_dataset, {len(facts)} facts): {t_ds / len(facts):.1f} s per fact = "
         f"{r_ds / len(facts):.0f} clean forwards per fact")
     packed_comparison(lm, facts, say)
     _write(args, lines)

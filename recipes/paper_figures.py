@@ -72,7 +72,7 @@ def read(out: Path, name: str) -> list[dict]:
 
 def work(lm, facts, trace_facts, out: Path, shard: str) -> None:
     k, n = map(int, shard.split("/"))
-    options = {"use_fact_target": True}
+    options: dict = {}  # a fact's given target is the one tracked (issue #15)
     for name, fn in ANALYSES.items():
         run_dataset(lm, fn, facts[k::n], out / f"{name}-{k}.jsonl", options=options)
     run_dataset(lm, causal_trace, trace_facts[k::n], out / f"trace-{k}.jsonl", options={**options, "samples": 5})

@@ -100,7 +100,7 @@ def main() -> None:
     facts = known_facts(lm, curated_facts().facts, progress=False)
     facts = facts[: args.limit] if args.limit else facts
     para = paraphrase_variants(facts, args.paraphrase_facts)
-    options = {"use_fact_target": True}
+    options: dict = {}  # a fact's given target is the one tracked (issue #15)
     args.out.mkdir(parents=True, exist_ok=True)
     if args.shard or args.jobs == 1:
         k, n = map(int, (args.shard or "0/1").split("/"))

@@ -217,3 +217,39 @@ def test_head_projection_matches_manual(lm):
         scores = lm.project(out, "model")
         ranks = (scores > scores[:, result.target_id:result.target_id + 1]).sum(-1)
     assert result.rank_subject_tokens[layer][head] == int(ranks.min())
+
+
+def test_a_given_target_that_is_not_the_top1_is_the_one_tracked(lm):
+    """One meaning for `Fact.target` (issue #15): a given target is tracked and scored, `None` tracks the top-1,
+    and every result records which."""
+    from locedit.localization import (attribute_rate, causal_trace, extraction_events, head_effects,
+                                      head_projection, knockout_map, locate, state_patching, sublayer_knockout)
+    from locedit.localization.attributes import AttributeSet
+
+    enc = lm.encode(FACT)
+    with torch.no_grad():
+        probs = lm.model(input_ids=torch.tensor([enc.input_ids])).logits[0, -1].float().softmax(-1)
+    top1 = int(probs.argmax())
+    given = next(w for w in (" Paris", " Rome", " London", " Apple", " city")
+                 if lm.encode(Fact(FACT.subject, FACT.prompt, w)).target_id != top1)
+    fact = Fact(FACT.subject, FACT.prompt, given)
+    target_id = lm.encode(fact).target_id
+    assert target_id != top1  # the case under test: the given target is not what the model predicts
+
+    knock = attention_knockout(lm, fact, window=3)
+    assert (knock.target_id, knock.target_source, knock.target_text) == (target_id, "given", given)
+    assert knock.target == lm.token_str(target_id) and abs(knock.base_prob - probs[target_id].item()) <= TOL
+    # the knocked-out probabilities are those of the given token, not of the top-1
+    layers = list(window_layers(1, 3, lm.num_layers))
+    ref = probs_of(tiny.reference_knockout(lm._family, enc.input_ids, [(layers, [-1], knock.groups["subject"])]),
+                   target_id)
+    assert abs(knock.probs["subject"][1] - ref) <= TOL
+    attrs = AttributeSet(FACT.subject, frozenset({" Paris"}), "given")
+    for fn, options in ((causal_trace, {"samples": 2}), (knockout_map, {"window": 3}), (head_effects, {}),
+                        (head_projection, {}), (state_patching, {"source_layers": (0, 1)}),
+                        (extraction_events, {}), (attribute_rate, {"attributes": attrs}),
+                        (sublayer_knockout, {"attributes": attrs, "window": 2}), (locate, {})):
+        result = fn(lm, fact, **options).to_dict()
+        assert (result["target_id"], result["target_source"]) == (target_id, "given"), fn.__name__
+        top = fn(lm, FACT, **options).to_dict()
+        assert (top["target_id"], top["target_source"], top["target_text"]) == (top1, "top1", lm.token_str(top1))

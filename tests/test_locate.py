@@ -1,12 +1,17 @@
 """locate on a tiny model: structure, ranking order, evidence, aggregation; and the pass planner."""
 
+import contextlib
 import random
+import warnings
 
+import numpy as np
+import pytest
+import torch
 
 import tiny
-from locedit import Fact
+from locedit import Fact, FactError, Head
 from locedit.core.engine.run import plan_chunks
-from locedit.localization.sites import SiteMap, locate, site_positions
+from locedit.localization.sites import SiteMap, locate, locate_batch, site_positions
 
 FACT = Fact("Eiffel Tower", "The Eiffel Tower is located in the city of")
 
@@ -16,18 +21,144 @@ def test_locate_ranks_and_recommends():
     sites = locate(lm, FACT)
     d = sites.to_dict()
     enc = lm.encode(FACT)
-    assert [m["score"] for m in d["mlp_layers"]] == sorted((m["score"] for m in d["mlp_layers"]), reverse=True)
-    assert [h["score"] for h in d["heads"]] == sorted((h["score"] for h in d["heads"]), reverse=True)
     assert sorted(m["layer"] for m in d["mlp_layers"]) == list(range(lm.num_layers))
     assert all(0 <= h["layer"] < lm.num_layers and 0 <= h["head"] < lm.num_heads for h in d["heads"])
     assert d["carrier"]["position"] in enc.positions.subject
     assert d["recommendation"]["rank_one"]["layers"] == [d["mlp_layers"][0]["layer"]]
     assert d["recommendation"]["head_edit"]["heads"][0] == [d["heads"][0]["layer"], d["heads"][0]["head"]]
+    assert sites.recommendation["head_edit"]["heads"][0] == Head(d["heads"][0]["layer"], d["heads"][0]["head"])
     assert all(0 <= m["score"] <= 1 for m in d["mlp_layers"])
-    # the best MLP layer's score is built from its evidence: knocking it out must hurt or restoring it help
-    best = d["mlp_layers"][0]
-    assert best["knockout_change"] < 0 or best["trace_effect"] > 0 or best["layer_knockout_change"] < 0
+    # the ranking equals one recomputed from the recorded evidence with the documented weights
+    ev = d["evidence"]
+    cell = np.nan_to_num(np.clip(-np.array(ev["mlp_knockout_change"]), 0, None))
+    trace = np.nan_to_num(np.clip(np.array(ev["mlp_trace_effect"]), 0, None))
+    layer = np.nan_to_num(np.clip(-np.array(ev["mlp_layer_knockout_change"]), 0, None))
+    score = 0.4 * cell / cell.max() + 0.3 * trace / trace.max() + 0.3 * layer[None, :] / layer.max()
+    expected = sorted(range(lm.num_layers), key=lambda l: -score[:, l].max())
+    assert [m["layer"] for m in d["mlp_layers"]] == expected
+    assert [m["score"] for m in d["mlp_layers"]] == pytest.approx([score[:, l].max() for l in expected], abs=1e-9)
     assert sites.summary().count("\n") >= 4
+
+
+def _candidates(lm, prompt_fact: Fact) -> list[Fact]:
+    """The fact with each of a few given targets whose first tokens differ."""
+    facts, seen = [], set()
+    for word in (" Paris", " Rome", " London", " Apple", " city", " Music", " Tower", " capital", " language"):
+        fact = Fact(prompt_fact.subject, prompt_fact.prompt, word)
+        token = lm.encode(fact).target_id
+        if token not in seen:
+            seen.add(token)
+            facts.append(fact)
+    return facts
+
+
+def _p(lm, enc, token_id: int) -> float:
+    with torch.no_grad():
+        return lm.model(input_ids=torch.tensor([enc.input_ids])).logits[0, -1].float().softmax(-1)[token_id].item()
+
+
+def _most_hurt(lm, knockout_hook) -> tuple[Fact, float]:
+    """The candidate target whose p drops most (relative) under `knockout_hook` (a context manager), and the drop."""
+    facts = _candidates(lm, FACT)
+    encs = [lm.encode(f) for f in facts]
+    clean = [_p(lm, e, e.target_id) for e in encs]
+    with knockout_hook():
+        knocked = [_p(lm, e, e.target_id) for e in encs]
+    changes = [(k - c) / c for c, k in zip(clean, knocked)]
+    best = int(np.argmin(changes))
+    return facts[best], changes[best]
+
+
+def test_locate_finds_the_only_mlp_layer_left():
+    """A hand-built case: every MLP but layer 2's is zeroed, and the target is the candidate that layer's MLP
+    supports most; the top MLP layer must be 2 and the recommended rank-one edit layer with it."""
+    lm = tiny.lm("llama", tokenizer_kind="metaspace")
+    live = 2
+    with torch.no_grad():
+        for i, block in enumerate(lm.model.model.layers):
+            if i != live:
+                block.mlp.down_proj.weight.zero_()
+    sites_at = site_positions(lm.encode(FACT))
+
+    @contextlib.contextmanager
+    def zero_live_mlp():
+        def hook(module, args, output):
+            output = output.clone()
+            output[:, sites_at] = 0
+            return output
+        handle = lm.model.model.layers[live].mlp.register_forward_hook(hook)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+    fact, change = _most_hurt(lm, zero_live_mlp)
+    assert change < -0.05  # the case is what it claims: this MLP matters for this target
+    d = locate(lm, fact).to_dict()
+    assert d["target_source"] == "given" and d["target_id"] == lm.encode(fact).target_id
+    assert d["mlp_layers"][0]["layer"] == live
+    assert d["recommendation"]["rank_one"]["located_layers"] == [live]
+    others = [m for m in d["mlp_layers"] if m["layer"] != live]
+    assert all(abs(m["layer_knockout_change"]) < 1e-3 and abs(m["knockout_change"]) < 1e-3 for m in others)
+
+
+def test_locate_finds_the_only_head_left():
+    """A hand-built case: every head's output projection is zeroed but L2H1's, and the target is the candidate
+    that head supports most at the last position; the top extraction head must be L2H1."""
+    lm = tiny.lm("llama", tokenizer_kind="metaspace")
+    live, dim = Head(2, 1), lm.model.config.hidden_size // lm.num_heads
+    with torch.no_grad():
+        for i, block in enumerate(lm.model.model.layers):
+            for h in range(lm.num_heads):
+                if (i, h) != live:
+                    block.self_attn.o_proj.weight[:, h * dim:(h + 1) * dim] = 0
+
+    @contextlib.contextmanager
+    def zero_live_head():
+        def pre(module, args):
+            x = args[0].clone()
+            x[:, -1, live.head * dim:(live.head + 1) * dim] = 0
+            return (x,)
+        handle = lm.model.model.layers[live.layer].self_attn.o_proj.register_forward_pre_hook(pre)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+    fact, change = _most_hurt(lm, zero_live_head)
+    assert change < -0.05
+    sites = locate(lm, fact)
+    d = sites.to_dict()
+    assert Head(d["heads"][0]["layer"], d["heads"][0]["head"]) == live
+    assert sites.recommendation["head_edit"]["heads"][0] == live and "L2H1" in sites.summary()
+    assert all(abs(h["direct_logit"]) < 1e-4 and abs(h["output_knockout_change"]) < 1e-3 for h in d["heads"][1:])
+
+
+def test_locate_refuses_a_prompt_that_ends_with_its_subject():
+    lm = tiny.lm("llama", tokenizer_kind="metaspace")
+    only_subject = Fact("Eiffel Tower", "The Eiffel Tower")
+    with pytest.raises(FactError, match="no relation after the subject"):
+        locate(lm, only_subject)
+    with pytest.raises(FactError, match="no relation after the subject"):
+        locate_batch(lm, [FACT, only_subject])
+
+
+def test_locate_warns_of_a_long_prompt_and_shows_progress(monkeypatch, capsys):
+    from locedit.localization import sites as sites_module
+
+    lm = tiny.lm("llama", tokenizer_kind="metaspace")
+    n = len(lm.encode(FACT))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet = locate(lm, FACT, progress=False)
+    assert not [w for w in caught if "long prompt" in str(w.message)]
+    assert "locate" not in capsys.readouterr().err
+    monkeypatch.setattr(sites_module, "LONG_PROMPT", n - 1)
+    with pytest.warns(UserWarning, match=f"long prompt \\({n} tokens.*intervention rows"):
+        loud = locate(lm, FACT, progress=True)
+    err = capsys.readouterr().err
+    assert "locate" in err and "/7" in err  # the bar over locate's seven stages
+    assert loud.to_dict()["mlp_layers"] == quiet.to_dict()["mlp_layers"]  # progress changes no number
 
 
 def test_site_positions_leave_out_the_sink():

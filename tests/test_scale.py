@@ -201,7 +201,7 @@ def test_target_parameter_gives_the_same_result():
 
 # --- GGUF: dequantized once, cached by content hash ----------------------------------------------------------------
 def test_gguf_path_is_converted_once_and_cached_by_content(tmp_path, monkeypatch):
-    from locedit import loading
+    from locedit.core import loading
 
     monkeypatch.setenv("LOCEDIT_CACHE", str(tmp_path / "cache"))
     conversions, hashes = [], []
@@ -239,7 +239,7 @@ def test_gguf_path_is_converted_once_and_cached_by_content(tmp_path, monkeypatch
     assert len([d for d in (tmp_path / "cache" / "gguf").iterdir() if d.is_dir()]) == 2
 
 
-# --- batching across facts (run_packed and the *_many / locate_batch analyses) -------------------------------------
+# --- batching across facts (run_packed and the *_batch analyses, locate_batch) ----------------------------------------
 PACK_FACTS = [
     locedit.Fact("The Eiffel Tower", "The Eiffel Tower is located in the city of"),
     locedit.Fact("Rome", "Rome is the capital of"),
@@ -323,18 +323,18 @@ def test_locate_batch_equals_locate(family):
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_analyses_many_equal_single(family):
+def test_analyses_batch_equal_single(family):
     from locedit.localization import attention_knockout, causal_trace, head_projection
-    from locedit.localization.causal_trace import causal_trace_many
-    from locedit.localization.heads import head_projection_many
-    from locedit.localization.knockout import attention_knockout_many
+    from locedit.localization.causal_trace import causal_trace_batch
+    from locedit.localization.heads import head_projection_batch
+    from locedit.localization.knockout import attention_knockout_batch
 
     lm = tiny.lm(family)
-    for fact, result in zip(PACK_FACTS, attention_knockout_many(lm, PACK_FACTS, window=3)):
+    for fact, result in zip(PACK_FACTS, attention_knockout_batch(lm, PACK_FACTS, window=3)):
         _close(result.to_dict(), attention_knockout(lm, fact, window=3).to_dict())
-    for fact, result in zip(PACK_FACTS, causal_trace_many(lm, PACK_FACTS, kind="attn", samples=2, window=3)):
+    for fact, result in zip(PACK_FACTS, causal_trace_batch(lm, PACK_FACTS, kind="attn", samples=2, window=3)):
         _close(result.to_dict(), causal_trace(lm, fact, kind="attn", samples=2, window=3).to_dict())
-    for fact, result in zip(PACK_FACTS, head_projection_many(lm, PACK_FACTS)):
+    for fact, result in zip(PACK_FACTS, head_projection_batch(lm, PACK_FACTS)):
         _close(result.to_dict(), head_projection(lm, fact).to_dict())
 
 

@@ -187,7 +187,7 @@ def cmd_locate(args) -> int:
         facts = _facts(args, lm)
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
-    options = {"samples": args.samples, "use_fact_target": args.target is not None or args.facts is not None}
+    options = {"samples": args.samples}  # a given target is the one tracked, None the top-1 (issue #15)
     if len(facts) == 1 and args.facts is None:
         sitemap = locate(lm, facts[0], **options)
         write_atomic(out / "sites.json", json.dumps(sitemap.to_dict(), indent=1))
@@ -258,8 +258,6 @@ def cmd_analyze(args) -> int:
 
 def _analysis_options(args, lm) -> dict:
     options: dict = {}
-    if args.target is not None or args.facts is not None:
-        options["use_fact_target"] = True
     if args.window is not None:
         options["window"] = args.window
     if args.projection is not None and args.analysis in ("attribute-rate", "sublayer", "extraction", "heads",

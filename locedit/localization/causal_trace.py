@@ -52,7 +52,20 @@ class CausalTraceResult(FlowResult):
     samples: int
     noise_std: float
     fact: dict = field(default_factory=dict)
+    target_source: str = "top1"
+    target_text: str = ""
     analysis = "causal_trace"
+
+    def summary(self) -> str:
+        """The tracked target, the clean and corrupted p(target), and the cell whose restore recovers most."""
+        scores = np.asarray(self.scores, dtype=float)
+        head = (f"{self.target_line()}\n{self.kind} trace: clean p {self.high_score:.3f}, corrupted p "
+                f"{self.low_score:.3f}")
+        if not np.isfinite(scores).any():
+            return head + "; no cell traced"
+        position, layer = np.unravel_index(int(np.nanargmax(scores)), scores.shape)
+        return (head + f"; best restore: {self.tokens[position]!r} (position {position}) at layer {layer} "
+                f"(p {scores[position, layer]:.3f})")
 
     def plot(self, ax=None):
         from locedit.core.plots import causal_trace_heatmap
@@ -66,7 +79,7 @@ class CausalTraceResult(FlowResult):
 
 def causal_trace(lm: LM, fact: Fact | EncodedFact, *, kind: str = "hidden", samples: int = 10, noise: float = 3.0,
                  noise_std: float | None = None, window: int = 10, seed: int = 1,
-                 use_fact_target: bool = False, positions: Sequence[int] | None = None,
+                 positions: Sequence[int] | None = None,
                  layers: Sequence[int] | None = None, target: Target | None = None) -> CausalTraceResult:
     """ROME's causal trace. Noise: `noise` x `noise_std` (default the embedding std, see `embedding_std`), drawn
     once with `seed` and shared by every cell (ROME's paired design). `window` applies to mlp/attn restores.
@@ -77,7 +90,7 @@ def causal_trace(lm: LM, fact: Fact | EncodedFact, *, kind: str = "hidden", samp
     if kind not in KINDS:
         raise LoceditError(f"unknown trace kind {kind!r}; use one of {KINDS}")
     enc = as_encoded(lm, fact)
-    target = target if target is not None else resolve_target(lm, enc, use_fact_target)
+    target = target if target is not None else resolve_target(lm, enc)
     std = noise_std if noise_std is not None else embedding_std(lm)
     site = "residual" if kind == "hidden" else kind
     with torch.no_grad():
@@ -88,12 +101,12 @@ def causal_trace(lm: LM, fact: Fact | EncodedFact, *, kind: str = "hidden", samp
     return plan.result(target, probs.float().cpu())
 
 
-def causal_trace_many(lm: LM, facts: Sequence[Fact | EncodedFact], *, kind: str = "hidden", samples: int = 10,
-                      noise: float = 3.0, noise_std: float | None = None, window: int = 10, seed: int = 1,
-                      use_fact_target: bool = False, positions: Sequence[int] | None = None,
-                      layers: Sequence[int] | None = None, targets: Sequence[Target] | None = None,
-                      fact_positions: Sequence[Sequence[int] | None] | None = None,
-                      max_rows: int = 512) -> list[CausalTraceResult]:
+def causal_trace_batch(lm: LM, facts: Sequence[Fact | EncodedFact], *, kind: str = "hidden", samples: int = 10,
+                       noise: float = 3.0, noise_std: float | None = None, window: int = 10, seed: int = 1,
+                       positions: Sequence[int] | None = None,
+                       layers: Sequence[int] | None = None, targets: Sequence[Target] | None = None,
+                       fact_positions: Sequence[Sequence[int] | None] | None = None,
+                       max_rows: int = 512) -> list[CausalTraceResult]:
     """`causal_trace` of several facts, their cells packed into shared passes (`run_packed`: one pass for every
     fact's noise samples, then shared chunks); each result equals the single-fact one. `fact_positions[k]`
     overrides `positions` for fact k (e.g. each fact's subject positions)."""
@@ -105,7 +118,7 @@ def causal_trace_many(lm: LM, facts: Sequence[Fact | EncodedFact], *, kind: str 
     encs = [as_encoded(lm, f) for f in facts]
     if not encs:
         return []
-    targets = list(targets) if targets is not None else resolve_targets(lm, encs, use_fact_target)
+    targets = list(targets) if targets is not None else resolve_targets(lm, encs)
     std = noise_std if noise_std is not None else embedding_std(lm)
     site = "residual" if kind == "hidden" else kind
     with torch.no_grad():
@@ -130,7 +143,7 @@ def causal_trace_many(lm: LM, facts: Sequence[Fact | EncodedFact], *, kind: str 
     return out
 
 
-causal_trace.batched = causal_trace_many
+causal_trace.batched = causal_trace_batch
 
 
 class _TracePlan:
@@ -179,4 +192,4 @@ class _TracePlan:
                        torch.tensor(self.traced_layers, dtype=torch.long)[None, :]] = means
         return CausalTraceResult(self.kind, target.token, target.token_id, target.base_prob, low,
                                  cell_probs.tolist(), list(enc.tokens), [enc.subject_start, enc.subject_end],
-                                 self.window, samples, self.std, fact_summary(enc))
+                                 self.window, samples, self.std, fact_summary(enc), **target.fields())

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import json
-import math
-from dataclasses import asdict, dataclass, fields, is_dataclass
-from pathlib import Path
+from dataclasses import dataclass, fields
 from typing import Sequence
 
 import numpy as np
@@ -14,6 +11,7 @@ import torch
 from locedit.errors import FactError
 from locedit.core.facts import EncodedFact, Fact
 from locedit.core.lm import LM, Projection
+from locedit.core.results import Result, jsonable
 
 # NLTK's English stopword list (the official code filters with it), inlined so nothing is downloaded.
 STOPWORDS = frozenset("""
@@ -37,26 +35,34 @@ def clean_token(token: str) -> bool:
 
 @dataclass
 class Target:
-    """The token an analysis tracks: the model's top-1 by default (the paper's convention) or the fact's target."""
+    """The token an analysis tracks: the fact's given target (its first token) when it has one, else the model's
+    top-1 prediction (the paper's convention). `source` says which ("given" / "top1"); `text` is the given target
+    as it continues the prompt, or the top-1 token's text."""
 
     token_id: int
     token: str
     base_prob: float
     is_top1: bool
+    source: str
+    text: str
+
+    def fields(self) -> dict:
+        """The result fields every analysis records besides `target`/`target_id`: `target_source`, `target_text`."""
+        return {"target_source": self.source, "target_text": self.text}
 
 
-def resolve_target(lm: LM, enc: EncodedFact, use_fact_target: bool = False) -> Target:
-    """The fact's given target if `use_fact_target` (and one is given), else the model's top-1 prediction.
-    Probabilities in float32. Analyses take `target=` to reuse one resolved target (see `locate`)."""
+def resolve_target(lm: LM, enc: EncodedFact) -> Target:
+    """The fact's given target if it has one, else the model's top-1 prediction. Probabilities in float32.
+    Analyses take `target=` to reuse one resolved target (see `locate`)."""
     from locedit.core.engine.run import _forward_params
 
     kwargs = {"logits_to_keep": 1} if "logits_to_keep" in _forward_params(lm.model) else {}
     with torch.no_grad():
         logits = lm.model(input_ids=torch.tensor([enc.input_ids], device=lm.device), **kwargs).logits[0, -1]
-    return _target_from_logits(lm, enc, logits, use_fact_target)
+    return _target_from_logits(lm, enc, logits)
 
 
-def resolve_targets(lm: LM, encs: Sequence[EncodedFact], use_fact_target: bool = False) -> list[Target]:
+def resolve_targets(lm: LM, encs: Sequence[EncodedFact]) -> list[Target]:
     """`resolve_target` for several facts in one padded forward (`run_batch`; padding changes no number)."""
     from locedit.core.engine import run_batch
 
@@ -64,14 +70,17 @@ def resolve_targets(lm: LM, encs: Sequence[EncodedFact], use_fact_target: bool =
         return []
     with torch.no_grad():
         logits = run_batch(lm, list(encs)).logits
-    return [_target_from_logits(lm, enc, row, use_fact_target) for enc, row in zip(encs, logits)]
+    return [_target_from_logits(lm, enc, row) for enc, row in zip(encs, logits)]
 
 
-def _target_from_logits(lm: LM, enc: EncodedFact, logits: torch.Tensor, use_fact_target: bool) -> Target:
+def _target_from_logits(lm: LM, enc: EncodedFact, logits: torch.Tensor) -> Target:
     probs = logits.float().softmax(-1)
     top = int(probs.argmax())
-    token_id = enc.target_id if (use_fact_target and enc.target_id is not None) else top
-    return Target(int(token_id), lm.token_str(token_id), float(probs[token_id]), token_id == top)
+    given = enc.target_id is not None
+    token_id = int(enc.target_id) if given else top
+    token = lm.token_str(token_id)
+    text = enc.fact.target_text() if given else token
+    return Target(token_id, token, float(probs[token_id]), token_id == top, "given" if given else "top1", text)
 
 
 def as_encoded(lm: LM, fact: Fact | EncodedFact) -> EncodedFact:
@@ -111,40 +120,26 @@ def mean_ci(values: Sequence[float] | np.ndarray, axis: int = 0, confidence: flo
     return mean, np.where(count > 1, half, np.nan)
 
 
-def _jsonable(value):
-    if isinstance(value, torch.Tensor):
-        return value.detach().cpu().tolist()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, (np.floating, np.integer)):
-        return value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if is_dataclass(value):
-        return _jsonable(asdict(value))
-    return value
-
-
-class FlowResult:
-    """Base of every analysis result: a dataclass with `to_dict()`, `save_json()` and `plot()`."""
+class FlowResult(Result):
+    """Base of every analysis result: a dataclass with `to_dict()`, `save(path)`, `plot(ax=None)`, `summary()`
+    and `_repr_html_()` (see `locedit.core.results.Result`)."""
 
     analysis: str = "flow"
 
     def to_dict(self) -> dict:
         data = {f.name: getattr(self, f.name) for f in fields(self) if not f.name.startswith("_")}
-        return {"analysis": self.analysis, **_jsonable(data)}
+        return {"analysis": self.analysis, **jsonable(data)}
 
-    def save_json(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.write_text(json.dumps(self.to_dict(), indent=1))
-        return path
+    def target_line(self) -> str:
+        """The first line of every summary: the analysis, the prompt and the tracked target."""
+        source = getattr(self, "target_source", "top1")
+        where = "the given target" if source == "given" else "the model's top-1"
+        prompt = self.fact.get("prompt") if isinstance(getattr(self, "fact", None), dict) else None
+        p = getattr(self, "base_prob", getattr(self, "high_score", float("nan")))  # a trace's clean p is high_score
+        return f"{self.analysis}: {prompt!r} -> {self.target!r} ({where}, p={p:.3f})"
 
-    def plot(self, ax=None):  # pragma: no cover - overridden
-        raise NotImplementedError
+    def summary(self) -> str:
+        return self.target_line()
 
 
 def fact_summary(enc: EncodedFact) -> dict:

@@ -59,7 +59,14 @@ class ExtractionResult(FlowResult):
     ablations: dict
     rank_gap: list
     fact: dict = field(default_factory=dict)
+    target_source: str = "top1"
+    target_text: str = ""
     analysis = "extraction_events"
+
+    def summary(self) -> str:
+        """The tracked target and where the attention / MLP outputs at the last position extract it."""
+        return (f"{self.target_line()}\nextraction: {self.category}; attention events at layers "
+                f"{self.attn_events or 'none'}, MLP events at layers {self.mlp_events or 'none'}")
 
     def plot(self, ax=None):
         from locedit.core.plots import extraction_rates
@@ -102,15 +109,14 @@ class ExtractionResult(FlowResult):
         }
 
 
-def extraction_events(lm: LM, fact: Fact | EncodedFact, *, projection: Projection | None = None,
-                      use_fact_target: bool = False, ablations: bool = True,
+def extraction_events(lm: LM, fact: Fact | EncodedFact, *, projection: Projection | None = None, ablations: bool = True,
                       target: Target | None = None) -> ExtractionResult:
     """Extraction events at the last position, and attention-weight ablations at each attention event layer.
 
     Ablations block the chosen keys *before* the softmax (the remaining weights renormalise exactly; the official
     code re-applied softmax to probabilities, which makes the weights near-uniform instead)."""
     enc = as_encoded(lm, fact)
-    target = target if target is not None else resolve_target(lm, enc, use_fact_target)
+    target = target if target is not None else resolve_target(lm, enc)
     projection = projection or lm.default_projection()
     with torch.no_grad():
         clean = run(lm, enc, capture=Capture(attn=True, mlp=True, residual=True)).captures
@@ -142,6 +148,7 @@ def extraction_events(lm: LM, fact: Fact | EncodedFact, *, projection: Projectio
         [lm.token_str(t) for t in attn_top1], [lm.token_str(t) for t in mlp_top1],
         rank_of(attn_scores, target.token_id).tolist(), rank_of(mlp_scores, target.token_id).tolist(),
         attn_events, mlp_events, category, first_before, ablation_results, rank_gap, fact_summary(enc),
+        **target.fields(),
     )
 
 

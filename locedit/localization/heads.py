@@ -11,6 +11,7 @@ import torch
 
 from locedit.core.engine import BlockAttention, Capture, SetHeads, run
 from locedit.core.facts import EncodedFact, Fact
+from locedit.core.head import Head
 from locedit.core.lm import LM, Projection
 from locedit.localization.common import FlowResult, Target, as_encoded, fact_summary, rank_of, resolve_target
 
@@ -62,7 +63,19 @@ class HeadProjectionResult(FlowResult):
     rank_subject_last: list
     top_heads: list
     fact: dict = field(default_factory=dict)
+    target_source: str = "top1"
+    target_text: str = ""
     analysis = "head_projection"
+
+    def summary(self) -> str:
+        """The tracked target and the heads whose OV circuit ranks it best."""
+        best = ", ".join(f"{Head(h['layer'], h['head'])} (rank {min(h['rank_subject_tokens'], h['rank_subject_last'])})"
+                         for h in self.top_heads[:3])
+        if not best:
+            ranks = np.minimum(np.asarray(self.rank_subject_tokens), np.asarray(self.rank_subject_last))
+            layer, head = np.unravel_index(int(np.argmin(ranks)), ranks.shape)
+            best = f"{Head(int(layer), int(head))} (rank {int(ranks[layer, head])})"
+        return f"{self.target_line()}\nheads mapping the subject to the target: {best}"
 
     def plot(self, ax=None):
         from locedit.core.plots import heads_table
@@ -70,9 +83,9 @@ class HeadProjectionResult(FlowResult):
         return heads_table(self.top_heads[:15], ax=ax)
 
 
-def head_projection(lm: LM, fact: Fact | EncodedFact, *, projection: Projection | None = None,
-                    use_fact_target: bool = False, top: int = 20, top_tokens: int = 10,
-                    heads: Sequence[tuple[int, int]] | None = None,
+def head_projection(lm: LM, fact: Fact | EncodedFact, *, projection: Projection | None = None, top: int = 20,
+                    top_tokens: int = 10,
+                    heads: Sequence[Head | tuple[int, int]] | None = None,
                     target: Target | None = None) -> HeadProjectionResult:
     """Read each head's OV circuit in vocabulary space: where does the target rank when the subject's token
     embeddings (Dar et al.'s E W_VO reading) and the subject-last representation go through the head?
@@ -81,19 +94,19 @@ def head_projection(lm: LM, fact: Fact | EncodedFact, *, projection: Projection 
     (what the head actually reads); token embeddings are read raw, as in the embedding-space analysis.
     `heads` restricts the computation to those (layer, head) pairs; the others get rank = vocabulary size."""
     enc = as_encoded(lm, fact)
-    target = target if target is not None else resolve_target(lm, enc, use_fact_target)
+    target = target if target is not None else resolve_target(lm, enc)
     with torch.no_grad():
         states = run(lm, enc, capture=Capture(residual=True)).captures
         return _head_projection_of(lm, enc, target, lambda layer: states["residual", layer][0],
                                    projection or lm.default_projection(), top, top_tokens, heads, None)
 
 
-def head_projection_many(lm: LM, facts: Sequence[Fact | EncodedFact], *, projection: Projection | None = None,
-                         use_fact_target: bool = False, top: int = 20, top_tokens: int = 10,
-                         heads: Sequence[tuple[int, int]] | None = None,
-                         targets: Sequence[Target] | None = None,
-                         fact_heads: Sequence[Sequence[tuple[int, int]] | None] | None = None
-                         ) -> list[HeadProjectionResult]:
+def head_projection_batch(lm: LM, facts: Sequence[Fact | EncodedFact], *, projection: Projection | None = None,
+                          top: int = 20, top_tokens: int = 10,
+                          heads: Sequence[Head | tuple[int, int]] | None = None,
+                          targets: Sequence[Target] | None = None,
+                          fact_heads: Sequence[Sequence[Head | tuple[int, int]] | None] | None = None
+                          ) -> list[HeadProjectionResult]:
     """`head_projection` of several facts: one padded forward captures every fact's states, and each layer's OV
     weights are gathered once for all facts. `fact_heads[k]` overrides `heads` for fact k."""
     from locedit.core.engine import run_batch
@@ -102,7 +115,7 @@ def head_projection_many(lm: LM, facts: Sequence[Fact | EncodedFact], *, project
     encs = [as_encoded(lm, f) for f in facts]
     if not encs:
         return []
-    targets = list(targets) if targets is not None else resolve_targets(lm, encs, use_fact_target)
+    targets = list(targets) if targets is not None else resolve_targets(lm, encs)
     cache: dict = {}
     with torch.no_grad():
         states = run_batch(lm, encs, capture=Capture(residual=True), padding_side="right").captures
@@ -112,7 +125,7 @@ def head_projection_many(lm: LM, facts: Sequence[Fact | EncodedFact], *, project
                 for k, enc in enumerate(encs)]
 
 
-head_projection.batched = head_projection_many
+head_projection.batched = head_projection_batch
 
 
 def _head_projection_of(lm: LM, enc, target: Target, state, projection, top: int, top_tokens: int, heads,
@@ -120,6 +133,7 @@ def _head_projection_of(lm: LM, enc, target: Target, state, projection, top: int
     """`state(layer)`: the fact's residual stream entering `layer`, (positions, d)."""
     subject_ids = torch.tensor(enc.input_ids[enc.subject_start:enc.subject_end], device=lm.device)
     L, H = lm.num_layers, lm.num_heads
+    heads = [Head.parse(h) for h in heads] if heads is not None else None
     rank_tokens = np.full((L, H), lm.vocab_size, dtype=int)
     rank_last = np.full((L, H), lm.vocab_size, dtype=int)
     wanted = {l: sorted(h for ll, h in heads if ll == l) for l, _ in heads} if heads is not None else \
@@ -145,7 +159,8 @@ def _head_projection_of(lm: LM, enc, target: Target, state, projection, top: int
                   "top_tokens_subject_last": [lm.token_str(t) for t in top_tok[(l, h)]]}
                  for _, l, h in order[:top]]
     return HeadProjectionResult(target.token, target.token_id, target.base_prob, projection,
-                                rank_tokens.tolist(), rank_last.tolist(), top_heads, fact_summary(enc))
+                                rank_tokens.tolist(), rank_last.tolist(), top_heads, fact_summary(enc),
+                                **target.fields())
 
 
 @dataclass
@@ -163,15 +178,40 @@ class HeadEffectsResult(FlowResult):
     edge_knockout: list
     output_knockout: list
     fact: dict = field(default_factory=dict)
+    target_source: str = "top1"
+    target_text: str = ""
     analysis = "head_effects"
 
+    def summary(self) -> str:
+        """The tracked target, the head with the largest direct logit and the one whose knockout hurts most."""
+        direct = np.asarray(self.direct_logit, dtype=float)
+        drop = np.asarray(self.output_knockout, dtype=float)
+        d = Head(*map(int, np.unravel_index(int(np.argmax(direct)), direct.shape)))
+        k = Head(*map(int, np.unravel_index(int(np.argmin(drop)), drop.shape)))
+        return (f"{self.target_line()}\nlargest direct logit: {d} ({direct[d]:+.2f}); "
+                f"largest output-knockout drop: {k} ({drop[k]:+.1f}% p(target))")
 
-def head_effects(lm: LM, fact: Fact | EncodedFact, *, use_fact_target: bool = False,
+    def top_heads(self, count: int = 15) -> list[dict]:
+        """The `count` heads with the largest direct logit, each with its three numbers."""
+        direct = np.asarray(self.direct_logit, dtype=float)
+        order = np.argsort(-direct, axis=None)[:count]
+        heads = [Head(*map(int, np.unravel_index(int(i), direct.shape))) for i in order]
+        return [{"head": str(h), "direct_logit": float(direct[h]),
+                 "output_knockout": self.output_knockout[h.layer][h.head],
+                 "edge_knockout": self.edge_knockout[h.layer][h.head]} for h in heads]
+
+    def plot(self, ax=None):
+        from locedit.core.plots import heads_table
+
+        return heads_table(self.top_heads(), ax=ax, title=f"Heads by direct logit of {self.target!r}")
+
+
+def head_effects(lm: LM, fact: Fact | EncodedFact, *,
                  target: Target | None = None) -> HeadEffectsResult:
     """Direct logit attribution and two knockouts for every head, all batched (2 x layers x heads rows).
     The direct logits are computed in float32 whatever the model's dtype (a difference of two large logits)."""
     enc = as_encoded(lm, fact)
-    target = target if target is not None else resolve_target(lm, enc, use_fact_target)
+    target = target if target is not None else resolve_target(lm, enc)
     with torch.no_grad():
         clean = run(lm, enc, capture=Capture(heads=True, attn=True, residual=True, last_only=True)).captures
         direct = _direct_logits(lm, clean, 0, target.token_id)
@@ -180,8 +220,8 @@ def head_effects(lm: LM, fact: Fact | EncodedFact, *, use_fact_target: bool = Fa
     return _head_effects_result(lm, enc, target, direct, probs)
 
 
-def head_effects_many(lm: LM, facts: Sequence[Fact | EncodedFact], *, use_fact_target: bool = False,
-                      targets: Sequence[Target] | None = None, max_rows: int = 512) -> list[HeadEffectsResult]:
+def head_effects_batch(lm: LM, facts: Sequence[Fact | EncodedFact], *,
+                       targets: Sequence[Target] | None = None, max_rows: int = 512) -> list[HeadEffectsResult]:
     """`head_effects` of several facts: one padded clean forward for all, then every fact's knockout rows packed
     into shared passes (`run_packed`); each result equals the single-fact one."""
     from locedit.core.engine import run_batch, run_packed
@@ -190,7 +230,7 @@ def head_effects_many(lm: LM, facts: Sequence[Fact | EncodedFact], *, use_fact_t
     encs = [as_encoded(lm, f) for f in facts]
     if not encs:
         return []
-    targets = list(targets) if targets is not None else resolve_targets(lm, encs, use_fact_target)
+    targets = list(targets) if targets is not None else resolve_targets(lm, encs)
     with torch.no_grad():
         clean = run_batch(lm, encs, capture=Capture(heads=True, attn=True, residual=True, last_only=True),
                           padding_side="right").captures
@@ -209,7 +249,7 @@ def head_effects_many(lm: LM, facts: Sequence[Fact | EncodedFact], *, use_fact_t
     return out
 
 
-head_effects.batched = head_effects_many
+head_effects.batched = head_effects_batch
 
 
 def _direct_logits(lm: LM, clean, row: int, token_id: int, cache: dict | None = None) -> np.ndarray:
@@ -235,7 +275,7 @@ def _head_effects_result(lm: LM, enc, target: Target, direct: np.ndarray, probs:
     change = 100 * (probs - target.base_prob) / target.base_prob
     return HeadEffectsResult(target.token, target.token_id, target.base_prob, direct.tolist(),
                              change[: L * H].reshape(L, H).tolist(), change[L * H:].reshape(L, H).tolist(),
-                             fact_summary(enc))
+                             fact_summary(enc), **target.fields())
 
 
 def _head_contributions(lm: LM, layer: int, clean, row: int = 0, cache: dict | None = None) -> torch.Tensor:

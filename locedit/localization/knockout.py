@@ -49,7 +49,19 @@ class KnockoutResult(FlowResult):
     relative_change: dict
     probs: dict
     fact: dict = field(default_factory=dict)
+    target_source: str = "top1"
+    target_text: str = ""
     analysis = "attention_knockout"
+
+    def summary(self) -> str:
+        """The tracked target, and the group and window centre whose blocking lowers p(target) most."""
+        group, layer, change = min(((g, l, c) for g, curve in self.relative_change.items()
+                                    for l, c in enumerate(curve) if c == c), key=lambda x: x[2],
+                                   default=(None, None, float("nan")))
+        if group is None:
+            return f"{self.target_line()}\nno group could be blocked"
+        return (f"{self.target_line()}\nstrongest drop: blocking last -> {group} around layer {layer} "
+                f"(window {self.window}): {change:+.1f}% p(target)")
 
     def plot(self, ax=None):
         from locedit.core.plots import knockout_curves
@@ -59,23 +71,23 @@ class KnockoutResult(FlowResult):
 
 def attention_knockout(lm: LM, fact: Fact | EncodedFact, *, window: int = 9,
                        groups: str | Mapping[str, Sequence[int]] = "default", heads: Sequence[int] | None = None,
-                       use_fact_target: bool = False, target: Target | None = None) -> KnockoutResult:
+                       target: Target | None = None) -> KnockoutResult:
     """Block last -> group edges in a `window` of layers centred on each layer (all heads, or `heads`), for every
     group and layer in one batched run with prefix reuse. `target`: an already resolved `Target`."""
     if window < 1:
         raise InterventionError(f"window must be at least 1, not {window}")
     enc = as_encoded(lm, fact)
-    target = target if target is not None else resolve_target(lm, enc, use_fact_target)
+    target = target if target is not None else resolve_target(lm, enc)
     named, rows, keys = _knockout_rows(lm, enc, window, groups, heads)
     with torch.no_grad():
         probs = run(lm, enc, rows).prob_of(target.token_id).float().cpu().numpy()
     return _knockout_result(enc, target, window, named, keys, probs)
 
 
-def attention_knockout_many(lm: LM, facts: Sequence[Fact | EncodedFact], *, window: int = 9,
-                            groups: str | Mapping[str, Sequence[int]] = "default",
-                            heads: Sequence[int] | None = None, use_fact_target: bool = False,
-                            targets: Sequence[Target] | None = None, max_rows: int = 512) -> list[KnockoutResult]:
+def attention_knockout_batch(lm: LM, facts: Sequence[Fact | EncodedFact], *, window: int = 9,
+                             groups: str | Mapping[str, Sequence[int]] = "default",
+                             heads: Sequence[int] | None = None,
+                             targets: Sequence[Target] | None = None, max_rows: int = 512) -> list[KnockoutResult]:
     """`attention_knockout` of several facts, their rows packed into shared forward passes (`run_packed`); each
     result equals the single-fact one. `targets`: already resolved targets (else one padded forward resolves
     them all)."""
@@ -87,7 +99,7 @@ def attention_knockout_many(lm: LM, facts: Sequence[Fact | EncodedFact], *, wind
     encs = [as_encoded(lm, f) for f in facts]
     if not encs:
         return []
-    targets = list(targets) if targets is not None else resolve_targets(lm, encs, use_fact_target)
+    targets = list(targets) if targets is not None else resolve_targets(lm, encs)
     plans = [_knockout_rows(lm, enc, window, groups, heads) for enc in encs]
     rows = [r for _, fact_rows, _ in plans for r in fact_rows]
     row_prompt = [k for k, (_, fact_rows, _) in enumerate(plans) for _ in fact_rows]
@@ -102,7 +114,7 @@ def attention_knockout_many(lm: LM, facts: Sequence[Fact | EncodedFact], *, wind
     return out
 
 
-attention_knockout.batched = attention_knockout_many
+attention_knockout.batched = attention_knockout_batch
 
 
 def _knockout_rows(lm: LM, enc: EncodedFact, window: int, groups, heads):
@@ -122,7 +134,8 @@ def _knockout_result(enc, target: Target, window: int, named: dict, keys: list, 
     change = {name: (100 * (np.asarray(p) - target.base_prob) / target.base_prob).tolist()
               for name, p in probs_by_group.items()}
     return KnockoutResult(target.token, target.token_id, target.base_prob, window,
-                          {k: list(v) for k, v in named.items()}, change, probs_by_group, fact_summary(enc))
+                          {k: list(v) for k, v in named.items()}, change, probs_by_group, fact_summary(enc),
+                          **target.fields())
 
 
 @dataclass
@@ -137,7 +150,16 @@ class KnockoutMap(FlowResult):
     tokens: list
     probs: list
     fact: dict = field(default_factory=dict)
+    target_source: str = "top1"
+    target_text: str = ""
     analysis = "knockout_map"
+
+    def summary(self) -> str:
+        """The tracked target, and the (position, layer) whose blocking lowers p(target) most."""
+        probs = np.asarray(self.probs, dtype=float)
+        position, layer = np.unravel_index(int(np.nanargmin(probs)), probs.shape)
+        return (f"{self.target_line()}\nlowest p(target) {probs[position, layer]:.3f}: blocking last -> "
+                f"{self.tokens[position]!r} (position {position}) around layer {layer} (window {self.window})")
 
     def plot(self, ax=None):
         from locedit.core.plots import knockout_heatmap
@@ -145,15 +167,15 @@ class KnockoutMap(FlowResult):
         return knockout_heatmap(self, ax=ax)
 
 
-def knockout_map(lm: LM, fact: Fact | EncodedFact, *, window: int = 9, use_fact_target: bool = False,
+def knockout_map(lm: LM, fact: Fact | EncodedFact, *, window: int = 9,
                  target: Target | None = None) -> KnockoutMap:
     """Block last -> each single position, in a window around each layer: a (position x layer) map."""
     enc = as_encoded(lm, fact)
-    target = target if target is not None else resolve_target(lm, enc, use_fact_target)
+    target = target if target is not None else resolve_target(lm, enc)
     n, last = len(enc), enc.positions.last
     rows = [[BlockAttention(window_layers(layer, window, lm.num_layers), [last], [pos])]
             for pos in range(n) for layer in range(lm.num_layers)]
     with torch.no_grad():
         probs = run(lm, enc, rows).prob_of(target.token_id).view(n, lm.num_layers).float().cpu()
     return KnockoutMap(target.token, target.token_id, target.base_prob, window, list(enc.tokens), probs.tolist(),
-                       fact_summary(enc))
+                       fact_summary(enc), **target.fields())

@@ -30,7 +30,18 @@ class PatchingResult(FlowResult):
     baseline_events: list
     events: dict
     fact: dict = field(default_factory=dict)
+    target_source: str = "top1"
+    target_text: str = ""
     analysis = "state_patching"
+
+    def summary(self) -> str:
+        """The tracked target, the unpatched extraction events, and per group the sources that keep one."""
+        lines = [self.target_line(), f"unpatched attention extraction events at layers "
+                 f"{[l for l, e in enumerate(self.baseline_events) if e] or 'none'}"]
+        for group, by_source in self.events.items():
+            kept = [s for s, events in by_source.items() if any(events)]
+            lines.append(f"  {group} patched from layer(s) {', '.join(kept) or 'none'} still extracts")
+        return "\n".join(lines)
 
     def plot(self, ax=None):
         from locedit.core.plots import patching_bars
@@ -56,11 +67,11 @@ class PatchingResult(FlowResult):
 
 def state_patching(lm: LM, fact: Fact | EncodedFact, *, source_layers: Sequence[int] = (0, 1, 5, 10, 20),
                    groups: Sequence[str] = ("subject", "non_subject", "last"), projection: Projection | None = None,
-                   use_fact_target: bool = False, target: Target | None = None) -> PatchingResult:
+                   target: Target | None = None) -> PatchingResult:
     """All (group, source layer, layer) patches in one batched run. Source layers past the model's depth are
     dropped; index 0 is the embedding output. As in the official code, a patch is applied even when l' > l."""
     enc = as_encoded(lm, fact)
-    target = target if target is not None else resolve_target(lm, enc, use_fact_target)
+    target = target if target is not None else resolve_target(lm, enc)
     projection = projection or lm.default_projection()
     sources = [s for s in source_layers if 0 <= s <= lm.num_layers]
     named = {k: v for k, v in position_groups(enc, "default").items() if k in groups}
@@ -84,4 +95,4 @@ def state_patching(lm: LM, fact: Fact | EncodedFact, *, source_layers: Sequence[
     for (group, source, layer), t in zip(keys, top1):
         events[group][str(source)][layer] = t == target.token_id
     return PatchingResult(target.token, target.token_id, target.base_prob, projection, sources,
-                          [t == target.token_id for t in base_top1], events, fact_summary(enc))
+                          [t == target.token_id for t in base_top1], events, fact_summary(enc), **target.fields())

@@ -25,7 +25,8 @@ import numpy as np
 
 from locedit.errors import DatasetError, LoceditError
 from locedit.core.facts import Fact
-from locedit.localization.common import FlowResult, _jsonable, mean_ci
+from locedit.core.results import jsonable as _jsonable
+from locedit.localization.common import FlowResult, mean_ci
 
 logger = logging.getLogger("locedit")
 
@@ -203,7 +204,7 @@ class DatasetRun:
 
 
 # Facts per packed call when the analysis has a batched form (`fn.batched`, e.g. `locate` -> `locate_batch`,
-# `attention_knockout` -> `attention_knockout_many`) and the model is on an accelerator: enough rows to fill a
+# `attention_knockout` -> `attention_knockout_batch`) and the model is on an accelerator: enough rows to fill a
 # GPU's passes, few enough that a resumed run loses little. On the CPU the default is 1 (one fact at a time), so
 # a resumed fact's line is bit-identical to a fresh run's; packed results agree to float rounding (~1e-7).
 DEFAULT_BATCH_FACTS = 16

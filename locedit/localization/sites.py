@@ -21,14 +21,18 @@ How the ranking is built (see README, "How locate ranks sites"):
 from __future__ import annotations
 
 import time
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 
 from locedit.core.engine import SetSublayer, run
 from locedit.core.facts import EncodedFact, Fact
+from locedit.core.head import Head
+from locedit.errors import FactError
 from locedit.localization.causal_trace import causal_trace
 from locedit.localization.common import FlowResult, as_encoded, fact_summary, resolve_target, window_layers
 from locedit.localization.heads import head_effects, head_projection
@@ -37,6 +41,8 @@ from locedit.core.lm import LM
 
 MLP_WEIGHTS = {"knockout_cell": 0.4, "trace": 0.3, "knockout_layer": 0.3}
 HEAD_WEIGHTS = {"direct_logit": 0.35, "output_knockout": 0.35, "edge_knockout": 0.15, "ov": 0.15}
+# Prompts longer than this many tokens get a warning naming locate's cost (rows x tokens).
+LONG_PROMPT = 512
 
 
 def _positive_scaled(values: np.ndarray) -> np.ndarray:
@@ -62,6 +68,8 @@ class SiteMap(FlowResult):
     evidence: dict
     seconds: float
     fact: dict = field(default_factory=dict)
+    target_source: str = "top1"
+    target_text: str = ""
     analysis = "locate"
 
     def plot(self, ax=None):
@@ -73,16 +81,18 @@ class SiteMap(FlowResult):
         """A few lines for the terminal."""
         rec = self.recommendation
         mlp = ", ".join(f"L{m['layer']} ({m['score']:.2f})" for m in self.mlp_layers[:3])
-        heads = ", ".join(f"L{h['layer']}H{h['head']} ({h['score']:.2f})" for h in self.heads[:3])
+        heads = ", ".join(f"{Head(h['layer'], h['head'])} ({h['score']:.2f})" for h in self.heads[:3])
+        edit_heads = ", ".join(str(Head.parse(h)) for h in rec["head_edit"]["heads"])
         return "\n".join([
-            f"prompt: {self.fact.get('prompt')!r} -> {self.target!r} (p={self.base_prob:.3f})",
+            self.target_line(),
             f"fact carried by subject token {self.carrier['token']!r} (position {self.carrier['position']})",
             f"enrichment MLP layers: {mlp}",
             f"relation reaches the last position around layers {self.relation['layers'][0]}-"
-            f"{self.relation['layers'][-1]}",
+            f"{self.relation['layers'][-1]} (blocking last -> non-subject there: "
+            f"{self.relation['relative_change']:+.1f}% p(target))",
             f"extraction heads: {heads}",
             f"recommended rank-one edit: layer(s) {rec['rank_one']['layers']} keyed at {rec['rank_one']['token']!r}"
-            f"{self._measured_note()}; head edit: {rec['head_edit']['heads']}",
+            f"{self._measured_note()}; head edit: {edit_heads}",
         ])
 
     def _measured_note(self) -> str:
@@ -99,7 +109,7 @@ class SiteMap(FlowResult):
         for d in dicts:
             relation = d.get("fact", {}).get("relation") or "unknown"
             layer = str(d["mlp_layers"][0]["layer"]) if d["mlp_layers"] else None
-            head = f"L{d['heads'][0]['layer']}H{d['heads'][0]['head']}" if d["heads"] else None
+            head = str(Head(d["heads"][0]["layer"], d["heads"][0]["head"])) if d["heads"] else None
             rel = out["by_relation"].setdefault(relation, {"n": 0, "top_mlp_layer": {}, "top_head": {}})
             rel["n"] += 1
             for table, key in ((out["top_mlp_layer"], layer), (out["top_head"], head),
@@ -114,28 +124,36 @@ class SiteMap(FlowResult):
 
 def locate(lm: LM, fact: Fact | EncodedFact, *, samples: int = 2, noise: float = 3.0, trace_window: int = 3,
            trace_stride: int = 2, knockout_window: int = 9, top_heads: int = 10, edit_layers: int = 1,
-           edit_heads: int = 3, ov_candidates: int = 30, use_fact_target: bool = False) -> SiteMap:
+           edit_heads: int = 3, ov_candidates: int = 30, progress: bool | None = None) -> SiteMap:
     """Locate one fact. All evidence comes from batched analyses (a few thousand intervention rows in a handful
     of forward passes). Cost-saving defaults: `samples` noise draws for the causal traces (ROME uses 10), the
     hidden-state trace every `trace_stride` layers, the MLP trace in non-overlapping windows of `trace_window`
-    layers, and the OV reading only for the `ov_candidates` heads with the largest direct or knockout effect."""
+    layers, and the OV reading only for the `ov_candidates` heads with the largest direct or knockout effect.
+
+    The fact's given target is the one tracked (None: the model's top-1). A prompt that ends with its subject
+    raises `FactError`. `progress`: a bar over the stages (None: only on a terminal); a prompt longer than
+    `LONG_PROMPT` tokens warns of its cost first."""
     start = time.perf_counter()
     enc = as_encoded(lm, fact)
-    target = resolve_target(lm, enc, use_fact_target)
+    check_relation(enc)
+    _warn_if_long(lm, [enc], samples, trace_stride, trace_window)
     subject = site_positions(enc)
     L = lm.num_layers
-    # the target is resolved once (one clean forward) and handed to every analysis below
-    trace_opts = dict(samples=samples, noise=noise, positions=subject, use_fact_target=use_fact_target,
-                      target=target)
-    hidden = causal_trace(lm, enc, kind="hidden", layers=range(0, L, trace_stride), **trace_opts)
     centers = list(range(trace_window // 2, L, trace_window))
-    mlp_trace = causal_trace(lm, enc, kind="mlp", window=trace_window, layers=centers, **trace_opts)
-    cell_drop, layer_drop = _mlp_knockouts(lm, enc, target.token_id, target.base_prob)
-    knockout = attention_knockout(lm, enc, window=knockout_window, use_fact_target=use_fact_target, target=target)
-    effects = head_effects(lm, enc, use_fact_target=use_fact_target, target=target)
-    candidates = _head_candidates(effects, ov_candidates)
-    projection = head_projection(lm, enc, use_fact_target=use_fact_target, top=0, heads=candidates,
-                                 target=target)
+    with _stages(progress, "locate") as stage:
+        target = stage("target", lambda: resolve_target(lm, enc))  # resolved once, handed to every analysis
+        trace_opts = dict(samples=samples, noise=noise, positions=subject, target=target)
+        hidden = stage("hidden trace", lambda: causal_trace(lm, enc, kind="hidden", layers=range(0, L, trace_stride),
+                                                            **trace_opts))
+        mlp_trace = stage("MLP trace", lambda: causal_trace(lm, enc, kind="mlp", window=trace_window,
+                                                            layers=centers, **trace_opts))
+        cell_drop, layer_drop = stage("MLP knockouts",
+                                      lambda: _mlp_knockouts(lm, enc, target.token_id, target.base_prob))
+        knockout = stage("attention knockout",
+                         lambda: attention_knockout(lm, enc, window=knockout_window, target=target))
+        effects = stage("head effects", lambda: head_effects(lm, enc, target=target))
+        projection = stage("head projection", lambda: head_projection(
+            lm, enc, top=0, heads=_head_candidates(effects, ov_candidates), target=target))
     return _site_map(lm, enc, target, hidden, mlp_trace, cell_drop, layer_drop, knockout, effects, projection,
                      samples=samples, trace_window=trace_window, knockout_window=knockout_window,
                      top_heads=top_heads, edit_layers=edit_layers, edit_heads=edit_heads,
@@ -144,41 +162,87 @@ def locate(lm: LM, fact: Fact | EncodedFact, *, samples: int = 2, noise: float =
 
 def locate_batch(lm: LM, facts: Sequence[Fact | EncodedFact], *, samples: int = 2, noise: float = 3.0,
                  trace_window: int = 3, trace_stride: int = 2, knockout_window: int = 9, top_heads: int = 10,
-                 edit_layers: int = 1, edit_heads: int = 3, ov_candidates: int = 30,
-                 use_fact_target: bool = False, max_rows: int = 512) -> list[SiteMap]:
+                 edit_layers: int = 1, edit_heads: int = 3, ov_candidates: int = 30, max_rows: int = 512,
+                 progress: bool | None = None) -> list[SiteMap]:
     """`locate` of several facts at once: every analysis packs the facts' rows into shared forward passes
-    (`locedit.core.engine.run_packed`), so a GPU runs a few large forwards instead of many small ones per fact. Each
-    SiteMap equals `locate(lm, fact)`'s (tested to 1e-5 in float32); `seconds` is the batch's time divided
+    (`locedit.core.engine.run_packed`), so a GPU runs a few large forwards instead of many small ones per fact.
+    Each SiteMap equals `locate(lm, fact)`'s (tested to 1e-5 in float32); `seconds` is the batch's time divided
     evenly. `max_rows` bounds the rows of one pass (memory)."""
-    from locedit.localization.causal_trace import causal_trace_many
+    from locedit.localization.causal_trace import causal_trace_batch
     from locedit.localization.common import resolve_targets
-    from locedit.localization.heads import head_effects_many, head_projection_many
-    from locedit.localization.knockout import attention_knockout_many
+    from locedit.localization.heads import head_effects_batch, head_projection_batch
+    from locedit.localization.knockout import attention_knockout_batch
 
     start = time.perf_counter()
     encs = [as_encoded(lm, f) for f in facts]
     if not encs:
         return []
-    targets = resolve_targets(lm, encs, use_fact_target)
+    for enc in encs:
+        check_relation(enc)
+    _warn_if_long(lm, encs, samples, trace_stride, trace_window)
     subjects = [site_positions(enc) for enc in encs]
     L = lm.num_layers
-    opts = dict(samples=samples, noise=noise, fact_positions=subjects, use_fact_target=use_fact_target,
-                targets=targets, max_rows=max_rows)
-    hidden = causal_trace_many(lm, encs, kind="hidden", layers=range(0, L, trace_stride), **opts)
     centers = list(range(trace_window // 2, L, trace_window))
-    mlp_trace = causal_trace_many(lm, encs, kind="mlp", window=trace_window, layers=centers, **opts)
-    drops = _mlp_knockouts_many(lm, encs, targets, max_rows=max_rows)
-    knockout = attention_knockout_many(lm, encs, window=knockout_window, use_fact_target=use_fact_target,
-                                       targets=targets, max_rows=max_rows)
-    effects = head_effects_many(lm, encs, use_fact_target=use_fact_target, targets=targets, max_rows=max_rows)
-    projection = head_projection_many(lm, encs, use_fact_target=use_fact_target, top=0, targets=targets,
-                                      fact_heads=[_head_candidates(e, ov_candidates) for e in effects])
+    with _stages(progress, f"locate ({len(encs)} facts)") as stage:
+        targets = stage("targets", lambda: resolve_targets(lm, encs))
+        opts = dict(samples=samples, noise=noise, fact_positions=subjects, targets=targets, max_rows=max_rows)
+        hidden = stage("hidden traces", lambda: causal_trace_batch(lm, encs, kind="hidden",
+                                                                   layers=range(0, L, trace_stride), **opts))
+        mlp_trace = stage("MLP traces", lambda: causal_trace_batch(lm, encs, kind="mlp", window=trace_window,
+                                                                   layers=centers, **opts))
+        drops = stage("MLP knockouts", lambda: _mlp_knockouts_batch(lm, encs, targets, max_rows=max_rows))
+        knockout = stage("attention knockouts", lambda: attention_knockout_batch(
+            lm, encs, window=knockout_window, targets=targets, max_rows=max_rows))
+        effects = stage("head effects", lambda: head_effects_batch(lm, encs, targets=targets, max_rows=max_rows))
+        projection = stage("head projections", lambda: head_projection_batch(
+            lm, encs, top=0, targets=targets, fact_heads=[_head_candidates(e, ov_candidates) for e in effects]))
     seconds = (time.perf_counter() - start) / len(encs)
     return [_site_map(lm, encs[k], targets[k], hidden[k], mlp_trace[k], drops[k][0], drops[k][1], knockout[k],
                       effects[k], projection[k], samples=samples, trace_window=trace_window,
                       knockout_window=knockout_window, top_heads=top_heads, edit_layers=edit_layers,
                       edit_heads=edit_heads, seconds=seconds)
             for k in range(len(encs))]
+
+
+def check_relation(enc: EncodedFact) -> None:
+    """Refuse a prompt with nothing after its subject: no relation reaches the last position, so every
+    relation-propagation and extraction number would describe noise."""
+    if enc.subject_end >= len(enc):
+        example = enc.fact.subject + " is located in"
+        raise FactError(f"no relation after the subject: prompt {enc.fact.prompt!r} ends with its subject "
+                        f"{enc.fact.subject!r}; add the relation after it (e.g. {example!r})")
+
+
+def row_estimate(lm: LM, enc: EncodedFact, samples: int, trace_stride: int, trace_window: int) -> int:
+    """About how many intervention rows `locate` runs over one prompt (each a forward of the prompt's tokens)."""
+    L, H, subject = lm.num_layers, lm.num_heads, len(site_positions(enc))
+    traced = subject * (len(range(0, L, trace_stride)) + len(range(trace_window // 2, L, trace_window)))
+    return (traced + 2) * samples + (subject + 1) * L + 4 * L + 2 * L * H
+
+
+def _warn_if_long(lm: LM, encs: Sequence[EncodedFact], samples: int, trace_stride: int, trace_window: int) -> None:
+    for enc in encs:
+        if len(enc) > LONG_PROMPT:
+            rows = row_estimate(lm, enc, samples, trace_stride, trace_window)
+            warnings.warn(f"long prompt ({len(enc)} tokens, more than {LONG_PROMPT}): locate runs about {rows} "
+                          f"intervention rows over it, each a forward of those tokens; this can take minutes",
+                          stacklevel=3)
+
+
+@contextmanager
+def _stages(progress: bool | None, desc: str) -> Iterator[Callable]:
+    """`stage(name, fn)` runs `fn()` and ticks a tqdm bar over locate's 7 stages (disable=None: a terminal only)."""
+    from tqdm.auto import tqdm
+
+    with tqdm(total=7, desc=desc, unit="stage", leave=False,
+              disable=None if progress is None else not progress) as bar:
+        def stage(name: str, fn: Callable):
+            bar.set_postfix_str(name)
+            value = fn()
+            bar.update()
+            return value
+
+        yield stage
 
 
 locate.batched = locate_batch
@@ -250,7 +314,7 @@ def _site_map(lm: LM, enc: EncodedFact, target, hidden, mlp_trace, cell_drop, la
 
     recommendation = {
         "rank_one": _rank_one_recommendation(lm, enc, [m["layer"] for m in layers[:edit_layers]], carrier_pos),
-        "head_edit": {"heads": [[h["layer"], h["head"]] for h in heads[:edit_heads]],
+        "head_edit": {"heads": [Head(h["layer"], h["head"]) for h in heads[:edit_heads]],
                       "why": "highest-scoring extraction heads at the last position"},
     }
     evidence = {
@@ -262,7 +326,7 @@ def _site_map(lm: LM, enc: EncodedFact, target, hidden, mlp_trace, cell_drop, la
         "subject_positions": subject, "tokens": list(enc.tokens), "samples": samples,
     }
     return SiteMap(target.token, target.token_id, target.base_prob, carrier, sites[:20], layers, relation, heads,
-                   recommendation, evidence, seconds, fact_summary(enc))
+                   recommendation, evidence, seconds, fact_summary(enc), **target.fields())
 
 
 def _rank_one_recommendation(lm: LM, enc: EncodedFact, located: list[int], carrier_pos: int) -> dict:
@@ -292,15 +356,15 @@ def site_positions(enc: EncodedFact) -> list[int]:
     return [p for p in subject if p != 0] or subject
 
 
-def _head_candidates(effects, count: int) -> list[tuple[int, int]]:
+def _head_candidates(effects, count: int) -> list[Head]:
     """The heads worth reading the OV circuit of: the largest direct logit contributions and output-knockout drops."""
     direct = np.array(effects.direct_logit, dtype=float)
     drop = -np.array(effects.output_knockout, dtype=float)
     heads = direct.shape[1]
-    chosen: set[tuple[int, int]] = set()
+    chosen: set[Head] = set()
     for values in (direct, drop):
         for flat in np.argsort(-values, axis=None)[: count // 2]:
-            chosen.add(divmod(int(flat), heads))
+            chosen.add(Head(*divmod(int(flat), heads)))
     return sorted(chosen)
 
 
@@ -323,7 +387,7 @@ def _mlp_knockout_rows(lm: LM, enc: EncodedFact) -> list:
     return rows + [[SetSublayer("mlp", [layer], subject)] for layer in range(lm.num_layers)]
 
 
-def _mlp_knockouts_many(lm: LM, encs: Sequence[EncodedFact], targets, max_rows: int = 512) -> list:
+def _mlp_knockouts_batch(lm: LM, encs: Sequence[EncodedFact], targets, max_rows: int = 512) -> list:
     """`_mlp_knockouts` of several facts in shared passes (`run_packed`)."""
     from locedit.core.engine import run_packed
 
@@ -343,8 +407,8 @@ def _mlp_knockouts_many(lm: LM, encs: Sequence[EncodedFact], targets, max_rows: 
     return out
 
 
-def locate_many(lm: LM, facts: Sequence[Fact], out_path, *, progress: bool = True, only_known: bool = False,
-                batch_facts: int | None = None, **options):
+def locate_dataset(lm: LM, facts: Sequence[Fact], out_path, *, progress: bool = True, only_known: bool = False,
+                   batch_facts: int | None = None, **options):
     """`locate` over many facts into a resumable JSON Lines file (see `locedit.localization.run_dataset`). Facts are
     located `batch_facts` at a time with `locate_batch` (default 16 on a GPU, 1 on the CPU; see
     `locedit.localization.runner.default_batch_facts`); the results are the same to float rounding."""

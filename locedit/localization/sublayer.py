@@ -95,7 +95,21 @@ class SublayerKnockoutResult(FlowResult):
     m: int
     baseline_top_tokens: list
     fact: dict = field(default_factory=dict)
+    target_source: str = "top1"
+    target_text: str = ""
     analysis = "sublayer_knockout"
+
+    def summary(self) -> str:
+        """The tracked target, the baseline attribute rate, and the knockout that lowers it most per sublayer."""
+        lines = [self.target_line(), f"attribute rate at position {self.position} leaving layer {self.measure_layer}: "
+                 f"{self.baseline_rate:.1f} without knockout"]
+        for sublayer, rates in self.attribute_rate.items():
+            values = np.asarray([np.nan if r is None else r for r in rates], dtype=float)
+            if np.isfinite(values).any():
+                i = int(np.nanargmin(values))
+                lines.append(f"  {sublayer} knocked out at layers {self.knocked[i][0]}-{self.knocked[i][-1]}: "
+                             f"{values[i]:.1f} (lowest)")
+        return "\n".join(lines)
 
     @staticmethod
     def aggregate(results: Sequence) -> dict:
@@ -108,9 +122,9 @@ class SublayerKnockoutResult(FlowResult):
 
 
 def sublayer_knockout(lm: LM, fact: Fact | EncodedFact, *, attributes: AttributeSet | None = None,
-                      paragraphs: Mapping[str, str] | None = None, window: int = 10, measure_layer: int | None = None, mode: Mode = "zero",
-                      projection: Projection | None = None, k: int = 500, m: int = 50,
-                      use_fact_target: bool = False, target: Target | None = None) -> SublayerKnockoutResult:
+                      paragraphs: Mapping[str, str] | None = None, window: int = 10, measure_layer: int | None = None,
+                      mode: Mode = "zero", projection: Projection | None = None, k: int = 500, m: int = 50,
+                      target: Target | None = None) -> SublayerKnockoutResult:
     """Knock out the MLP / attention sublayers of each window start s = 0..measure_layer-1 (both sublayers,
     every start and a clean row in one batched run) and measure the subject-last attribute rate leaving
     `measure_layer`, and p(target). A_s: `attributes`, else `attribute_set(lm, subject, paragraphs)`."""
@@ -123,7 +137,7 @@ def sublayer_knockout(lm: LM, fact: Fact | EncodedFact, *, attributes: Attribute
         raise InterventionError(f"window must be at least 1, not {window}")
     projection = projection or lm.default_projection()
     attributes = attributes if attributes is not None else attribute_set(lm, enc.fact.subject, paragraphs)
-    target = target if target is not None else resolve_target(lm, enc, use_fact_target)
+    target = target if target is not None else resolve_target(lm, enc)
     position = enc.positions.subject_last
     starts = list(range(measure_layer))
     knocked = [knocked_layers(s, window, measure_layer) for s in starts]
@@ -141,7 +155,7 @@ def sublayer_knockout(lm: LM, fact: Fact | EncodedFact, *, attributes: Attribute
         {s: rates[1 + i * count: 1 + (i + 1) * count] for i, s in enumerate(SUBLAYERS)},
         {s: probs[1 + i * count: 1 + (i + 1) * count] for i, s in enumerate(SUBLAYERS)},
         mode, window, measure_layer, position, projection, attributes.source, len(attributes), k, m,
-        tops[0][:20], fact_summary(enc))
+        tops[0][:20], fact_summary(enc), **target.fields())
 
 
 def mean_ci(values: np.ndarray):

@@ -30,7 +30,7 @@ import numpy as np
 
 from locedit.errors import DatasetError, LoceditError
 from locedit.core.facts import Fact
-from locedit.localization.common import _jsonable
+from locedit.core.results import jsonable as _jsonable
 from locedit.localization.runner import _append, _normalize, _rewrite, fact_id, fact_record, read_lines
 
 logger = logging.getLogger("locedit")

@@ -196,8 +196,7 @@ def measure(lm, setup: MechanismSetup, *, after: bool) -> dict:
     tracked = Fact(fact.subject, fact.prompt, setup.new_target if after else fact.target)
     enc = lm.encode(tracked)
     groups = {k: v for k, v in position_groups(enc).items() if k in ("subject", "non_subject", "last")}
-    knockout = attention_knockout(lm, enc, window=min(KNOCKOUT_WINDOW, lm.num_layers), groups=groups,
-                                  use_fact_target=True)
+    knockout = attention_knockout(lm, enc, window=min(KNOCKOUT_WINDOW, lm.num_layers), groups=groups)
     readout = _state_readout(lm, enc, [old_id, new_id], setup.position)
     neighbours = [_neighbour_readout(lm, p, t) for p, t in setup.neighbours]
     return {"old_id": old_id, "new_id": new_id, "knockout": knockout.to_dict(), "readout": readout,

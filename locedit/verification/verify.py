@@ -23,7 +23,7 @@ import torch
 
 from locedit.errors import LoceditError
 from locedit.core.facts import Fact
-from locedit.localization.common import _jsonable
+from locedit.core.results import Result, jsonable
 from locedit.verification import mechanism as mech
 from locedit.verification.metrics import (PERPLEXITY_TEXT, contains_target, fluency, greedy_generate_ids, harmonic_mean,
                       kl_divergence, perplexity, success_and_magnitude, target_probs)
@@ -228,10 +228,10 @@ def behaviour_metrics(inputs: Sequence[FactInputs], before: dict, after: dict) -
 
 # --- the result ------------------------------------------------------------------------------------------------------
 @dataclass
-class Verification:
+class Verification(Result):
     """The outcome of `verify`: `.behaviour` (after-edit metrics, `before`, per fact), `.mechanism` (per check:
-    numbers, `passed`, `rule`, `evidence`; for the first edited facts), `.passed`, `.summary()`, `.plot()`,
-    `.to_dict()`."""
+    numbers, `passed`, `rule`, `evidence`; for the first edited facts), `.passed`, and the `Result` interface:
+    `.summary()`, `.plot()`, `.to_dict()`, `.save(path)`, `_repr_html_()`."""
 
     method: str
     model: str
@@ -250,14 +250,16 @@ class Verification:
         return ok
 
     def to_dict(self) -> dict:
-        return _jsonable({"analysis": "verify", "method": self.method, "model": self.model, "facts": self.facts,
+        return jsonable({"analysis": "verify", "method": self.method, "model": self.model, "facts": self.facts,
                           "sites": self.sites, "passed": self.passed, "behaviour": self.behaviour,
                           "mechanism": self.mechanism, "seconds": self.seconds, "timings": self.timings})
 
     def summary(self) -> str:
+        """The edit, its behaviour before -> after, each mechanistic check and the verdict."""
         return summary_text(self.to_dict())
 
-    def plot(self):
+    def plot(self, ax=None):
+        """The verification figure (several panels: `ax` is not used)."""
         from locedit.verification.plots import verification_figure
 
         return verification_figure(self.to_dict())
@@ -368,5 +370,5 @@ def verify(lm, edit, *, paraphrases=None, neighborhood=None, generation_prompts=
     facts = [{"subject": x.fact.subject, "prompt": x.fact.prompt, "true_target": x.fact.target_text(),
               "new_target": x.new_target, "relation": x.fact.relation,
               "id": x.fact.meta.get("id") if isinstance(x.fact.meta, dict) else None} for x in inputs]
-    return Verification(edit.method, getattr(lm, "name", "?"), facts, _jsonable(dict(edit.sites)), behaviour,
+    return Verification(edit.method, getattr(lm, "name", "?"), facts, jsonable(dict(edit.sites)), behaviour,
                         mechanism_result, time.perf_counter() - start, timings)
