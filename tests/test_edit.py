@@ -50,7 +50,8 @@ def test_rome_and_memit_edit_every_family(family):
     saved = _weights(lm)
     p0 = _p_new(lm)
     for method, layers in (("rome", [1]), ("memit", [1, 2])):
-        edit = locedit.edit(lm, EditRequest(FACT, NEW), method=method, layers=layers, key_position="subject_last", hparams=FAST)
+        edit = locedit.edit(lm, EditRequest(FACT, NEW),
+                            method=method, layers=layers, key_position="subject_last", hparams=FAST)
         assert edit.is_applied and not _same(lm, saved)
         if method == "memit" or family in ROME_TOP1:
             assert lm.predict(FACT)[0].token == NEW, (family, method)
@@ -72,7 +73,8 @@ def test_head_out_edits_every_family(family):
     lm = tiny.lm(family)
     saved = _weights(lm)
     p0 = _p_new(lm)
-    edit = locedit.edit(lm, EditRequest(FACT, NEW), method="head", heads=[(3, h) for h in range(4)], key_position="subject_last",
+    edit = locedit.edit(lm, EditRequest(FACT, NEW),
+                        method="head", heads=[(3, h) for h in range(4)], key_position="subject_last",
                         hparams={**HEAD_FAST, "mode": "out"})
     assert edit.sites["heads"] == [[3, 0], [3, 1], [3, 2], [3, 3]] and len(edit.deltas) == 1  # one W_O, rank 4
     assert edit.deltas[0].rank == 4
@@ -131,7 +133,8 @@ def test_rome_closed_form_holds():
 def test_ft_changes_entries_within_the_constraint():
     lm = tiny.lm("llama")
     saved = _weights(lm)
-    edit = locedit.edit(lm, EditRequest(FACT, NEW), method="ft", layers=[1], hparams={"norm_constraint": 1e-2, "lr": 1e-2})
+    edit = locedit.edit(lm, EditRequest(FACT, NEW),
+                        method="ft", layers=[1], hparams={"norm_constraint": 1e-2, "lr": 1e-2})
     delta = edit.deltas[0].dense
     assert delta.abs().max() <= 1e-2 + 1e-7 and delta.abs().max() > 0
     assert edit.losses[0][-1] < edit.losses[0][0]
@@ -142,7 +145,8 @@ def test_ft_changes_entries_within_the_constraint():
 def test_save_load_apply_gives_the_same_logits(tmp_path):
     lm = tiny.lm("llama")
     ids = torch.tensor([lm.encode(FACT).input_ids])
-    edit = locedit.edit(lm, EditRequest(FACT, NEW), method="memit", layers=[1, 2], key_position="subject_last", hparams=FAST)
+    edit = locedit.edit(lm, EditRequest(FACT, NEW),
+                        method="memit", layers=[1, 2], key_position="subject_last", hparams=FAST)
     with torch.no_grad():
         edited = lm.model(input_ids=ids).logits
     edit.save(tmp_path / "e")
@@ -160,7 +164,8 @@ def test_save_load_apply_gives_the_same_logits(tmp_path):
 
 def test_refuses_twice_and_foreign_models():
     lm = tiny.lm("llama")
-    edit = locedit.edit(lm, EditRequest(FACT, NEW), method="rome", layers=[1], key_position="subject_last", hparams=FAST)
+    edit = locedit.edit(lm, EditRequest(FACT, NEW),
+                        method="rome", layers=[1], key_position="subject_last", hparams=FAST)
     with pytest.raises(EditError, match="already applied"):
         edit.apply(lm)
     edit.revert()
@@ -213,7 +218,8 @@ def test_failures_leave_weights_unchanged(monkeypatch):
 
     monkeypatch.setattr(memit, "memit_factors", second_layer_nan)
     with pytest.raises(EditError, match="non-finite"):
-        locedit.edit(lm, EditRequest(FACT, NEW), method="memit", layers=[1, 2], key_position="subject_last", hparams=FAST)
+        locedit.edit(lm, EditRequest(FACT, NEW),
+                     method="memit", layers=[1, 2], key_position="subject_last", hparams=FAST)
     assert _same(lm, saved) and not locedit.editing.applied_edits(lm)
 
     def interrupted(*args, **kwargs):
@@ -224,13 +230,15 @@ def test_failures_leave_weights_unchanged(monkeypatch):
                                                                     real(C, K, R, w) if calls["n"] == 1
                                                                     else interrupted())[1])
     with pytest.raises(KeyboardInterrupt):
-        locedit.edit(lm, EditRequest(FACT, NEW), method="memit", layers=[1, 2], key_position="subject_last", hparams=FAST)
+        locedit.edit(lm, EditRequest(FACT, NEW),
+                     method="memit", layers=[1, 2], key_position="subject_last", hparams=FAST)
     assert _same(lm, saved)
 
 
 def test_corrupt_or_foreign_edit_files_are_refused(tmp_path):
     lm = tiny.lm("llama")
-    edit = locedit.edit(lm, EditRequest(FACT, NEW), method="rome", layers=[1], key_position="subject_last", hparams=FAST)
+    edit = locedit.edit(lm, EditRequest(FACT, NEW),
+                        method="rome", layers=[1], key_position="subject_last", hparams=FAST)
     edit.revert()
     good = tmp_path / "good"
     edit.save(good)
@@ -405,7 +413,8 @@ def test_memit_z_batched_across_facts_equals_one_by_one():
     stats = key_statistics(lm, layers=layers, progress=False)
     factors = {}
     for batch_facts in (1, 3):
-        edit = locedit.edit(lm, [EditRequest(f, t) for f, t in zip(facts, targets)], method="memit", layers=layers, key_position="subject_last",
+        edit = locedit.edit(lm, [EditRequest(f, t) for f, t in zip(facts, targets)],
+                            method="memit", layers=layers, key_position="subject_last",
                                  hparams={**FAST, "batch_facts": batch_facts}, stats=stats)
         factors[batch_facts] = [d.matrix() for d in edit.deltas]
         losses = edit.losses
