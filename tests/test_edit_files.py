@@ -302,3 +302,22 @@ def test_a_sequence_is_one_joint_memit_edit(lm):
         assert e.target_sources == ["given", "given"]
     finally:
         e.revert()
+
+
+def test_cli_edit_reads_an_easyedit_file(lm, tmp_path, capsys):
+    from locedit.cli.main import main
+
+    model_dir = tmp_path / "tiny"
+    lm.model.save_pretrained(str(model_dir))
+    lm.tokenizer.save_pretrained(str(model_dir))
+    out = tmp_path / "edit"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        code = main(["edit", "--model", str(model_dir), "--subject", FACT.subject, "--prompt", FACT.prompt,
+                     "--target", FACT.target, "--new-target", NEW, "--layers", "1",
+                     "--hparams", str(DATA / "easyedit_rome_llama-7b.yaml"), "--out", str(out)])
+    assert code == 0, capsys.readouterr()
+    assert sum("ignored" in str(w.message) for w in caught) == 1
+    saved = load_edit(out)
+    assert saved.method == "rome" and saved.layers == [1] and saved.hparams["v_weight_decay"] == 1e-3
+    assert "device" in saved.hparams_ignored and saved.sites["key_position"] == "subject_last"

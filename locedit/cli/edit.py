@@ -17,7 +17,8 @@ def add_parser(sub, model_args, fact_args) -> None:
     fact_args(p)
     p.add_argument("--new-target", default=None,
                    help="the new attribute (one fact); with --facts each fact's target_new is used")
-    p.add_argument("--method", choices=METHODS, default=None, help="rome (one fact, default) or memit (--facts)")
+    p.add_argument("--method", choices=METHODS, default=None,
+                   help="default: the --hparams file's alg_name, else rome (one fact) or memit (--facts)")
     p.add_argument("--layers", type=int, nargs="+", default=None, help="edit these layers (default: located)")
     p.add_argument("--heads", nargs="+", default=None, help="head edit: heads as LAYER.HEAD, e.g. 23.4")
     p.add_argument("--key-position", choices=["subject_last", "carrier"], default=None,
