@@ -33,7 +33,8 @@ def edit(lm, request: EditRequest | Sequence[EditRequest], *positional: object, 
     MEMIT and EasyEdit files as they are: `alg_name` picks the method, their `layers` and `fact_token` are used
     where not given here, keys that do not apply are listed in `Edit.hparams_ignored` and one warning) or the
     method's dataclass. `stats`: key statistics from `locedit.editing.stats.key_statistics` (computed and cached
-    on disk when None, over `corpus` or the model's own sampled text)."""
+    on disk when None, over `corpus` or the model's own sampled text). The old form `edit(lm, fact, " Rome")` is
+    refused with an `EditError` that shows the `EditRequest` to write."""
     start = time.perf_counter()
     requests, single = _requests(request, positional)
     read = read_hparams(method, hparams, default_method="rome" if single else "memit")

@@ -178,22 +178,22 @@ def read_hparams(method: str | None, hparams, *, default_method: str = "rome", w
     ignored: dict[str, str] = {}
     notes: list[str] = []
     rules = {**IGNORED_KEYS, **METHOD_IGNORED_KEYS.get(chosen, {})}
-    values = dict(implied) if chosen == "memit" else {}
+    values = dict(implied)
+    if chosen == "ft" and data.get("norm_constraint") is False:  # EasyEdit's unconstrained fine-tuning
+        data["norm_constraint"] = float("inf")
+        notes.append("norm_constraint false (unconstrained fine-tuning) is read as no clamp")
+    unknown = sorted(k for k in data if k not in fields and k not in rules)
+    if unknown:
+        raise EditError(f"unknown {chosen} hyper-parameter(s) {unknown} in {source}; known: {sorted(fields)}")
     for key, value in data.items():
         if key in fields:
-            values[key] = _coerce(cls, fields[key], value, source)
-        elif key in rules:
-            reason, accepted = rules[key]
-            if accepted is not None and value not in accepted:
-                raise EditError(f"{source}: {key}={value!r} is not supported ({reason}; accepted: "
-                                f"{', '.join(repr(a) for a in accepted)})")
-            ignored[key] = reason
-        else:
-            raise EditError(f"unknown {chosen} hyper-parameter(s) {sorted(k for k in data if k not in fields and k not in rules)} "
-                            f"in {source}; known: {sorted(fields)}")
-    if chosen == "ft" and values.get("norm_constraint") is False:
-        values["norm_constraint"] = float("inf")
-        notes.append("norm_constraint false (unconstrained fine-tuning) is read as no clamp")
+            values[key] = _coerce(fields[key], value, source)
+            continue
+        reason, accepted = rules[key]
+        if accepted is not None and value not in accepted:
+            raise EditError(f"{source}: {key}={value!r} is not supported ({reason}; accepted: "
+                            f"{', '.join(repr(a) for a in accepted)})")
+        ignored[key] = reason
     params = cls(**values)
     if ignored and warn:
         warnings.warn(ignored_summary(source, ignored), UserWarning, stacklevel=2)
@@ -271,36 +271,23 @@ def _fact_token(value, source: str) -> str | None:
     return "subject_last"
 
 
-def _coerce(cls, f: dataclasses.Field, value, source: str):
+def _coerce(f: dataclasses.Field, value, source: str):
     """`value` as field `f`'s type. YAML reads `5e-1` as a string, so numeric strings become numbers."""
     kind = str(f.type).replace(" ", "")
     if value is None and kind.endswith("|None"):
         return None
     base = kind.removesuffix("|None")
     try:
-        if base == "bool":
-            if not isinstance(value, bool):
-                raise ValueError
-            return value
         if base in ("int", "float"):
-            if isinstance(value, bool) and not (cls is FTHyperParams and f.name == "norm_constraint"):
-                raise ValueError
             if isinstance(value, bool):
-                return value  # FT's `norm_constraint: false`, mapped by the caller
+                raise ValueError
             number = float(value)
-            if base == "int":
-                if not number.is_integer():
-                    raise ValueError
-                return int(number)
-            return number
-        if base == "list":
-            if not isinstance(value, list):
+            if base == "int" and not number.is_integer():
                 raise ValueError
-            return value
-        if base == "str":
-            if not isinstance(value, str):
-                raise ValueError
-            return value
+            return int(number) if base == "int" else number
+        expected = {"bool": bool, "list": list, "str": str}.get(base)
+        if expected is not None and not isinstance(value, expected):
+            raise ValueError
     except (TypeError, ValueError):
         raise EditError(f"{source}: hyper-parameter {f.name} must be a {base}, not {value!r}") from None
     return value
