@@ -269,7 +269,8 @@ def _checked_layers(lm, layers) -> list[int]:
         raise EditError("no layers to edit")
     for l in out:
         if not 0 <= l < lm.num_layers:
-            raise InterventionError(f"layer {l} does not exist (the model has {lm.num_layers} layers: 0-{lm.num_layers - 1})")
+            raise InterventionError(f"layer {l} does not exist (the model has {lm.num_layers} layers: "
+                                    f"0-{lm.num_layers - 1})")
     return out
 
 

@@ -93,11 +93,13 @@ class WeightDelta:
         return out
 
     def content_sha256(self) -> str:
-        """SHA-256 of what this delta writes: parameter, original fingerprint, orientation and factors."""
+        """SHA-256 of what this delta writes: parameter, original fingerprint, orientation and factors (as float32,
+        the precision they are saved in, so an edit and its loaded copy agree)."""
         digest = hashlib.sha256(f"{self.name}:{self.original_sha256}:{tuple(self.shape)}:{self.transposed}".encode())
         for part in ("left", "right", "dense"):
             value = getattr(self, part)
-            digest.update(f"|{part}:".encode() + (tensor_sha256(value).encode() if value is not None else b"-"))
+            part_sha = tensor_sha256(value.float()) if value is not None else "-"
+            digest.update(f"|{part}:{part_sha}".encode())
         return digest.hexdigest()
 
     def describe(self) -> dict:
