@@ -91,7 +91,8 @@ def speed(args) -> list[str]:
         locate_s.append(time.perf_counter() - t)
         for method, store in (("rome", rome_s), ("head", head_s)):
             t = time.perf_counter()
-            edit = locedit.edit(lm, fact, fact.meta["target_new"], method=method, sites=sites, stats=stats)
+            edit = locedit.edit(lm, locedit.EditRequest(fact, fact.meta["target_new"]),
+                                method=method, sites=sites, stats=stats)
             store.append(time.perf_counter() - t)
             edit.revert()
     for name, values in (("locate", locate_s), ("ROME edit (located site, stats cached)", rome_s),
@@ -102,7 +103,7 @@ def speed(args) -> list[str]:
     if args.memit_facts:
         batch = facts[: args.memit_facts]
         t = time.perf_counter()
-        edit = locedit.edit_many(lm, batch, [f.meta["target_new"] for f in batch], method="memit",
+        edit = locedit.edit(lm, [locedit.EditRequest(f, f.meta["target_new"]) for f in batch], method="memit",
                                  layers=[0, 1, 2, 3, 4], key_position="subject_last", stats=stats)
         total = time.perf_counter() - t
         edit.revert()
@@ -127,7 +128,7 @@ def measure_one(lm, fact, method: str = "rome") -> dict:
 
     before = score()
     t = time.perf_counter()
-    edit = locedit.edit(lm, fact, new, method=method)
+    edit = locedit.edit(lm, locedit.EditRequest(fact, new), method=method)
     seconds = time.perf_counter() - t
     after = score()
     edit.revert()

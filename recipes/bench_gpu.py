@@ -397,9 +397,9 @@ def bench_model(bench: Bench, name: str, family: str, shape: dict, tokenizer):
 
     def edits():
         try:
-            edit_fn, edit_many_fn = locedit.edit, locedit.edit_many
+            edit_fn, request = locedit.edit, locedit.EditRequest
         except AttributeError as e:
-            print("  edit API not available (locedit.edit / locedit.edit_many missing)", flush=True)
+            print("  edit API not available (locedit.edit / locedit.EditRequest missing)", flush=True)
             return {"available": False, "error": f"edit API not available: {e}"}
         layer = lm16.num_layers // 4
         out = {"available": True, "layer": layer}
@@ -408,8 +408,8 @@ def bench_model(bench: Bench, name: str, family: str, shape: dict, tokenizer):
         targeted = [Fact(f.subject, f.prompt, " Paris") for f in facts]
         fact = targeted[0]
         for method, call in (
-                ("rome", lambda: edit_fn(lm16, fact, " Rome", method="rome", layers=[layer], stats=st)),
-                ("memit", lambda: edit_many_fn(lm16, targeted, [" Rome"] * len(targeted), method="memit",
+                ("rome", lambda: edit_fn(lm16, request(fact, " Rome"), method="rome", layers=[layer], stats=st)),
+                ("memit", lambda: edit_fn(lm16, [request(f, " Rome") for f in targeted], method="memit",
                                                layers=[layer], stats=st))):
             try:
                 bench.peak_reset()

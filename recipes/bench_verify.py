@@ -43,10 +43,11 @@ def main() -> None:
     t = time.perf_counter()
     if args.layer is None:  # the located site (SmolLM2's default edit layer is its measured one, not this)
         sites = locedit.locate(lm, fact)
-        edit = locedit.edit(lm, fact, " Rome", layers=sites.recommendation["rank_one"]["located_layers"],
+        edit = locedit.edit(lm, locedit.EditRequest(fact, " Rome"),
+                            layers=sites.recommendation["rank_one"]["located_layers"],
                             key_position="carrier", sites=sites)
     else:
-        edit = locedit.edit(lm, fact, " Rome", layers=[args.layer], key_position="subject_last")
+        edit = locedit.edit(lm, locedit.EditRequest(fact, " Rome"), layers=[args.layer], key_position="subject_last")
     edit_s = time.perf_counter() - t
 
     ids = torch.tensor([lm.encode(fact).input_ids])

@@ -348,7 +348,8 @@ def _edit_row(fact_id: str, phase: str, policy: str, *, method: str = "rome", la
     try:
         before = _before(fact_id)
         t = time.perf_counter()
-        e = locedit.edit(lm, fact, fact.meta["target_new"], method=method, layers=layers, heads=heads,
+        e = locedit.edit(lm, locedit.EditRequest(fact, fact.meta["target_new"]),
+                         method=method, layers=layers, heads=heads,
                          key_position=None if method == "head" else key_position, sites=sites, stats=_W["stats"])
         row["edit_s"] = time.perf_counter() - t
         t = time.perf_counter()
@@ -509,11 +510,13 @@ def _sequential(task: dict) -> list[str]:
             t0 = time.perf_counter()
             try:
                 if method == "rome":  # the default ROME site on SmolLM2: the measured layer, subject-last key
-                    e = locedit.edit(lm, fact, fact.meta["target_new"], layers=[fixed], key_position="subject_last",
+                    e = locedit.edit(lm, locedit.EditRequest(fact, fact.meta["target_new"]),
+                                     layers=[fixed], key_position="subject_last",
                                      stats=_W["stats"])
                 else:
                     hp = {"nullspace": True} if method == "memit_nullspace" else None
-                    e = locedit.edit_many(lm, [fact], [fact.meta["target_new"]], method="memit", layers=window,
+                    e = locedit.edit(lm, [locedit.EditRequest(fact, fact.meta["target_new"])],
+                                     method="memit", layers=window,
                                           key_position="subject_last", hparams=hp, stats=_W["stats"])
                 edits.append(e)
                 edited.append(fid)

@@ -202,14 +202,16 @@ def test_edits_on_cuda(family, dtype, tmp_path, monkeypatch):
     saved = {n: p.detach().clone() for n, p in gpu.model.named_parameters()}
     for method, where in (("rome", dict(layers=[1])), ("memit", dict(layers=[1, 2])),
                           ("head", dict(heads=[(2, 1), (3, 0)]))):
-        edit = locedit.edit(gpu, fact, " the", method=method, key_position="subject_last", hparams=fast, **where)
+        edit = locedit.edit(gpu, locedit.EditRequest(fact, " the"),
+                            method=method, key_position="subject_last", hparams=fast, **where)
         assert all(torch.isfinite(d.matrix()).all() for d in edit.deltas)
         if method != "head":
             assert gpu.predict(fact)[0].token == " the", (family, dtype, method)
         edit.revert()
         assert all(torch.equal(saved[n], p) for n, p in gpu.model.named_parameters())
     if dtype == torch.float32:  # the same bytes on both sides: a GPU edit applies to the CPU model
-        edit = locedit.edit(gpu, fact, " the", method="rome", layers=[1], key_position="subject_last", hparams=fast)
+        edit = locedit.edit(gpu, locedit.EditRequest(fact, " the"),
+                            method="rome", layers=[1], key_position="subject_last", hparams=fast)
         edit.revert()
         with edit.applied(cpu):
             assert cpu.predict(fact)[0].token == " the"

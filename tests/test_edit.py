@@ -8,7 +8,7 @@ import torch
 
 import locedit
 import tiny
-from locedit import Fact
+from locedit import EditRequest, Fact
 from locedit.editing import EditError, load_edit
 from locedit.editing.stats import key_statistics
 
@@ -50,7 +50,8 @@ def test_rome_and_memit_edit_every_family(family):
     saved = _weights(lm)
     p0 = _p_new(lm)
     for method, layers in (("rome", [1]), ("memit", [1, 2])):
-        edit = locedit.edit(lm, FACT, NEW, method=method, layers=layers, key_position="subject_last", hparams=FAST)
+        edit = locedit.edit(lm, EditRequest(FACT, NEW),
+                            method=method, layers=layers, key_position="subject_last", hparams=FAST)
         assert edit.is_applied and not _same(lm, saved)
         if method == "memit" or family in ROME_TOP1:
             assert lm.predict(FACT)[0].token == NEW, (family, method)
@@ -72,7 +73,8 @@ def test_head_out_edits_every_family(family):
     lm = tiny.lm(family)
     saved = _weights(lm)
     p0 = _p_new(lm)
-    edit = locedit.edit(lm, FACT, NEW, method="head", heads=[(3, h) for h in range(4)], key_position="subject_last",
+    edit = locedit.edit(lm, EditRequest(FACT, NEW),
+                        method="head", heads=[(3, h) for h in range(4)], key_position="subject_last",
                         hparams={**HEAD_FAST, "mode": "out"})
     assert edit.sites["heads"] == [[3, 0], [3, 1], [3, 2], [3, 3]] and len(edit.deltas) == 1  # one W_O, rank 4
     assert edit.deltas[0].rank == 4
@@ -91,7 +93,7 @@ def test_head_value_edits_raise_the_new_target(family):
     lm = tiny.lm(family)
     saved = _weights(lm)
     p0 = _p_new(lm)
-    edit = locedit.edit(lm, FACT, NEW, method="head", heads=[(2, 1), (3, 2)], key_position="subject_last",
+    edit = locedit.edit(lm, EditRequest(FACT, NEW), method="head", heads=[(2, 1), (3, 2)], key_position="subject_last",
                         hparams={**FAST, "mode": "value"})
     assert _p_new(lm) > p0, family
     edit.revert()
@@ -100,7 +102,7 @@ def test_head_value_edits_raise_the_new_target(family):
 
 def test_gqa_value_edit_is_noted():
     lm = tiny.lm("llama")  # 4 query heads share 2 kv heads
-    edit = locedit.edit(lm, FACT, NEW, method="head", heads=[(2, 1)], key_position="subject_last",
+    edit = locedit.edit(lm, EditRequest(FACT, NEW), method="head", heads=[(2, 1)], key_position="subject_last",
                         hparams={**FAST, "mode": "value"})
     assert any("grouped-query" in n and "[0, 1]" in n for n in edit.notes)
     edit.revert()
@@ -131,7 +133,8 @@ def test_rome_closed_form_holds():
 def test_ft_changes_entries_within_the_constraint():
     lm = tiny.lm("llama")
     saved = _weights(lm)
-    edit = locedit.edit(lm, FACT, NEW, method="ft", layers=[1], hparams={"norm_constraint": 1e-2, "lr": 1e-2})
+    edit = locedit.edit(lm, EditRequest(FACT, NEW),
+                        method="ft", layers=[1], hparams={"norm_constraint": 1e-2, "lr": 1e-2})
     delta = edit.deltas[0].dense
     assert delta.abs().max() <= 1e-2 + 1e-7 and delta.abs().max() > 0
     assert edit.losses[0][-1] < edit.losses[0][0]
@@ -142,7 +145,8 @@ def test_ft_changes_entries_within_the_constraint():
 def test_save_load_apply_gives_the_same_logits(tmp_path):
     lm = tiny.lm("llama")
     ids = torch.tensor([lm.encode(FACT).input_ids])
-    edit = locedit.edit(lm, FACT, NEW, method="memit", layers=[1, 2], key_position="subject_last", hparams=FAST)
+    edit = locedit.edit(lm, EditRequest(FACT, NEW),
+                        method="memit", layers=[1, 2], key_position="subject_last", hparams=FAST)
     with torch.no_grad():
         edited = lm.model(input_ids=ids).logits
     edit.save(tmp_path / "e")
@@ -160,7 +164,8 @@ def test_save_load_apply_gives_the_same_logits(tmp_path):
 
 def test_refuses_twice_and_foreign_models():
     lm = tiny.lm("llama")
-    edit = locedit.edit(lm, FACT, NEW, method="rome", layers=[1], key_position="subject_last", hparams=FAST)
+    edit = locedit.edit(lm, EditRequest(FACT, NEW),
+                        method="rome", layers=[1], key_position="subject_last", hparams=FAST)
     with pytest.raises(EditError, match="already applied"):
         edit.apply(lm)
     edit.revert()
@@ -178,10 +183,10 @@ def test_refuses_twice_and_foreign_models():
 def test_edits_compose_and_revert_in_order():
     lm = tiny.lm("llama")
     saved = _weights(lm)
-    a = locedit.edit(lm, FACT, NEW, method="rome", layers=[1], key_position="subject_last", hparams=FAST)
+    a = locedit.edit(lm, EditRequest(FACT, NEW), method="rome", layers=[1], key_position="subject_last", hparams=FAST)
     after_a = _weights(lm)
     other = Fact("Louvre", "The museum called the Louvre", " Paris")
-    b = locedit.edit(lm, other, NEW, method="rome", layers=[1], key_position="subject_last", hparams=FAST)
+    b = locedit.edit(lm, EditRequest(other, NEW), method="rome", layers=[1], key_position="subject_last", hparams=FAST)
     with pytest.raises(EditError, match="revert the later edit first"):
         a.revert()
     b.revert()
@@ -189,7 +194,7 @@ def test_edits_compose_and_revert_in_order():
     a.revert()
     assert _same(lm, saved)
     # two edits computed on the unedited model stack on the same tensor, in either order
-    c = locedit.edit(lm, other, NEW, method="rome", layers=[1], key_position="subject_last", hparams=FAST)
+    c = locedit.edit(lm, EditRequest(other, NEW), method="rome", layers=[1], key_position="subject_last", hparams=FAST)
     c.revert()
     a.apply(lm)
     c.apply(lm)
@@ -213,7 +218,8 @@ def test_failures_leave_weights_unchanged(monkeypatch):
 
     monkeypatch.setattr(memit, "memit_factors", second_layer_nan)
     with pytest.raises(EditError, match="non-finite"):
-        locedit.edit(lm, FACT, NEW, method="memit", layers=[1, 2], key_position="subject_last", hparams=FAST)
+        locedit.edit(lm, EditRequest(FACT, NEW),
+                     method="memit", layers=[1, 2], key_position="subject_last", hparams=FAST)
     assert _same(lm, saved) and not locedit.editing.applied_edits(lm)
 
     def interrupted(*args, **kwargs):
@@ -224,13 +230,15 @@ def test_failures_leave_weights_unchanged(monkeypatch):
                                                                     real(C, K, R, w) if calls["n"] == 1
                                                                     else interrupted())[1])
     with pytest.raises(KeyboardInterrupt):
-        locedit.edit(lm, FACT, NEW, method="memit", layers=[1, 2], key_position="subject_last", hparams=FAST)
+        locedit.edit(lm, EditRequest(FACT, NEW),
+                     method="memit", layers=[1, 2], key_position="subject_last", hparams=FAST)
     assert _same(lm, saved)
 
 
 def test_corrupt_or_foreign_edit_files_are_refused(tmp_path):
     lm = tiny.lm("llama")
-    edit = locedit.edit(lm, FACT, NEW, method="rome", layers=[1], key_position="subject_last", hparams=FAST)
+    edit = locedit.edit(lm, EditRequest(FACT, NEW),
+                        method="rome", layers=[1], key_position="subject_last", hparams=FAST)
     edit.revert()
     good = tmp_path / "good"
     edit.save(good)
@@ -258,19 +266,19 @@ def test_bad_requests_raise_clear_errors():
     lm = tiny.lm("llama")
     saved = _weights(lm)
     with pytest.raises(locedit.LoceditError, match="unknown editing method"):
-        locedit.edit(lm, FACT, NEW, method="magic", layers=[1])
+        locedit.edit(lm, EditRequest(FACT, NEW), method="magic", layers=[1])
     with pytest.raises(locedit.LoceditError, match="empty"):
-        locedit.edit(lm, FACT, "  ", layers=[1])
-    with pytest.raises(locedit.LoceditError, match="current target"):
-        locedit.edit(lm, FACT, "Paris", layers=[1])
+        locedit.edit(lm, EditRequest(FACT, "  "), layers=[1])
+    with pytest.raises(locedit.LoceditError, match="own target|current target"):
+        locedit.edit(lm, EditRequest(FACT, "Paris"), layers=[1])
     with pytest.raises(locedit.LoceditError, match="layer 9 does not exist"):
-        locedit.edit(lm, FACT, NEW, layers=[9], key_position="subject_last")
+        locedit.edit(lm, EditRequest(FACT, NEW), layers=[9], key_position="subject_last")
     with pytest.raises(locedit.LoceditError, match="L1H7 does not exist"):
-        locedit.edit(lm, FACT, NEW, method="head", heads=[(1, 7)], key_position="subject_last")
+        locedit.edit(lm, EditRequest(FACT, NEW), method="head", heads=[(1, 7)], key_position="subject_last")
     with pytest.raises(locedit.LoceditError, match="unknown rome hyper-parameter"):
-        locedit.edit(lm, FACT, NEW, layers=[1], key_position="subject_last", hparams={"v_lrr": 1})
+        locedit.edit(lm, EditRequest(FACT, NEW), layers=[1], key_position="subject_last", hparams={"v_lrr": 1})
     with pytest.raises(locedit.LoceditError, match="one fact at a time"):
-        locedit.edit_many(lm, [FACT, FACT], [NEW, NEW], method="rome", layers=[1])
+        locedit.edit(lm, [EditRequest(FACT, NEW), EditRequest(FACT, NEW)], method="rome", layers=[1])
     assert _same(lm, saved)
 
 
@@ -282,7 +290,7 @@ def test_alphaedit_keeps_earlier_edits_keys(monkeypatch):
     stats = key_statistics(lm, layers=layers, progress=False)
     # everything counts as "null space" on a tiny model; a small ridge α lets the earlier keys dominate
     big = {**FAST, "nullspace": True, "nullspace_threshold": 1e9, "L2": 1e-2}
-    a = locedit.edit_many(lm, [FACT], [NEW], method="memit", layers=layers, key_position="subject_last",
+    a = locedit.edit(lm, [EditRequest(FACT, NEW)], method="memit", layers=layers, key_position="subject_last",
                           hparams=big, stats=stats)
     module = lm.adapter.layer_part(lm.model, 2, lm.adapter.mlp_down)
     key_a = a.keys[2][:, 0]
@@ -291,7 +299,7 @@ def test_alphaedit_keeps_earlier_edits_keys(monkeypatch):
     other = Fact("Louvre", "The museum called the Louvre", " Paris")
 
     def change_at_first_key() -> float:
-        b = locedit.edit_many(lm, [other], [" city"], method="memit", layers=layers, key_position="subject_last",
+        b = locedit.edit(lm, [EditRequest(other, " city")], method="memit", layers=layers, key_position="subject_last",
                               hparams=big, stats=stats)
         with torch.no_grad():
             moved = float((module(key_a[None])[0] - out_a).norm() / out_a.norm())
@@ -405,7 +413,8 @@ def test_memit_z_batched_across_facts_equals_one_by_one():
     stats = key_statistics(lm, layers=layers, progress=False)
     factors = {}
     for batch_facts in (1, 3):
-        edit = locedit.edit_many(lm, facts, targets, method="memit", layers=layers, key_position="subject_last",
+        edit = locedit.edit(lm, [EditRequest(f, t) for f, t in zip(facts, targets)],
+                            method="memit", layers=layers, key_position="subject_last",
                                  hparams={**FAST, "batch_facts": batch_facts}, stats=stats)
         factors[batch_facts] = [d.matrix() for d in edit.deltas]
         losses = edit.losses
@@ -433,7 +442,7 @@ def test_a_measured_edit_layer_becomes_the_recommendation_and_the_default(monkey
     enc = lm.encode(FACT)
     assert rec["source"] == "measured" and rec["layers"] == [layer]
     assert rec["located_layers"] == plain["layers"] and rec["position"] == enc.subject_end - 1
-    e = locedit.edit(lm, FACT, NEW, hparams=FAST)
+    e = locedit.edit(lm, EditRequest(FACT, NEW), hparams=FAST)
     try:
         assert e.layers == [layer] and e.sites["key_position"] == "subject_last"
         assert e.sites["layer_source"] == "measured"

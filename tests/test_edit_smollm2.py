@@ -18,7 +18,8 @@ def _top(lm, prompt: str, subject: str) -> str:
 @pytest.fixture(scope="module")
 def located_edit(smollm2, eiffel):
     before = {n: p.detach().clone() for n, p in smollm2.model.named_parameters()}
-    edit = locedit.edit(smollm2, eiffel, " Rome")  # everything as locate recommends: layer and key position
+    # everything as locate recommends: layer and key position
+    edit = locedit.edit(smollm2, locedit.EditRequest(eiffel, " Rome"))
     yield edit
     if edit.is_applied:
         edit.revert()

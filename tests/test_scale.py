@@ -385,10 +385,12 @@ def test_offloaded_model_edits_device_layers_and_refuses_offloaded_ones(tmp_path
     plain, offloaded = tiny.lm("llama"), _offloaded_llama(tmp_path)
     hparams = {"v_num_grad_steps": 10, "context_template_length_params": [[3, 2]]}
     with pytest.raises(locedit.LoceditError, match="offloaded"):
-        locedit.edit(offloaded, FACT, " the", layers=[1], key_position="subject_last", hparams=hparams)
+        locedit.edit(offloaded, locedit.EditRequest(FACT, " the"),
+                     layers=[1], key_position="subject_last", hparams=hparams)
     assert not locedit.editing.applied_edits(offloaded)
-    a = locedit.edit(plain, FACT, " the", layers=[3], key_position="subject_last", hparams=hparams)
-    b = locedit.edit(offloaded, FACT, " the", layers=[3], key_position="subject_last", hparams=hparams)
+    a = locedit.edit(plain, locedit.EditRequest(FACT, " the"), layers=[3], key_position="subject_last", hparams=hparams)
+    b = locedit.edit(offloaded, locedit.EditRequest(FACT, " the"),
+                     layers=[3], key_position="subject_last", hparams=hparams)
     ids = torch.tensor([plain.encode(FACT).input_ids])
     with torch.no_grad():
         assert torch.allclose(plain.model(input_ids=ids).logits, offloaded.model(input_ids=ids).logits, atol=1e-5)

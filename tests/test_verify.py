@@ -413,7 +413,7 @@ def test_verify_real_rome_edit_tiny(llama):
 
     fact = true_fact(llama)
     new = unlikely_target(llama, fact)
-    edit = locedit.edit(llama, fact, new, layers=[0], key_position="subject_last")
+    edit = locedit.edit(llama, locedit.EditRequest(fact, new), layers=[0], key_position="subject_last")
     try:
         ver = verify(llama, edit, neighborhood=NEIGHBOURS, paraphrases=PARAPHRASES, generation_tokens=4,
                      fluency_tokens=6)
@@ -456,7 +456,8 @@ def test_verify_a_memit_batch_edit(llama):
 
     facts = [true_fact(llama), true_fact(llama, Fact("Big Ben", "Big Ben is in"))]
     news = [unlikely_target(llama, f) for f in facts]
-    edit = locedit.edit_many(llama, facts, news, method="memit", layers=[0, 1], key_position="subject_last")
+    edit = locedit.edit(llama, [locedit.EditRequest(f, n) for f, n in zip(facts, news)],
+                        method="memit", layers=[0, 1], key_position="subject_last")
     try:
         ver = verify(llama, edit, paraphrases=[["Eiffel Tower is in the city of"], []],
                      neighborhood=[["The Louvre is in"], None], generation_tokens=2, fluency_tokens=2)

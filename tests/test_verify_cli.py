@@ -36,7 +36,7 @@ def saved_edit(model_dir, tmp_path_factory):
 
     lm = locedit.load(str(model_dir))
     fact = Fact("Eiffel Tower", PROMPT, lm.predict(Fact("Eiffel Tower", PROMPT))[0].token)
-    edit = locedit.edit(lm, fact, " guitar", layers=[0], key_position="subject_last")
+    edit = locedit.edit(lm, locedit.EditRequest(fact, " guitar"), layers=[0], key_position="subject_last")
     path = tmp_path_factory.mktemp("edit") / "eiffel"
     edit.save(path)
     edit.revert()

@@ -14,7 +14,8 @@ def test_eiffel_to_rome_verifies_and_wrong_site_is_told_apart(smollm2, eiffel):
     lm = smollm2
     sitemap = locedit.locate(lm, eiffel)
     rank_one = sitemap.recommendation["rank_one"]  # the located site (SmolLM2's default edit layer is measured)
-    edit = locedit.edit(lm, eiffel, " Rome", layers=rank_one["located_layers"], key_position="carrier", sites=sitemap)
+    edit = locedit.edit(lm, locedit.EditRequest(eiffel, " Rome"),
+                        layers=rank_one["located_layers"], key_position="carrier", sites=sitemap)
     try:
         ver = verify(lm, edit, neighborhood=NEIGHBOURS, paraphrases=PARAPHRASES, sites=sitemap,
                      fluency_tokens=10)
@@ -33,7 +34,8 @@ def test_eiffel_to_rome_verifies_and_wrong_site_is_told_apart(smollm2, eiffel):
     assert m["passed"] is True and ver.passed
 
     # the same new target written at the last layer: not through the located mechanism
-    wrong = locedit.edit(lm, eiffel, " Rome", layers=[lm.num_layers - 1], key_position="subject_last",
+    wrong = locedit.edit(lm, locedit.EditRequest(eiffel, " Rome"),
+                         layers=[lm.num_layers - 1], key_position="subject_last",
                          hparams={"mom2_adjustment": False})
     try:
         bad = verify(lm, wrong, sites=sitemap, fluency_tokens=5)

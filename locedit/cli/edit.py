@@ -17,7 +17,8 @@ def add_parser(sub, model_args, fact_args) -> None:
     fact_args(p)
     p.add_argument("--new-target", default=None,
                    help="the new attribute (one fact); with --facts each fact's target_new is used")
-    p.add_argument("--method", choices=METHODS, default=None, help="rome (one fact, default) or memit (--facts)")
+    p.add_argument("--method", choices=METHODS, default=None,
+                   help="default: the --hparams file's alg_name, else rome (one fact) or memit (--facts)")
     p.add_argument("--layers", type=int, nargs="+", default=None, help="edit these layers (default: located)")
     p.add_argument("--heads", nargs="+", default=None, help="head edit: heads as LAYER.HEAD, e.g. 23.4")
     p.add_argument("--key-position", choices=["subject_last", "carrier"], default=None,
@@ -35,7 +36,9 @@ def add_parser(sub, model_args, fact_args) -> None:
 def cmd_edit(args, load, facts_of, user_error) -> int:
     import locedit
 
-    method = args.method or ("memit" if args.facts is not None else "rome")
+    from locedit.core.facts import EditRequest
+
+    method = args.method  # None: the --hparams file's alg_name, else rome (one fact) or memit (--facts)
     heads = [_head(h, user_error) for h in args.heads] if args.heads else None
     if args.facts is None:
         if not args.new_target or not args.new_target.strip():
@@ -52,16 +55,16 @@ def cmd_edit(args, load, facts_of, user_error) -> int:
             raise user_error(f"facts without target_new (needed to edit a fact file): {missing[:5]}")
     else:
         targets = [args.new_target]
-    if args.nullspace and method != "memit":
+    if args.nullspace and method not in (None, "memit"):
         raise user_error("--nullspace applies to --method memit")
+    if args.nullspace:
+        method = "memit"  # AlphaEdit
     hparams = _hparams(args, method)
     options = dict(method=method, layers=args.layers, heads=heads, key_position=args.key_position,
                    hparams=hparams, corpus=args.corpus, progress=True)
     before = _readout(lm, facts[0], targets[0])
-    if len(facts) == 1:
-        edit = locedit.edit(lm, facts[0], targets[0], **options)
-    else:
-        edit = locedit.edit_many(lm, facts, targets, **options)
+    requests = [EditRequest(f, t) for f, t in zip(facts, targets)]
+    edit = locedit.edit(lm, requests[0] if args.facts is None else requests, **options)
     after = _readout(lm, edit.facts[0], edit.new_targets[0])
     sites = edit.sites
     where = f"heads {sites['heads']}" if edit.method == "head" else f"layer(s) {sites['layers']}"
@@ -112,18 +115,20 @@ def _readout(lm, fact, new_target: str) -> dict:
             "continuation": greedy_generate(lm, [fact.prompt], max_new_tokens=12)[0]}
 
 
-def _head(text: str, user_error) -> tuple[int, int]:
+def _head(text: str, user_error):
+    from locedit.core.head import Head
+    from locedit.errors import HeadSpecError
+
     try:
-        layer, head = text.split(".")
-        return int(layer), int(head)
-    except ValueError:
-        raise user_error(f"--heads takes LAYER.HEAD pairs such as 23.4, not {text!r}") from None
+        return Head.parse(text)
+    except HeadSpecError:
+        raise user_error(f"--heads takes LAYER.HEAD pairs such as 23.4 (or L23H4), not {text!r}") from None
 
 
-def _hparams(args, method: str):
-    from locedit.editing.hparams import _read_file
+def _hparams(args, method: str | None):
+    from locedit.editing.hparams import read_hparams_file
 
-    data = _read_file(args.hparams) if args.hparams is not None else {}
+    data = read_hparams_file(args.hparams) if args.hparams is not None else {}
     if args.nullspace:
         data["nullspace"] = True
     if args.stats_tokens is not None and method != "ft":

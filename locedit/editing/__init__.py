@@ -1,9 +1,18 @@
 """Editing facts where they are retrieved: ROME (r-ROME fix), MEMIT, AlphaEdit, head-parameter edits and FT-L, as
-reversible, saveable `Edit` objects."""
+reversible, saveable `Edit` objects. `edit(lm, EditRequest(fact, new_target))`; a sequence of requests is one joint
+edit."""
 
-from locedit.editing.api import METHODS, edit, edit_many, save_model
-from locedit.editing.edit import Edit, EditError, WeightDelta, applied_edits, load_edit
-from locedit.editing.hparams import FTHyperParams, HeadHyperParams, MEMITHyperParams, ROMEHyperParams
+from locedit.editing.api import METHODS, edit, save_model
+from locedit.editing.edit import Edit, WeightDelta, applied_edits, load_edit
+from locedit.editing.hparams import (
+    FTHyperParams,
+    HeadHyperParams,
+    MEMITHyperParams,
+    ResolvedHParams,
+    ROMEHyperParams,
+    read_hparams,
+)
+from locedit.errors import EditError
 
 __all__ = ["METHODS", "Edit", "EditError", "FTHyperParams", "HeadHyperParams", "MEMITHyperParams", "ROMEHyperParams",
-           "WeightDelta", "applied_edits", "edit", "edit_many", "load_edit", "save_model"]
+           "ResolvedHParams", "WeightDelta", "applied_edits", "edit", "load_edit", "read_hparams", "save_model"]

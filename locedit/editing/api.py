@@ -1,55 +1,64 @@
-"""`locedit.edit` / `locedit.edit_many`: change facts where `locate` says they are retrieved (or at given sites),
-returning an applied, reversible `Edit`."""
+"""`locedit.edit`: change facts where `locate` says they are retrieved (or at given sites), returning an applied,
+reversible `Edit`. One `EditRequest` is one edit; a sequence of them is one joint edit (MEMIT, AlphaEdit)."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator
 
-from locedit.errors import FactError, LoceditError
-from locedit.core.facts import Fact
-from locedit.editing.edit import Edit, EditError, applied_edits, geometry
-from locedit.editing.hparams import METHOD_HPARAMS, as_dict, resolve_hparams
+from locedit.core.facts import EditRequest, Fact
+from locedit.core.head import Head
+from locedit.editing.edit import Edit, applied_edits, geometry
+from locedit.editing.hparams import METHOD_HPARAMS, as_dict, read_hparams
+from locedit.errors import EditError, FactError, InterventionError
 
 METHODS = tuple(METHOD_HPARAMS)
 
 
-def edit(lm, fact: Fact, new_target: str, *, method: str = "rome", layers: Sequence[int] | None = None,
-         heads: Sequence[Sequence[int]] | None = None, key_position: str | None = None, hparams=None, stats=None,
-         sites=None, corpus=None, progress: bool = False) -> Edit:
-    """Edit one fact so the model continues `fact.prompt` with `new_target`; the returned edit is applied.
+def edit(lm, request: EditRequest | Sequence[EditRequest], *positional: object, method: str | None = None,
+         layers: Sequence[int] | None = None, heads: Sequence[Head | str | Sequence[int]] | None = None,
+         key_position: str | None = None, hparams=None, stats=None, sites=None, corpus=None,
+         progress: bool = False) -> Edit:
+    """Edit so the model continues each request's `fact.prompt` with its `new_target`; the returned edit is applied.
 
-    `layers=None` / `heads=None` edit where `locate` says the fact is retrieved (`sites=` passes a `SiteMap`
-    already computed); `key_position` is "subject_last" (ROME's choice) or "carrier" (locate's carrier token),
-    default as `locate` recommends. `hparams`: a dict, a JSON/YAML file or the method's dataclass. `stats`: key
-    statistics from `locedit.editing.stats.key_statistics` (computed and cached on disk when None, over
-    `corpus` or the model's own sampled text)."""
-    return edit_many(lm, [fact], [new_target], method=method, layers=layers, heads=heads, key_position=key_position,
-                     hparams=hparams, stats=stats, sites=[sites] if sites is not None else None, corpus=corpus,
-                     progress=progress)
-
-
-def edit_many(lm, facts: Sequence[Fact], new_targets: Sequence[str], *, method: str = "memit",
-              layers: Sequence[int] | None = None, heads: Sequence[Sequence[int]] | None = None,
-              key_position: str | None = None, hparams=None, stats=None, sites=None, corpus=None,
-              progress: bool = False) -> Edit:
-    """Edit a batch of facts in one update (MEMIT/AlphaEdit; ROME, head and FT edit one fact only)."""
+    `request`: one `EditRequest` (default method "rome") or a sequence of them, edited jointly in one update
+    (default "memit"; ROME, head and FT edits take one request). `fact.target` is the attribute replaced (None: the
+    model's top-1; the edit records which in `target_sources`). `layers=None` / `heads=None` edit where `locate`
+    says the fact is retrieved (`sites=` passes the `SiteMap`, or one per request, already computed); heads are
+    read with `Head.parse` ("L23H4", "23.4", (23, 4)). `key_position` is "subject_last" (ROME's choice) or
+    "carrier" (locate's carrier token), default as `locate` recommends. `hparams`: a dict, a JSON/YAML file (ROME,
+    MEMIT and EasyEdit files as they are: `alg_name` picks the method, their `layers` and `fact_token` are used
+    where not given here, keys that do not apply are listed in `Edit.hparams_ignored` and one warning) or the
+    method's dataclass. `stats`: key statistics from `locedit.editing.stats.key_statistics` (computed and cached
+    on disk when None, over `corpus` or the model's own sampled text). The old form `edit(lm, fact, " Rome")` is
+    refused with an `EditError` that shows the `EditRequest` to write."""
     start = time.perf_counter()
-    if method not in METHODS:
-        raise LoceditError(f"unknown editing method {method!r}; use one of {', '.join(METHODS)}")
-    facts, new_targets = list(facts), list(new_targets)
-    if not facts:
-        raise LoceditError("no facts to edit")
-    if len(facts) != len(new_targets):
-        raise LoceditError(f"{len(facts)} facts but {len(new_targets)} new targets")
-    if method != "memit" and len(facts) > 1:
-        raise LoceditError(f"method {method!r} edits one fact at a time; use method='memit' for a batch")
-    hp = resolve_hparams(method, hparams)
-    facts = [_resolved(lm, f) for f in facts]
-    targets = [_new_target_text(lm, f, t) for f, t in zip(facts, new_targets)]
-    site_maps = list(sites) if sites is not None else [None] * len(facts)
+    requests, single = _requests(request, positional)
+    read = read_hparams(method, hparams, default_method="rome" if single else "memit")
+    method = method or read.method or ("rome" if single else "memit")
+    if method != "memit" and len(requests) > 1:
+        raise EditError(f"method {method!r} edits one fact at a time; use method='memit' for a joint edit of "
+                        f"{len(requests)} requests")
+    hp, ignored = read.params, dict(read.ignored)
+    if read.layers is not None:
+        if method == "head":
+            ignored["layers"] = "head edits take heads="
+        elif layers is not None:
+            ignored["layers"] = "layers= given to edit"
+        else:
+            layers = read.layers
+    if read.key_position is not None:
+        if key_position is not None:
+            ignored["fact_token"] = "key_position= given to edit"
+        else:
+            key_position = read.key_position
+    facts, sources = zip(*[_resolved(lm, r.fact) for r in requests])
+    facts = list(facts)
+    targets = [_new_target_text(lm, f, r) for f, r in zip(facts, requests)]
+    site_maps = _site_maps(sites, single, len(requests))
     needs_location = (layers is None and method != "head") or (heads is None and method == "head") or \
         key_position == "carrier"
     if needs_location:
@@ -58,28 +67,61 @@ def edit_many(lm, facts: Sequence[Fact], new_targets: Sequence[str], *, method: 
     # measured edit layer), ROME's subject-last token at given sites
     rule = key_position or (_recommended_key_position(site_maps[0]) if needs_location else "subject_last")
     if rule not in ("subject_last", "carrier"):
-        raise LoceditError(f"key_position must be 'subject_last' or 'carrier', not {rule!r}")
+        raise EditError(f"key_position must be 'subject_last' or 'carrier', not {rule!r}")
     offsets = [_carrier_offset(lm, f, s) if rule == "carrier" else None for f, s in zip(facts, site_maps)]
     located_seconds = time.perf_counter() - start
     located = needs_location and layers is None and heads is None
 
     if method == "head":
         heads = _checked_heads(lm, heads if heads is not None else site_maps[0].recommendation["head_edit"]["heads"])
-        layers_used = sorted({h[0] for h in heads})
+        layers_used = sorted({h.layer for h in heads})
     else:
         layers_used = _checked_layers(lm, layers if layers is not None else _located_layers(site_maps, method))
         if method in ("rome", "ft") and len(layers_used) != 1:
-            raise LoceditError(f"{method} edits exactly one layer; got layers {layers_used}")
+            raise EditError(f"{method} edits exactly one layer; got layers {layers_used}")
     edit_obj = _compute(lm, method, facts, targets, layers_used, heads, rule, offsets, hp, stats, corpus, progress)
     edit_obj.sites.update({"key_position": rule, "located": located})
     if located and method != "head":  # "located": locate's layer; "measured": the model's measured edit layer
         edit_obj.sites["layer_source"] = site_maps[0].recommendation["rank_one"].get("source", "located")
     if site_maps[0] is not None:  # what verify's extraction check reads
-        edit_obj.sites["extraction_heads"] = [list(h) for h in site_maps[0].recommendation["head_edit"]["heads"]]
+        edit_obj.sites["extraction_heads"] = [list(Head.parse(h))
+                                              for h in site_maps[0].recommendation["head_edit"]["heads"]]
     edit_obj.hparams = as_dict(hp)
+    edit_obj.hparams_ignored = ignored
+    edit_obj.target_sources = list(sources)
+    edit_obj.notes += read.notes
     edit_obj.timings["locate_s"] = located_seconds
     edit_obj.timings["total_s"] = time.perf_counter() - start
     return edit_obj.apply(lm)
+
+
+def _requests(request, positional: tuple) -> tuple[list[EditRequest], bool]:
+    """The requests as a list, and whether one request (not a sequence) was given."""
+    if positional or isinstance(request, Fact):
+        new = repr(positional[0]) if positional else "' Rome'"
+        raise EditError(f"locedit.edit takes an EditRequest (or a sequence of them) after the model: write "
+                        f"locedit.edit(lm, EditRequest(fact, {new}), ...)")
+    if isinstance(request, EditRequest):
+        return [request], True
+    if isinstance(request, (str, bytes)) or not isinstance(request, Sequence):
+        raise EditError(f"locedit.edit takes an EditRequest or a sequence of them, not {type(request).__name__}")
+    requests = list(request)
+    if not requests:
+        raise EditError("no edit requests: give at least one EditRequest")
+    for i, r in enumerate(requests):
+        if not isinstance(r, EditRequest):
+            raise EditError(f"request {i} is a {type(r).__name__}, not an EditRequest")
+    return requests, False
+
+
+def _site_maps(sites, single: bool, n: int) -> list:
+    if sites is None:
+        return [None] * n
+    if single:
+        return [sites]
+    if isinstance(sites, (str, bytes)) or not isinstance(sites, Sequence) or len(sites) != n:
+        raise EditError(f"sites= of a joint edit is one SiteMap per request ({n})")
+    return list(sites)
 
 
 def _compute(lm, method, facts, targets, layers, heads, rule, offsets, hp, stats, corpus, progress) -> Edit:
@@ -166,23 +208,21 @@ def unedited(lm) -> Iterator[None]:
             e.apply(lm)
 
 
-def _resolved(lm, fact: Fact) -> Fact:
-    """The fact with its true target filled in (the model's top-1 token when None)."""
-    if not isinstance(fact, Fact):
-        raise FactError(f"expected a locedit.Fact, got {type(fact).__name__}")
+def _resolved(lm, fact: Fact) -> tuple[Fact, str]:
+    """The fact with its true target filled in (the model's top-1 token when None), and which it is."""
     if fact.target is not None:
-        return fact
+        return fact, "given"
     top = lm.predict(fact)[0]
     if not top.token.strip():
         raise FactError(f"the model's top-1 prediction after {fact.prompt!r} is the blank token {top.token!r}; give "
                         "the fact's true target explicitly")
-    return Fact(fact.subject, fact.prompt, top.token, fact.relation, dict(fact.meta))
+    return Fact(fact.subject, fact.prompt, top.token, fact.relation, dict(fact.meta)), "top1"
 
 
-def _new_target_text(lm, fact: Fact, new_target: str) -> str:
-    if not isinstance(new_target, str) or not new_target.strip():
-        raise FactError(f"new target {new_target!r} is empty; give the attribute the edit should produce")
-    text = Fact(fact.subject, fact.prompt, new_target).target_text()
+def _new_target_text(lm, fact: Fact, request: EditRequest) -> str:
+    """The request's new target as it continues the prompt, refused when the model already gives it."""
+    new_target = request.new_target
+    text = request.new_target_text()
     if text.strip() == (fact.target or "").strip():
         raise FactError(f"new target {new_target!r} is the fact's current target; nothing to edit")
     if lm.predict(fact)[0].token.strip() == text.strip():
@@ -221,28 +261,29 @@ def _located_layers(site_maps, method: str) -> list[int]:
 
 
 def _checked_layers(lm, layers) -> list[int]:
-    out = sorted({int(l) for l in layers})
+    try:
+        out = sorted({int(l) for l in layers})
+    except (TypeError, ValueError):
+        raise InterventionError(f"layers must be layer numbers, not {layers!r}") from None
     if not out:
-        raise LoceditError("no layers to edit")
+        raise EditError("no layers to edit")
     for l in out:
         if not 0 <= l < lm.num_layers:
-            raise LoceditError(f"layer {l} does not exist (the model has {lm.num_layers} layers: 0-{lm.num_layers - 1})")
+            raise InterventionError(f"layer {l} does not exist (the model has {lm.num_layers} layers: "
+                                    f"0-{lm.num_layers - 1})")
     return out
 
 
-def _checked_heads(lm, heads) -> list[tuple[int, int]]:
+def _checked_heads(lm, heads) -> list[Head]:
     out = []
     for h in heads:
-        try:
-            layer, head = int(h[0]), int(h[1])
-        except (TypeError, ValueError, IndexError):
-            raise LoceditError(f"a head is a (layer, head) pair, not {h!r}") from None
-        if not 0 <= layer < lm.num_layers or not 0 <= head < lm.num_heads:
-            raise LoceditError(f"head L{layer}H{head} does not exist (the model has {lm.num_layers} layers of "
-                               f"{lm.num_heads} heads)")
-        out.append((layer, head))
+        head = Head.parse(h)
+        if not 0 <= head.layer < lm.num_layers or not 0 <= head.head < lm.num_heads:
+            raise InterventionError(f"head {head} does not exist (the model has {lm.num_layers} layers of "
+                                    f"{lm.num_heads} heads)")
+        out.append(head)
     if not out:
-        raise LoceditError("no heads to edit")
+        raise EditError("no heads to edit")
     return out
 
 

@@ -9,15 +9,17 @@ Guarantees:
   or KeyboardInterrupt while writing restores what was written.
 * `revert` restores the saved original bytes, so it is bit-exact. Edits compose: apply A then B, revert B then A.
   Reverting A while a later edit B changes the same tensor is refused (it would silently drop B).
-* Applying an edit twice, or to a model whose geometry or tensors differ from the fingerprint, is refused.
+* Applying an edit twice (the same object, or another with the same content, e.g. one file loaded twice), or to
+  a model whose geometry or tensors differ from the fingerprint, is refused. Edits are compared by identity (`is`),
+  never by their tensors.
+
+Saving and reading edits: `locedit.editing.edit_file`.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import tempfile
 import time
 import weakref
 from contextlib import contextmanager
@@ -27,13 +29,9 @@ from typing import Iterator
 
 import torch
 
-from locedit.errors import EditError, LoceditError
 from locedit.core.facts import Fact
-
-FORMAT = "locedit-edit"
-FORMAT_VERSION = 1
-JSON_NAME = "edit.json"
-TENSORS_NAME = "edit.safetensors"
+from locedit.core.results import Result
+from locedit.errors import EditError
 
 
 # model -> edits applied to it, oldest first
@@ -49,7 +47,7 @@ def tensor_sha256(tensor: torch.Tensor) -> str:
     """SHA-256 of a tensor's raw bytes (dtype and shape included)."""
     data = tensor.detach().contiguous().cpu()
     digest = hashlib.sha256(f"{data.dtype}:{tuple(data.shape)}:".encode())
-    digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+    digest.update(data.reshape(-1).view(torch.uint8).numpy().tobytes() if data.numel() else b"")
     return digest.hexdigest()
 
 
@@ -60,7 +58,7 @@ def geometry(lm) -> dict:
             "vocab_size": lm.vocab_size}
 
 
-@dataclass
+@dataclass(eq=False)
 class WeightDelta:
     """The change of one parameter, in (out, in) orientation: `left @ right.T` (low rank) or `dense`.
 
@@ -94,16 +92,27 @@ class WeightDelta:
                 out[f"{index}.{part}"] = value.detach().float().contiguous().cpu()
         return out
 
+    def content_sha256(self) -> str:
+        """SHA-256 of what this delta writes: parameter, original fingerprint, orientation and factors (as float32,
+        the precision they are saved in, so an edit and its loaded copy agree)."""
+        digest = hashlib.sha256(f"{self.name}:{self.original_sha256}:{tuple(self.shape)}:{self.transposed}".encode())
+        for part in ("left", "right", "dense"):
+            value = getattr(self, part)
+            part_sha = tensor_sha256(value.float()) if value is not None else "-"
+            digest.update(f"|{part}:{part_sha}".encode())
+        return digest.hexdigest()
+
     def describe(self) -> dict:
         return {"name": self.name, "original_sha256": self.original_sha256, "shape": list(self.shape),
                 "transposed": self.transposed, "kind": "dense" if self.dense is not None else "low_rank",
                 "rank": self.rank}
 
 
-@dataclass
-class Edit:
-    """A fact edit: what changed, why, and how to undo it. Made by `locedit.edit` / `edit_many` (applied) or read
-    by `locedit.load_edit` (not applied)."""
+@dataclass(eq=False)
+class Edit(Result):
+    """A fact edit: what changed, why, and how to undo it. Made by `locedit.edit` (applied) or read by
+    `locedit.load_edit` (not applied). Compared by identity; `content_sha256()` says whether two hold the same
+    change."""
 
     method: str
     facts: list[Fact]
@@ -118,8 +127,11 @@ class Edit:
     losses: list[list[float]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     created: float = field(default_factory=time.time)
-    _lm: object = field(default=None, repr=False, compare=False)
-    _saved: dict = field(default_factory=dict, repr=False, compare=False)
+    target_sources: list[str] = field(default_factory=list)  # per fact: "given" (fact.target) or "top1"
+    hparams_ignored: dict[str, str] = field(default_factory=dict)  # hyper-parameter file keys -> why not used
+    _lm: object = field(default=None, repr=False)
+    _saved: dict = field(default_factory=dict, repr=False)
+    _content: str | None = field(default=None, repr=False)
 
     # --- state ----------------------------------------------------------------------------------------------
     @property
@@ -141,6 +153,10 @@ class Edit:
         """Write the change into `lm`'s weights (atomically). Refuses an applied edit or another model."""
         if self.is_applied:
             raise EditError(f"{self!r} is already applied; revert it before applying it again")
+        mine = self.content_sha256()
+        if any(other is not self and other.content_sha256() == mine for other in _APPLIED.get(lm.model, [])):
+            raise EditError("an edit with the same content is already applied to this model (e.g. the same file "
+                            "loaded twice); revert that one or apply this edit to another model")
         self._check_model(lm)
         params = dict(lm.model.named_parameters())
         new_values = []
@@ -177,7 +193,10 @@ class Edit:
             raise EditError(f"{self!r} is not applied; nothing to revert")
         lm = self._lm
         stack = _APPLIED.get(lm.model, [])
-        later = stack[stack.index(self) + 1:]
+        index = next((i for i, e in enumerate(stack) if e is self), None)
+        if index is None:
+            raise EditError(f"{self!r} is marked applied but is not on its model's edit stack")
+        later = stack[index + 1:]
         mine = {d.name for d in self.deltas}
         for other in later:
             shared = mine & {d.name for d in other.deltas}
@@ -188,7 +207,7 @@ class Edit:
         with torch.no_grad():
             for name, original in self._saved.items():
                 params[name].copy_(original)
-        stack.remove(self)
+        del stack[index]
         self._saved = {}
         self._lm = None
 
@@ -232,121 +251,60 @@ class Edit:
     def _saved_sha(self, name: str) -> str:
         return tensor_sha256(self._saved[name])
 
-    # --- serialisation --------------------------------------------------------------------------------------
+    def content_sha256(self) -> str:
+        """SHA-256 of the weight change (every delta's parameter, fingerprint and factors); the same for an edit
+        and its saved-and-loaded copy."""
+        if self._content is None:
+            digest = hashlib.sha256()
+            for delta in self.deltas:
+                digest.update(delta.content_sha256().encode())
+            self._content = digest.hexdigest()
+        return self._content
+
+    # --- Result ---------------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
-        return {
-            "format": FORMAT, "version": FORMAT_VERSION, "method": self.method,
-            "facts": [fact_to_dict(f) for f in self.facts], "new_targets": list(self.new_targets),
-            "sites": self.sites, "hparams": self.hparams, "model": self.model,
-            "deltas": [d.describe() for d in self.deltas],
-            "key_layers": sorted(int(k) for k in self.keys), "stats_key": self.stats_key,
-            "timings": self.timings, "losses": self.losses, "notes": self.notes, "created": self.created,
-            "applied": self.is_applied,
-        }
+        from locedit.editing.edit_file import edit_info
+
+        return {**edit_info(self), "applied": self.is_applied}
+
+    def summary(self) -> str:
+        where = f"heads {self.sites.get('heads')}" if self.method == "head" else f"layer(s) {self.layers}"
+        lines = [f"{self.method} edit of {len(self.facts)} fact(s) at {where} "
+                 f"({'applied' if self.is_applied else 'not applied'})"]
+        for fact, new in list(zip(self.facts, self.new_targets))[:5]:
+            lines.append(f"  {fact.prompt!r}: {fact.target!r} -> {new!r}")
+        if len(self.facts) > 5:
+            lines.append(f"  ... and {len(self.facts) - 5} more")
+        lines += [f"  note: {n}" for n in self.notes]
+        if self.hparams_ignored:
+            lines.append(f"  hyper-parameters ignored: {', '.join(self.hparams_ignored)}")
+        return "\n".join(lines)
+
+    def plot(self, ax=None):
+        """The optimisation loss of each fact, by step."""
+        import matplotlib.pyplot as plt
+
+        fig, ax = (plt.subplots(figsize=(5, 3)) if ax is None else (ax.figure, ax))
+        for i, curve in enumerate(self.losses):
+            ax.plot(range(len(curve)), curve, label=self.facts[i].subject if i < len(self.facts) else str(i))
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.set_title(f"{self.method} edit")
+        if 1 < len(self.losses) <= 10:
+            ax.legend(fontsize=7)
+        return fig
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write `edit.safetensors` (the factors) and `edit.json` (everything else) into directory `path`,
-        atomically (each file goes to a temporary name first; the JSON, which holds the tensors' hash, last)."""
-        from safetensors.torch import save_file
+        """Write `edit.safetensors` (the factors) and `edit.json` (everything else, with a content hash) into
+        directory `path`, atomically; `locedit.load_edit` reads it back."""
+        from locedit.editing.edit_file import save_edit
 
-        directory = Path(path)
-        directory.mkdir(parents=True, exist_ok=True)
-        tensors: dict[str, torch.Tensor] = {}
-        for i, delta in enumerate(self.deltas):
-            tensors.update(delta.tensors(i))
-        for layer, keys in self.keys.items():
-            tensors[f"keys.{int(layer)}"] = keys.detach().float().contiguous().cpu()
-        info = self.to_dict()
-        info.pop("applied")
-        tmp_tensors = _temp_path(directory, TENSORS_NAME)
-        tmp_json = _temp_path(directory, JSON_NAME)
-        try:
-            save_file(tensors, str(tmp_tensors), metadata={"format": FORMAT})
-            info["tensors_sha256"] = _file_sha256(tmp_tensors)
-            tmp_json.write_text(json.dumps(info, indent=1, default=_json_default))
-            os.replace(tmp_tensors, directory / TENSORS_NAME)
-            os.replace(tmp_json, directory / JSON_NAME)
-        finally:
-            for tmp in (tmp_tensors, tmp_json):
-                if tmp.exists():
-                    tmp.unlink()
-        return directory
+        return save_edit(self, path)
 
 
 def load_edit(path: str | os.PathLike) -> Edit:
-    """Read an edit saved with `Edit.save` (not applied). Refuses a missing, truncated, corrupt or foreign file."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    """Read an edit saved with `Edit.save` (not applied); a missing, changed, inconsistent, truncated, corrupt or
+    foreign file is refused with `EditError`."""
+    from locedit.editing.edit_file import load_edit as load
 
-    directory = Path(path)
-    json_path, tensors_path = directory / JSON_NAME, directory / TENSORS_NAME
-    for p in (json_path, tensors_path):
-        if not p.is_file():
-            raise EditError(f"{directory} is not a saved locedit edit: {p.name} is missing")
-    try:
-        info = json.loads(json_path.read_text())
-    except (OSError, ValueError) as exc:
-        raise EditError(f"{json_path} is not valid JSON (corrupt or truncated): {exc}") from None
-    if not isinstance(info, dict) or info.get("format") != FORMAT:
-        raise EditError(f"{json_path} is not a locedit edit file (format {info.get('format') if isinstance(info, dict) else None!r})")
-    if info.get("version") != FORMAT_VERSION:
-        raise EditError(f"{json_path} has edit format version {info.get('version')!r}; this locedit reads "
-                        f"version {FORMAT_VERSION}")
-    if _file_sha256(tensors_path) != info.get("tensors_sha256"):
-        raise EditError(f"{tensors_path} does not match {json_path} (corrupt, truncated or from another edit)")
-    try:
-        tensors = load_file(str(tensors_path))
-        deltas = []
-        for i, d in enumerate(info["deltas"]):
-            parts = {p: tensors.get(f"{i}.{p}") for p in ("left", "right", "dense")}
-            delta = WeightDelta(d["name"], d["original_sha256"], tuple(d["shape"]), transposed=d["transposed"],
-                                **parts)
-            if (delta.dense is None and (delta.left is None or delta.right is None)) or \
-                    tuple(delta.matrix().shape) != tuple(delta.shape):
-                raise EditError(f"{tensors_path}: the factors of {delta.name} do not give its shape "
-                                f"{tuple(delta.shape)}")
-            deltas.append(delta)
-        keys = {int(layer): tensors[f"keys.{layer}"] for layer in info.get("key_layers", [])}
-        facts = [fact_from_dict(f) for f in info["facts"]]
-        edit = Edit(method=info["method"], facts=facts, new_targets=list(info["new_targets"]), sites=info["sites"],
-                    hparams=info["hparams"], deltas=deltas, model=info["model"], keys=keys,
-                    stats_key=info.get("stats_key"), timings=info.get("timings", {}), losses=info.get("losses", []),
-                    notes=info.get("notes", []), created=info.get("created", 0.0))
-    except EditError:
-        raise
-    except (KeyError, TypeError, ValueError, SafetensorError, LoceditError) as exc:
-        raise EditError(f"{directory}: malformed edit ({type(exc).__name__}: {exc})") from None
-    return edit
-
-
-def fact_to_dict(fact: Fact) -> dict:
-    return {"subject": fact.subject, "prompt": fact.prompt, "target": fact.target, "relation": fact.relation,
-            "meta": json.loads(json.dumps(fact.meta, default=_json_default))}
-
-
-def fact_from_dict(d: dict) -> Fact:
-    return Fact(d["subject"], d["prompt"], d.get("target"), d.get("relation"), d.get("meta") or {})
-
-
-def _json_default(value):
-    if isinstance(value, torch.Tensor):
-        return value.tolist()
-    if isinstance(value, (set, tuple)):
-        return list(value)
-    if hasattr(value, "item"):
-        return value.item()
-    return str(value)
-
-
-def _temp_path(directory: Path, name: str) -> Path:
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=directory)
-    os.close(fd)
-    return Path(tmp)
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return load(path)

@@ -166,9 +166,10 @@ def _num(v) -> str:
 
 # --- the per-fact run ------------------------------------------------------------------------------------------------
 def _default_edit(lm, fact, new_target, **options):
+    from locedit.core.facts import EditRequest
     from locedit.editing import edit
 
-    return edit(lm, fact, new_target, **options)
+    return edit(lm, EditRequest(fact, new_target), **options)
 
 
 def evaluate_one(lm, fact: Fact, new_target: str, *, edit_options: dict, verify_options: dict,
