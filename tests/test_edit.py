@@ -432,17 +432,18 @@ def test_a_measured_edit_layer_becomes_the_recommendation_and_the_default(monkey
     from locedit.localization.sites import locate
 
     lm = tiny.lm("llama")
-    plain = locate(lm, FACT).recommendation["rank_one"]
+    fact = Fact("Eiffel Tower", "The Eiffel Tower is located in the city of", " Paris")  # locate needs a relation
+    plain = locate(lm, fact).recommendation["rank_one"]
     assert plain["source"] == "located" and plain["layers"] == plain["located_layers"]
     layer = (plain["layers"][0] + 1) % lm.num_layers  # a layer locate did not choose
     entry = measured.MeasuredLayer(layer=layer, key_position="subject_last", num_layers=lm.num_layers,
                                    evidence="test")
     monkeypatch.setitem(measured.MEASURED_LAYERS, lm.name, entry)
-    rec = locate(lm, FACT).recommendation["rank_one"]
-    enc = lm.encode(FACT)
+    rec = locate(lm, fact).recommendation["rank_one"]
+    enc = lm.encode(fact)
     assert rec["source"] == "measured" and rec["layers"] == [layer]
     assert rec["located_layers"] == plain["layers"] and rec["position"] == enc.subject_end - 1
-    e = locedit.edit(lm, EditRequest(FACT, NEW), hparams=FAST)
+    e = locedit.edit(lm, EditRequest(fact, NEW), hparams=FAST)
     try:
         assert e.layers == [layer] and e.sites["key_position"] == "subject_last"
         assert e.sites["layer_source"] == "measured"
@@ -451,4 +452,4 @@ def test_a_measured_edit_layer_becomes_the_recommendation_and_the_default(monkey
     monkeypatch.setitem(measured.MEASURED_LAYERS, lm.name,
                         measured.MeasuredLayer(layer, "subject_last", lm.num_layers + 1, "other depth"))
     assert measured.measured_layer(lm) is None
-    assert locate(lm, FACT).recommendation["rank_one"]["source"] == "located"
+    assert locate(lm, fact).recommendation["rank_one"]["source"] == "located"
