@@ -14,6 +14,7 @@ import torch
 from locedit.errors import FactError
 from locedit.core.facts import EncodedFact, Fact
 from locedit.core.lm import LM, Projection
+from locedit.core.statistics import mean_ci  # noqa: F401 - the analyses' per-layer CIs (moved to core.statistics)
 
 # NLTK's English stopword list (the official code filters with it), inlined so nothing is downloaded.
 STOPWORDS = frozenset("""
@@ -96,19 +97,6 @@ def project_topk(lm: LM, states: torch.Tensor, projection: Projection, k: int) -
 def rank_of(scores: torch.Tensor, token_id: int) -> torch.Tensor:
     """Rank (0 = top) of `token_id` in each row of `scores` (..., vocab)."""
     return (scores > scores[..., token_id: token_id + 1]).sum(-1)
-
-
-def mean_ci(values: Sequence[float] | np.ndarray, axis: int = 0, confidence: float = 0.95):
-    """Mean and the half-width of its confidence interval (Student t) along `axis`, ignoring NaNs."""
-    from scipy import stats
-
-    arr = np.asarray(values, dtype=float)
-    mean = np.nanmean(arr, axis=axis)
-    count = np.sum(~np.isnan(arr), axis=axis)
-    std = np.nanstd(arr, axis=axis, ddof=1) if arr.shape[axis] > 1 else np.zeros_like(mean)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        half = stats.t.ppf((1 + confidence) / 2, np.maximum(count - 1, 1)) * std / np.sqrt(np.maximum(count, 1))
-    return mean, np.where(count > 1, half, np.nan)
 
 
 def _jsonable(value):
