@@ -62,7 +62,7 @@ class RunStore:
             try:
                 value = json.loads(piece)
                 if not isinstance(value, dict) or self.key not in value:
-                    raise ValueError(f"not a row with a {self.key!r} field")
+                    raise ValueError(f"not a row with the field {self.key!r}")
             except ValueError as e:
                 if any(p.strip() for p in pieces[number:]):
                     raise DatasetError(f"{str(self.path)!r} line {number} is corrupt ({e}); only a truncated last "
@@ -96,7 +96,7 @@ class RunStore:
         batch = [rows] if isinstance(rows, dict) else list(rows)
         for row in batch:
             if self.key not in row:
-                raise DatasetError(f"a row of {str(self.path)!r} needs a {self.key!r} field")
+                raise DatasetError(f"a row of {str(self.path)!r} needs the field {self.key!r}")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self._ends_open():
             self.read()
@@ -152,11 +152,14 @@ class RunStore:
         return [RunStore(p, key=self.key, shard_name=self.shard_name)
                 for p in sorted(self.path.parent.glob(pattern)) if p != self.path and not p.name.endswith(".tmp")]
 
-    def merge(self, order: Sequence[str] | None = None) -> list[Row]:
-        """Fold every shard into the main file (atomically), then remove the shards; returns the merged rows.
-        Each key keeps its first row (main file, then shards by name): a finished row is never replaced by a
-        duplicate. With `order`, those keys come first in that order, the others after in the order found."""
+    def merge(self, order: Sequence[str] | None = None) -> list[Row] | None:
+        """Fold every shard into the main file (atomically), then remove the shards; returns the merged rows (None,
+        touching nothing, when there is no shard and no `order`). Each key keeps its first row (main file, then
+        shards by name): a finished row is never replaced by a duplicate. With `order`, those keys come first in
+        that order, the others after in the order found."""
         shards = self.shards()
+        if not shards and order is None:
+            return None
         rows: dict[str, Row] = {}
         for row in self.read_all():
             rows.setdefault(row[self.key], row)
@@ -167,8 +170,7 @@ class RunStore:
         else:
             keys = list(rows)
         merged = [rows[k] for k in keys]
-        if shards or order is not None:
-            self.rewrite(merged)
+        self.rewrite(merged)
         for shard in shards:
             shard.path.unlink()
         return merged
@@ -192,7 +194,7 @@ class _Writer:
     def add(self, row: Row) -> None:
         """Append one row as a whole line, flushed and fsync'd."""
         if self.store.key not in row:
-            raise DatasetError(f"a row of {str(self.store.path)!r} needs a {self.store.key!r} field")
+            raise DatasetError(f"a row of {str(self.store.path)!r} needs the field {self.store.key!r}")
         self._file.write(json.dumps(row) + "\n")
         self._file.flush()
         os.fsync(self._file.fileno())
