@@ -89,7 +89,7 @@ def fact_id(fact: Fact) -> str:
 
 def fact_record(fact: Fact) -> dict:
     return jsonable({"subject": fact.subject, "prompt": fact.prompt, "target": fact.target,
-                      "relation": fact.relation, "meta": dict(fact.meta)})
+                     "relation": fact.relation, "meta": dict(fact.meta)})
 
 
 def _option_value(value: Any) -> Any:

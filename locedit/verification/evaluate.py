@@ -48,6 +48,7 @@ def evaluation_lines(out_dir: str | Path) -> list[dict]:
     """The lines of an evaluation's `results.jsonl` (a truncated last line is repaired), in file order."""
     return results_store(out_dir).read()[0]
 
+
 # (name, path in a result dict): the per-fact numbers aggregated
 METRICS: list[tuple[str, tuple[str, ...]]] = [
     ("efficacy_score", ("behaviour", "efficacy_score")),
