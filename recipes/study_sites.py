@@ -58,6 +58,7 @@ import numpy as np
 from locedit.study import (FIXED_POLICIES, HELD_OUT_POLICIES, chain_complete, choose_fixed, located_layer,
                            markdown, policy_key, read_rows, rows_store, sequential_chain, sequential_key,
                            split_facts, stratified_subset, summarize)
+from locedit.study.measure import edit_metrics, probe_inputs, snapshot
 from locedit.study.policies import HEAD_POLICIES, head_scores, head_sites, loc_features, policy_sites
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -112,54 +113,8 @@ def _sitemap(fact_id: str):
     return sm
 
 
-def _probe_inputs(fact):
-    new = " " + fact.meta["target_new"].strip()
-    true = fact.target_text()
-    prompts = [fact.prompt] + list(fact.meta.get("paraphrases") or [])
-    neighbours = list(fact.meta.get("neighborhood") or [])
-    prefixed = [f"{fact.prompt}{new}. {n}" for n in neighbours]
-    return new, true, prompts, neighbours, prefixed
-
-
 def _snapshot(fact) -> dict:
-    """Everything measured on the model as it is now (edited or not) for one fact."""
-    from locedit.verification import metrics as M
-
-    lm = _W["lm"]
-    new, true, prompts, neighbours, prefixed = _probe_inputs(fact)
-    pairs = [(p, t) for p in prompts + neighbours for t in (new, true)]
-    probs = M.target_probs(lm, pairs)
-    gens = M.greedy_generate(lm, prompts[: _W.get("gen_prompts", 1)], 10)
-    gen_prompts = list(fact.meta.get("generation_prompts") or []) if _W.get("fluency") else []
-    fl = M.greedy_generate(lm, gen_prompts, 30) if gen_prompts else []
-    return {"probs": probs, "gens": gens,
-            "nt": M.next_token_logprobs(lm, prefixed) if prefixed else None,
-            "GE": M.fluency([p + g for p, g in zip(gen_prompts, fl)]) if fl else None,
-            "ppl": M.perplexity(lm, M.PERPLEXITY_TEXT[:2]), "k": len(prompts)}
-
-
-def _metrics(fact, before: dict, after: dict) -> dict:
-    from locedit.verification import metrics as M
-
-    new = " " + fact.meta["target_new"].strip()
-    p, k = after["probs"], after["k"]
-    pn, pt = p[0::2], p[1::2]
-    es, em = M.success_and_magnitude(pn[:1], pt[:1])
-    ps, pm = M.success_and_magnitude(pn[1:k], pt[1:k])
-    ns, nm = M.success_and_magnitude(pt[k:], pn[k:])
-    b = before["probs"]
-    ns_before, _ = M.success_and_magnitude(b[1::2][k:], b[0::2][k:])
-    p_new_before = float(b[0])
-    rewrite = (float(pn[0]) - p_new_before) / max(1e-9, 1 - p_new_before)
-    nkl = None
-    if before["nt"] is not None:
-        nkl = float(np.mean(M.kl_divergence(before["nt"], after["nt"])))
-    return {"ES": es, "EM": em, "PS": ps, "PM": pm, "NS": ns, "NM": nm, "NS_before": ns_before,
-            "S": M.harmonic_mean([es, ps, ns]), "rewrite_score": rewrite,
-            "gen_efficacy": float(np.mean([M.contains_target(g, new) for g in after["gens"]])),
-            "generation": after["gens"][0], "NKL": nkl, "GE": after["GE"], "GE_before": before["GE"],
-            "GE_delta": None if after["GE"] is None or before["GE"] is None else after["GE"] - before["GE"],
-            "ppl_drift": after["ppl"] / before["ppl"] - 1}
+    return snapshot(_W["lm"], fact, gen_prompts=_W.get("gen_prompts", 1), fluency=_W.get("fluency", False))
 
 
 def _before(fact_id: str) -> dict:
@@ -188,7 +143,7 @@ def _edit_row(fact_id: str, phase: str, policy: str, *, method: str = "rome", la
         finally:
             e.revert()
         row["measure_s"] = time.perf_counter() - t
-        row.update(_metrics(fact, before, after))
+        row.update(edit_metrics(fact, before, after))
         row["layers"] = list(e.layers)
         row["layer"] = e.layers[0] if method != "head" else None
         row["heads"] = e.sites.get("heads")
@@ -275,7 +230,7 @@ def _sequential(task: dict) -> list[str]:
     def measure(n: int) -> dict:
         es, ps, ns, known_s = [], [], [], []
         for fid in edited:
-            new, true, prompts, neighbours, _ = _probe_inputs(_W["facts"][fid])
+            new, true, prompts, neighbours, _ = probe_inputs(_W["facts"][fid])
             p = M.target_probs(lm, [(q, t) for q in prompts + neighbours for t in (new, true)])
             k = len(prompts)
             fact_rates = ([float(p[0] > p[1])], [float(a > b) for a, b in zip(p[2:2 * k:2], p[3:2 * k:2])],

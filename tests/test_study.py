@@ -248,3 +248,26 @@ def test_summarize_pairs_policies_a_minus_b_and_bands_by_model_size():
         "paired"]["located - fixed"]["S"]["mean"] == 0.4                   # the override picks the layer-6 rows
     md = study.markdown(s)
     assert md.startswith("# Does localization inform editing?") and "| located - fixed | 3 |" in md
+
+
+def test_probe_inputs_and_edit_metrics_of_two_snapshots():
+    from locedit import Fact
+    from locedit.study.measure import edit_metrics, probe_inputs
+
+    fact = Fact("Eiffel Tower", "The Eiffel Tower is in", "Paris",
+                meta={"target_new": "Rome ", "paraphrases": ["Where is the Eiffel Tower? In"],
+                      "neighborhood": ["The Louvre is in", "Notre-Dame is in"]})
+    inputs = probe_inputs(fact)
+    assert (inputs.new, inputs.true) == (" Rome", " Paris") and len(inputs.prompts) == 2
+    assert inputs.prefixed == ["The Eiffel Tower is in Rome. The Louvre is in",
+                               "The Eiffel Tower is in Rome. Notre-Dame is in"]
+    # probs: (new, true) for the prompt, the paraphrase, then each neighbour
+    before = {"probs": [0.1, 0.6, 0.1, 0.5, 0.1, 0.7, 0.2, 0.6], "k": 2, "nt": None, "GE": None, "ppl": 10.0,
+              "gens": [" Paris, France"]}
+    after = {"probs": [0.8, 0.1, 0.3, 0.4, 0.1, 0.7, 0.5, 0.3], "k": 2, "nt": None, "GE": None, "ppl": 11.0,
+             "gens": [" Rome, Italy"]}
+    m = edit_metrics(fact, before, after)
+    assert (m["ES"], m["PS"], m["NS"], m["NS_before"]) == (1.0, 0.0, 0.5, 1.0)
+    assert m["S"] == 0.0 and abs(m["EM"] - 0.7) < 1e-12 and abs(m["PM"] + 0.1) < 1e-12
+    assert abs(m["rewrite_score"] - (0.8 - 0.1) / 0.9) < 1e-12 and abs(m["ppl_drift"] - 0.1) < 1e-12
+    assert m["gen_efficacy"] == 1.0 and m["NKL"] is None and m["GE_delta"] is None
