@@ -38,8 +38,8 @@ Statistics: mean and bootstrap 95% CI (scipy.stats.bootstrap, percentile, 2000 r
 facts; paired differences over the facts both policies edited; a Hase-style regression on the sweep rows: R² of
 S (and of the rewrite score) on layer identity alone vs layer identity + locate's layer score.
 Outputs: data/results/study/{rows-*.jsonl, sites/, summary.json, summary.md, *.png}.
+The split, policies, row store, statistics and report live in `locedit.study`; this script runs the edits.
 """
-
 
 from __future__ import annotations
 
