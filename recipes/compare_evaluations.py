@@ -14,9 +14,8 @@ import argparse
 import json
 from pathlib import Path
 
-from locedit.localization.runner import read_lines
-from locedit.core.report import write_atomic
-from locedit.verification.evaluate import RESULTS, paired_comparison
+from locedit.core.results import write_atomic
+from locedit.verification.evaluate import evaluation_lines, paired_comparison
 
 
 def _ci(c: list) -> str:
@@ -43,7 +42,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
     name_a, name_b = args.names or (args.a.name, args.b.name)
-    cmp = paired_comparison(read_lines(args.a / RESULTS)[0], read_lines(args.b / RESULTS)[0])
+    cmp = paired_comparison(evaluation_lines(args.a), evaluation_lines(args.b))
     cmp.update({"a": str(args.a), "b": str(args.b), "names": [name_a, name_b]})
     out = args.out or args.b
     out.mkdir(parents=True, exist_ok=True)

@@ -38,14 +38,13 @@ Statistics: mean and bootstrap 95% CI (scipy.stats.bootstrap, percentile, 2000 r
 facts; paired differences over the facts both policies edited; a Hase-style regression on the sweep rows: R² of
 S (and of the rewrite score) on layer identity alone vs layer identity + locate's layer score.
 Outputs: data/results/study/{rows-*.jsonl, sites/, summary.json, summary.md, *.png}.
+The split, policies, row store, statistics and report live in `locedit.study`; this script runs the edits.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
-import math
 import multiprocessing as mp
 import os
 import pickle
@@ -56,181 +55,15 @@ from pathlib import Path
 
 import numpy as np
 
+from locedit.study import (FIXED_POLICIES, HELD_OUT_POLICIES, chain_complete, choose_fixed, located_layer,
+                           markdown, policy_key, read_rows, rows_store, sequential_chain, sequential_key,
+                           split_facts, stratified_subset, summarize)
+from locedit.study.measure import edit_metrics, probe_inputs, snapshot
+from locedit.study.policies import HEAD_POLICIES, head_scores, head_sites, loc_features, policy_sites
+
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "data" / "results" / "study"
 MODEL = "smollm2-135m"
-HELD_OUT_POLICIES = ("located", "fixed", "fixed_carrier", "random", "located_no_l0", "located_subject_last")
-METRICS = ("S", "ES", "PS", "NS", "EM", "gen_efficacy", "NKL", "GE_delta", "ppl_drift")
-PAIRS = (("located", "fixed"), ("located", "fixed_carrier"), ("located", "random"), ("located", "oracle"),
-         ("located_no_l0", "fixed"), ("located_no_l0", "located"), ("located", "located_subject_last"),
-         ("fixed_carrier", "fixed"), ("head_located", "head_random_same_layers"),
-         ("head_located", "head_random_any"), ("head_located", "located"))
-
-
-# --- statistics helpers (no torch; tested in tests/test_study.py) -------------------------------------------------
-def fact_hash(fact_id) -> str:
-    return hashlib.sha256(str(fact_id).encode()).hexdigest()
-
-
-def split_facts(items, *, tuning_fraction: float = 0.3, key=lambda x: x["id"], relation=lambda x: x["relation"]):
-    """Relation-stratified deterministic split: per relation, items sorted by sha256(id); the first
-    round(fraction × n) are tuning, the rest held-out. Returns (tuning, held_out), each sorted by hash."""
-    by_relation: dict[str, list] = {}
-    for item in items:
-        by_relation.setdefault(relation(item) or "-", []).append(item)
-    tuning, held_out = [], []
-    for name in sorted(by_relation):
-        group = sorted(by_relation[name], key=lambda x: fact_hash(key(x)))
-        k = int(round(tuning_fraction * len(group)))
-        tuning += group[:k]
-        held_out += group[k:]
-    order = lambda x: fact_hash(key(x))  # noqa: E731
-    return sorted(tuning, key=order), sorted(held_out, key=order)
-
-
-def stratified_subset(items, n: int, *, key=lambda x: x["id"], relation=lambda x: x["relation"]):
-    """`n` items, round-robin over relations (each relation in hash order): the same subset on every run."""
-    by_relation: dict[str, list] = {}
-    for item in sorted(items, key=lambda x: fact_hash(key(x))):
-        by_relation.setdefault(relation(item) or "-", []).append(item)
-    lists = [list(by_relation[r]) for r in sorted(by_relation)]
-    chosen = []
-    while len(chosen) < n and any(lists):
-        for group in lists:
-            if group and len(chosen) < n:
-                chosen.append(group.pop(0))
-    return chosen
-
-
-def bootstrap_ci(values, *, confidence: float = 0.95, resamples: int = 2000, seed: int = 0):
-    """(mean, low, high) of the values; the percentile bootstrap CI (scipy.stats.bootstrap). A constant sample
-    gets a zero-width interval; fewer than 2 values get (mean, None, None)."""
-    from scipy.stats import bootstrap
-
-    x = np.asarray([v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))], float)
-    if x.size == 0:
-        return None, None, None
-    mean = float(x.mean())
-    if x.size < 2:
-        return mean, None, None
-    if np.allclose(x, x[0]):
-        return mean, mean, mean
-    res = bootstrap((x,), np.mean, confidence_level=confidence, n_resamples=resamples, method="percentile",
-                    random_state=np.random.default_rng(seed))
-    return mean, float(res.confidence_interval.low), float(res.confidence_interval.high)
-
-
-def paired_difference(a: dict, b: dict, **kw) -> dict:
-    """Paired difference a − b over the keys both have (non-None): n, mean, bootstrap CI, wins/ties/losses."""
-    keys = sorted(k for k in a if k in b and a[k] is not None and b[k] is not None)
-    diffs = [float(a[k]) - float(b[k]) for k in keys]
-    mean, lo, hi = bootstrap_ci(diffs, **kw)
-    return {"n": len(keys), "mean": mean, "low": lo, "high": hi,
-            "wins": sum(d > 1e-9 for d in diffs), "ties": sum(abs(d) <= 1e-9 for d in diffs),
-            "losses": sum(d < -1e-9 for d in diffs),
-            "excludes_zero": bool(lo is not None and (lo > 0 or hi < 0))}
-
-
-def paired_by_layer_band(a: dict, b: dict, bands, metric: str = "S", **kw) -> dict:
-    """Paired difference a − b of `metric` per band of a's edit layer. `a`, `b`: {fact: row with "layer" and
-    metric}; `bands`: [(first, last), …] inclusive. Returns {"first–last": paired_difference}."""
-    out = {}
-    for first, last in bands:
-        in_band = {f: r for f, r in a.items() if r.get("layer") is not None and first <= int(r["layer"]) <= last}
-        out[f"{first}–{last}" if last != first else str(first)] = paired_difference(
-            {f: r.get(metric) for f, r in in_band.items()}, {f: r.get(metric) for f, r in b.items()}, **kw)
-    return out
-
-
-def hase_regression(rows, *, outcome: str = "S", score: str = "loc_score", folds: int = 5) -> dict:
-    """Hase et al.'s question on sweep rows {fact, layer, outcome, score}: how much variance of the outcome does
-    locate's score explain beyond layer identity? In-sample R² of OLS on layer one-hots, on the score alone, on
-    both, and the increment; plus the same by fact-grouped cross-validation."""
-    from sklearn.linear_model import LinearRegression
-    from sklearn.model_selection import GroupKFold
-
-    rows = [r for r in rows if r.get(outcome) is not None and r.get(score) is not None]
-    if len(rows) < 4:
-        return {"n": len(rows)}
-    y = np.array([float(r[outcome]) for r in rows])
-    layers = sorted({r["layer"] for r in rows})
-    onehot = np.array([[float(r["layer"] == l) for l in layers] for r in rows])
-    s = np.array([[float(r[score])] for r in rows])
-    designs = {"layer": onehot, "score": s, "layer+score": np.hstack([onehot, s])}
-    out: dict = {"n": len(rows), "facts": len({r["fact"] for r in rows}), "layers": layers, "outcome": outcome,
-                 "score": score}
-    for name, x in designs.items():
-        model = LinearRegression().fit(x, y)
-        out[f"r2_{name}"] = float(model.score(x, y)) if y.var() > 0 else 0.0
-        if name == "score":
-            out["score_coef"] = float(model.coef_[0])
-    out["r2_increment"] = out["r2_layer+score"] - out["r2_layer"]
-    groups = np.array([str(r["fact"]) for r in rows])
-    k = min(folds, len(set(groups)))
-    if k >= 2 and y.var() > 0:
-        for name, x in designs.items():
-            pred = np.zeros_like(y)
-            for train, test in GroupKFold(n_splits=k).split(x, y, groups):
-                pred[test] = LinearRegression().fit(x[train], y[train]).predict(x[test])
-            out[f"cv_r2_{name}"] = float(1 - ((y - pred) ** 2).sum() / ((y - y.mean()) ** 2).sum())
-    if len(set(s[:, 0])) > 1 and y.var() > 0:
-        out["pearson_score_outcome"] = float(np.corrcoef(s[:, 0], y)[0, 1])
-    return out
-
-
-def within_fact_correlation(rows, *, outcome: str = "S", score: str = "loc_score") -> dict:
-    """Per fact, Spearman's ρ over its swept layers between locate's layer score and the edit outcome, and the same
-    for "earlier is better" (−layer); the mean of each over facts (bootstrap CI) and their paired difference. Facts
-    whose outcome (or score) is the same at every layer have no ranking to predict and are counted apart."""
-    from scipy.stats import spearmanr
-
-    by_fact: dict[str, list] = {}
-    for r in rows:
-        if r.get(outcome) is not None and r.get(score) is not None:
-            by_fact.setdefault(str(r["fact"]), []).append(r)
-    rho_score, rho_depth, flat = {}, {}, 0
-    for fact, rs in by_fact.items():
-        y = [float(r[outcome]) for r in rs]
-        x = [float(r[score]) for r in rs]
-        if len(rs) < 3 or len(set(y)) < 2 or len(set(x)) < 2:
-            flat += 1
-            continue
-        rho_score[fact] = float(spearmanr(x, y).statistic)
-        rho_depth[fact] = float(spearmanr([-r["layer"] for r in rs], y).statistic)
-    out = {"facts": len(by_fact), "flat": flat, "n": len(rho_score), "per_fact_score": rho_score,
-           "per_fact_depth": rho_depth}
-    for name, d in (("score", rho_score), ("depth", rho_depth)):
-        mean, lo, hi = bootstrap_ci(list(d.values()))
-        out[name] = {"mean": mean, "low": lo, "high": hi}
-    out["score_minus_depth"] = paired_difference(rho_score, rho_depth)
-    return out
-
-
-def best_row(rows):
-    """The oracle's pick among sweep rows of one fact: highest (S, PS, ES, NS, EM)."""
-    def k(r):
-        return tuple(-1e9 if r.get(m) is None else r[m] for m in ("S", "PS", "ES", "NS", "EM"))
-    return max(rows, key=k) if rows else None
-
-
-def random_layer(fact_id, num_layers: int) -> int:
-    return int(fact_hash(f"layer:{fact_id}")[:8], 16) % num_layers
-
-
-def random_heads(fact_id, located, num_layers: int, num_heads: int, same_layers: bool):
-    """As many random heads as `located`: in the located heads' layers (one per located head), or anywhere;
-    never a located head, no duplicates; seeded by the fact id."""
-    rng = np.random.default_rng(int(fact_hash(f"heads:{fact_id}:{same_layers}")[:8], 16))
-    taken = {tuple(h) for h in located}
-    out = []
-    for layer, _ in located:
-        while True:
-            cand = (int(layer) if same_layers else int(rng.integers(num_layers)), int(rng.integers(num_heads)))
-            if cand not in taken:
-                taken.add(cand)
-                out.append(list(cand))
-                break
-    return out
 
 
 # --- worker side -------------------------------------------------------------------------------------------------
@@ -250,7 +83,7 @@ def _init(threads: int, out: str, stop_at: float | None, fluency: bool = False, 
     _W.update(lm=lm, out=Path(out), stop_at=stop_at, before={}, fluency=fluency, gen_prompts=gen_prompts,
               stats=key_statistics(lm, layers=range(lm.num_layers), kinds=("mlp", "attn_out"), progress=False),
               facts={str(f.meta.get("id")): f for f in curated_facts()},
-              shard=Path(out) / f"rows-{os.getpid()}.jsonl")
+              shard=rows_store(out).shard(os.getpid()))
 
 
 def _late() -> bool:
@@ -258,8 +91,7 @@ def _late() -> bool:
 
 
 def _write(row: dict) -> None:
-    with open(_W["shard"], "a") as f:
-        f.write(json.dumps(row) + "\n")
+    _W["shard"].append(row)
 
 
 def _sitemap(fact_id: str):
@@ -281,54 +113,8 @@ def _sitemap(fact_id: str):
     return sm
 
 
-def _probe_inputs(fact):
-    new = " " + fact.meta["target_new"].strip()
-    true = fact.target_text()
-    prompts = [fact.prompt] + list(fact.meta.get("paraphrases") or [])
-    neighbours = list(fact.meta.get("neighborhood") or [])
-    prefixed = [f"{fact.prompt}{new}. {n}" for n in neighbours]
-    return new, true, prompts, neighbours, prefixed
-
-
 def _snapshot(fact) -> dict:
-    """Everything measured on the model as it is now (edited or not) for one fact."""
-    from locedit.verification import metrics as M
-
-    lm = _W["lm"]
-    new, true, prompts, neighbours, prefixed = _probe_inputs(fact)
-    pairs = [(p, t) for p in prompts + neighbours for t in (new, true)]
-    probs = M.target_probs(lm, pairs)
-    gens = M.greedy_generate(lm, prompts[: _W.get("gen_prompts", 1)], 10)
-    gen_prompts = list(fact.meta.get("generation_prompts") or []) if _W.get("fluency") else []
-    fl = M.greedy_generate(lm, gen_prompts, 30) if gen_prompts else []
-    return {"probs": probs, "gens": gens,
-            "nt": M.next_token_logprobs(lm, prefixed) if prefixed else None,
-            "GE": M.fluency([p + g for p, g in zip(gen_prompts, fl)]) if fl else None,
-            "ppl": M.perplexity(lm, M.PERPLEXITY_TEXT[:2]), "k": len(prompts)}
-
-
-def _metrics(fact, before: dict, after: dict) -> dict:
-    from locedit.verification import metrics as M
-
-    new = " " + fact.meta["target_new"].strip()
-    p, k = after["probs"], after["k"]
-    pn, pt = p[0::2], p[1::2]
-    es, em = M.success_and_magnitude(pn[:1], pt[:1])
-    ps, pm = M.success_and_magnitude(pn[1:k], pt[1:k])
-    ns, nm = M.success_and_magnitude(pt[k:], pn[k:])
-    b = before["probs"]
-    ns_before, _ = M.success_and_magnitude(b[1::2][k:], b[0::2][k:])
-    p_new_before = float(b[0])
-    rewrite = (float(pn[0]) - p_new_before) / max(1e-9, 1 - p_new_before)
-    nkl = None
-    if before["nt"] is not None:
-        nkl = float(np.mean(M.kl_divergence(before["nt"], after["nt"])))
-    return {"ES": es, "EM": em, "PS": ps, "PM": pm, "NS": ns, "NM": nm, "NS_before": ns_before,
-            "S": M.harmonic_mean([es, ps, ns]), "rewrite_score": rewrite,
-            "gen_efficacy": float(np.mean([M.contains_target(g, new) for g in after["gens"]])),
-            "generation": after["gens"][0], "NKL": nkl, "GE": after["GE"], "GE_before": before["GE"],
-            "GE_delta": None if after["GE"] is None or before["GE"] is None else after["GE"] - before["GE"],
-            "ppl_drift": after["ppl"] / before["ppl"] - 1}
+    return snapshot(_W["lm"], fact, gen_prompts=_W.get("gen_prompts", 1), fluency=_W.get("fluency", False))
 
 
 def _before(fact_id: str) -> dict:
@@ -358,7 +144,7 @@ def _edit_row(fact_id: str, phase: str, policy: str, *, method: str = "rome", la
         finally:
             e.revert()
         row["measure_s"] = time.perf_counter() - t
-        row.update(_metrics(fact, before, after))
+        row.update(edit_metrics(fact, before, after))
         row["layers"] = list(e.layers)
         row["layer"] = e.layers[0] if method != "head" else None
         row["heads"] = e.sites.get("heads")
@@ -367,13 +153,6 @@ def _edit_row(fact_id: str, phase: str, policy: str, *, method: str = "rome", la
         row["error"] = f"{type(exc).__name__}: {exc}"[:500]
     return row
 
-
-def _loc_features(sm, layer: int) -> dict:
-    by_layer = {m["layer"]: m for m in sm.mlp_layers}
-    m = by_layer.get(layer, {})
-    rank = [x["layer"] for x in sm.mlp_layers].index(layer) if layer in by_layer else None
-    return {"loc_score": m.get("score"), "loc_rank": rank, "loc_trace": m.get("trace_effect"),
-            "loc_knockout": m.get("knockout_change"), "loc_layer_knockout": m.get("layer_knockout_change")}
 
 
 def run_task(task: dict) -> list[str]:
@@ -399,17 +178,13 @@ def run_task(task: dict) -> list[str]:
               "edit_s": time.perf_counter() - t})
     elif kind == "sweep":  # one (fact, layer) cell of a layer sweep, subject-last key
         sm = _sitemap(fid) if task.get("with_sites") else None
-        extra = {"sweep_layer": task["layer"], **(_loc_features(sm, task["layer"]) if sm else {})}
+        extra = {"sweep_layer": task["layer"], **(loc_features(sm, task["layer"]) if sm else {})}
         row = _edit_row(fid, task["phase"], f"L{task['layer']}", layers=[task["layer"]], extra=extra)
         emit(row)
     elif kind == "policies":
         sm = _sitemap(fid)
         rec = located_layer(sm)
-        no_l0 = next(m["layer"] for m in sm.mlp_layers if m["layer"] != 0)
-        fixed = task["fixed_layer"]
-        plan = {"located": (rec, "carrier"), "located_subject_last": (rec, "subject_last"),
-                "located_no_l0": (no_l0, "carrier"), "fixed": (fixed, "subject_last"),
-                "fixed_carrier": (fixed, "carrier"), "random": (random_layer(fid, lm.num_layers), "carrier")}
+        plan = policy_sites(sm, fid, task["fixed_layer"], lm.num_layers)
         cache: dict = {}
         for policy in task["policies"]:
             if _late():
@@ -418,7 +193,7 @@ def run_task(task: dict) -> list[str]:
             key = policy_key(fid, policy, layer)
             if key in task.get("done", ()):
                 continue
-            extra = {"rec_layer": rec, **_loc_features(sm, layer)}
+            extra = {"rec_layer": rec, **loc_features(sm, layer)}
             if (layer, kp) in cache:  # the same site as a policy already run: the same (deterministic) edit
                 row = {**cache[(layer, kp)], "key": key, "policy": policy, "reused": True, **extra}
             else:
@@ -427,38 +202,18 @@ def run_task(task: dict) -> list[str]:
             emit(row)
     elif kind == "heads":
         sm = _sitemap(fid)
-        located = [list(h) for h in sm.recommendation["head_edit"]["heads"]]
-        plan = {"head_located": located,
-                "head_random_same_layers": random_heads(fid, located, lm.num_layers, lm.num_heads, True),
-                "head_random_any": random_heads(fid, located, lm.num_layers, lm.num_heads, False)}
-        for policy, heads in plan.items():
+        for policy, heads in head_sites(sm, fid, lm.num_layers, lm.num_heads).items():
             if _late():
                 break
             if f"heldout|{fid}|{policy}" in task.get("done", ()):
                 continue
             emit(_edit_row(fid, "heldout", policy, method="head", heads=heads,
-                           extra={"head_scores": _head_scores(sm, heads)}))
+                           extra={"head_scores": head_scores(sm, heads)}))
     elif kind == "sequential":
         done += _sequential(task)
     return done
 
 
-def located_layer(sm) -> int:
-    """locate's top-ranked MLP layer (its `located_layers`: the recommendation itself may be a model's measured
-    layer, `locedit.editing.measured`; SiteMaps cached before that field existed recommend the located layer)."""
-    rank_one = sm.recommendation["rank_one"]
-    return rank_one.get("located_layers", rank_one["layers"])[0]
-
-
-def _head_scores(sm, heads) -> list:
-    scores = {(h["layer"], h["head"]): h["score"] for h in sm.heads}
-    return [scores.get((int(l), int(h))) for l, h in heads]
-
-
-def sequential_key(chain: str, method: str, n: int) -> str:
-    """A sequential checkpoint's key: the chain (its length and edit layer) is part of it, so a longer chain or a
-    re-tuned layer never reuses a shorter chain's checkpoints."""
-    return f"sequential|{chain}|{method}|{n}"
 
 
 def _sequential(task: dict) -> list[str]:
@@ -476,7 +231,7 @@ def _sequential(task: dict) -> list[str]:
     def measure(n: int) -> dict:
         es, ps, ns, known_s = [], [], [], []
         for fid in edited:
-            new, true, prompts, neighbours, _ = _probe_inputs(_W["facts"][fid])
+            new, true, prompts, neighbours, _ = probe_inputs(_W["facts"][fid])
             p = M.target_probs(lm, [(q, t) for q in prompts + neighbours for t in (new, true)])
             k = len(prompts)
             fact_rates = ([float(p[0] > p[1])], [float(a > b) for a, b in zip(p[2:2 * k:2], p[3:2 * k:2])],
@@ -543,78 +298,8 @@ def _sequential(task: dict) -> list[str]:
     return keys
 
 
-def chain_complete(rows, chain: str, method: str, n_facts: int) -> bool:
-    """Whether a sequential chain ran to its end: one of its checkpoints attempted every fact (edits the model
-    already made, which are skipped, make the last checkpoint's `n_edits` smaller than the chain)."""
-    return any(r.get("phase") == "sequential" and r.get("chain") == chain and r.get("policy") == method
-               and r.get("attempted", 0) >= n_facts for r in rows)
-
-
-def sequential_chain(split: dict, extra: list[dict], n: int, probes: list[str]) -> list[str]:
-    """The facts of a sequential chain, in order: the held-out facts, then the tuning facts outside the retention
-    probes (all known at top-1), then, when `n` needs more, curated facts SmolLM2 does not know at top-1 (`extra`:
-    id and relation), each group in relation-stratified hash order."""
-    rel = split["relation"]
-    as_items = lambda ids: [{"id": i, "relation": rel[i]} for i in ids]  # noqa: E731
-    chain = [x["id"] for x in stratified_subset(as_items(split["held_out"]), len(split["held_out"]))]
-    chain += [x["id"] for x in stratified_subset(as_items(split["tuning"]), len(split["tuning"]))
-              if x["id"] not in probes]
-    chain += [x["id"] for x in stratified_subset(extra, len(extra)) if x["id"] not in chain and x["id"] not in probes]
-    return chain[:n]
-
 
 # --- driver ------------------------------------------------------------------------------------------------------
-def read_rows(out: Path) -> dict:
-    rows = {}
-    for shard in sorted(out.glob("rows-*.jsonl")):
-        for line in shard.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except ValueError:
-                continue
-            if row.get("phase") == "heldout" and row.get("policy") in FIXED_POLICIES and row.get("layer") is not None:
-                row["key"] = policy_key(row["fact"], row["policy"], row["layer"])  # rows written before keys had it
-            if row.get("t", 0) >= rows.get(row["key"], {}).get("t", 0):  # a re-run's row replaces an older one
-                rows[row["key"]] = row
-    return rows
-
-
-FIXED_POLICIES = ("fixed", "fixed_carrier")
-LAYER_BANDS = ((1, 1), (2, 4), (5, 29))  # the tuned layer, the early band that edits well on tuning, the rest
-
-
-def policy_key(fact_id: str, policy: str, layer: int | None) -> str:
-    """A held-out row's key. The fixed policies' keys name their layer, so re-tuning the fixed layer re-runs them
-    instead of reusing rows made at the old layer."""
-    return f"heldout|{fact_id}|{policy}" + (f"|L{layer}" if policy in FIXED_POLICIES else "")
-
-
-def choose_fixed(rows: dict, tuning_ids) -> tuple[int | None, dict]:
-    sweep = [r for r in rows.values() if r["phase"] == "tuning" and r["fact"] in tuning_ids and "error" not in r]
-    # only facts swept at every layer any fact was swept at: an interrupted sweep must not compare layers on
-    # different facts
-    layers = {r["layer"] for r in sweep}
-    per_fact: dict[str, set] = {}
-    for r in sweep:
-        per_fact.setdefault(r["fact"], set()).add(r["layer"])
-    complete = {f for f, ls in per_fact.items() if ls == layers}
-    by_layer: dict[int, list] = {}
-    for r in sweep:
-        if r["fact"] in complete:
-            by_layer.setdefault(r["layer"], []).append(r)
-    table = {l: {m: float(np.mean([r[m] for r in rs if r.get(m) is not None] or [np.nan]))
-                 for m in ("S", "ES", "PS", "NS", "EM", "PM", "NM")} | {"n": len(rs)}
-             for l, rs in sorted(by_layer.items())}
-    if not table:
-        return None, table
-    # best mean S; ties (rounded, so float summation order never decides) go to PS, ES, then the summed
-    # margins EM + PM + NM (P(new) - P(true) on prompt and paraphrases, P(true) - P(new) on neighbours)
-    margin = lambda t: sum(0.0 if math.isnan(t[m]) else t[m] for m in ("EM", "PM", "NM"))  # noqa: E731
-    best = max(table, key=lambda l: (round(table[l]["S"], 9), round(table[l]["PS"], 9), round(table[l]["ES"], 9),
-                                     margin(table[l]), -l))
-    return best, table
-
-
 def run_phase(pool, tasks, label: str) -> None:
     if not tasks:
         return
@@ -676,14 +361,17 @@ def main() -> None:
         split_path.write_text(json.dumps(split, indent=1))
         del lm
     rel = split["relation"]
-    as_items = lambda ids: [{"id": i, "relation": rel[i]} for i in ids]  # noqa: E731
+
+    def as_items(ids):
+        return [{"id": i, "relation": rel[i]} for i in ids]
+
     tuning_ids = [x["id"] for x in (stratified_subset(as_items(split["tuning"]), args.tuning_facts)
                                      if args.tuning_facts else as_items(split["tuning"]))]
     held_ids = [x["id"] for x in (stratified_subset(as_items(split["held_out"]), args.facts)
                                    if args.facts else as_items(split["held_out"]))]
     print(f"{split['known']} known facts: {len(split['tuning'])} tuning / {len(split['held_out'])} held-out; "
           f"running {len(tuning_ids)} tuning, {len(held_ids)} held-out", flush=True)
-    num_layers = 30
+    num_layers = model_num_layers(MODEL)
     config = {"argv": sys.argv[1:], "tuning_ids": tuning_ids, "held_ids": held_ids}
 
     if not args.summary_only:
@@ -712,8 +400,7 @@ def main() -> None:
             rows = read_rows(out)
             tasks = [{"kind": "heads", "fact": f, "done": [k for k in rows if k.startswith(f"heldout|{f}|head")]}
                      for f in held_ids[: args.head_facts]
-                     if any(f"heldout|{f}|{p}" not in rows for p in ("head_located", "head_random_same_layers",
-                                                                     "head_random_any"))]
+                     if any(f"heldout|{f}|{p}" not in rows for p in HEAD_POLICIES)]
             if args.sequential:
                 probes = tuning_ids[:10]
                 known_ids = set(split["tuning"]) | set(split["held_out"])
@@ -735,289 +422,38 @@ def main() -> None:
                       for f in oracle_ids for l in range(0, num_layers, args.oracle_stride)
                       if f"oracle|{f}|L{l}" not in rows]
             run_phase(pool, tasks, "heads, sequential, oracle")
-    summarize(out, config, tuning_ids, held_ids, args)
+    write_summary(out, summarize(read_rows(out), config, tuning_ids, held_ids, num_layers=num_layers,
+                                 fixed_layer=args.fixed_layer))
 
 
-def latest_chains(rows: list[dict]) -> dict:
-    """Per method, the checkpoints of its longest sequential chain (rows before chains were named count as one
-    chain), in edit order."""
-    chains: dict = {}
-    for r in rows:
-        chains.setdefault(r["policy"], {}).setdefault(r.get("chain", "unnamed"), []).append(r)
-    out = {}
-    for method, by_chain in chains.items():
-        longest = max(by_chain.values(), key=lambda pts: max(p["n_edits"] for p in pts))
-        out[method] = sorted(longest, key=lambda r: r["n_edits"])
-    return out
+def model_num_layers(spec: str) -> int:
+    """The model's layer count from its config (only the config file is read when locedit has the model cached)."""
+    from transformers import AutoConfig
+
+    from locedit.core.loading import ALIASES, cache_dir
+
+    local = cache_dir() / spec if spec in ALIASES else Path(spec)
+    if (local / "config.json").is_file() or spec not in ALIASES:
+        config = AutoConfig.from_pretrained(local if local.is_dir() else spec)
+        return int(getattr(config, "num_hidden_layers", None) or config.get_text_config().num_hidden_layers)
+    import locedit
+
+    return locedit.load(spec).num_layers
 
 
-# --- summary -----------------------------------------------------------------------------------------------------
-def _fmt(mean, lo, hi, pct=True) -> str:
-    if mean is None:
-        return "–"
-    f = 100 if pct else 1
-    if lo is None:
-        return f"{f * mean:.1f}" if pct else f"{mean:.3f}"
-    return (f"{f * mean:.1f} [{f * lo:.1f}, {f * hi:.1f}]" if pct else f"{mean:.3f} [{lo:.3f}, {hi:.3f}]")
+def write_summary(out: Path, summary: dict) -> None:
+    """summary.json, summary.md and the figures of a summary, and the Markdown on stdout."""
+    from locedit.core.results import write_atomic
+    from locedit.study.figures import figures
 
-
-def summarize(out: Path, config: dict, tuning_ids, held_ids, args) -> dict:
-    rows = read_rows(out)
-    ok = [r for r in rows.values() if "error" not in r]
-    fixed, sweep_table = choose_fixed(rows, set(tuning_ids))
-    if args.fixed_layer is not None:
-        fixed = args.fixed_layer
-    per_policy: dict[str, dict] = {}
-    for r in ok:
-        if r["phase"] == "heldout" and r["fact"] in held_ids:
-            if r["policy"] in FIXED_POLICIES and r.get("layer") != fixed:
-                continue  # made at a fixed layer an earlier tuning run chose
-            per_policy.setdefault(r["policy"], {})[r["fact"]] = r
-    oracle_rows: dict[str, list] = {}
-    for r in ok:
-        if r["phase"] == "oracle":
-            oracle_rows.setdefault(r["fact"], []).append(r)
-    per_policy["oracle"] = {f: best_row(rs) for f, rs in oracle_rows.items()}
-    summary: dict = {"config": config, "fixed_layer": fixed, "tuning_sweep": sweep_table, "policies": {},
-                     "paired": {}, "errors": [{"key": r["key"], "error": r["error"]} for r in rows.values()
-                                              if "error" in r]}
-    for name, by_fact in per_policy.items():
-        entry = {"n": len(by_fact)}
-        for m in METRICS:
-            mean, lo, hi = bootstrap_ci([r.get(m) for r in by_fact.values()])
-            entry[m] = {"mean": mean, "low": lo, "high": hi}
-        layers: dict = {}
-        for r in by_fact.values():
-            if r.get("layer") is not None:
-                layers[str(r["layer"])] = layers.get(str(r["layer"]), 0) + 1
-        entry["layers"] = dict(sorted(layers.items(), key=lambda kv: -kv[1]))
-        summary["policies"][name] = entry
-    for a, b in PAIRS:
-        if a in per_policy and b in per_policy:
-            for m in ("S", "ES", "PS", "NS", "gen_efficacy", "NKL"):
-                da = {f: r.get(m) for f, r in per_policy[a].items()}
-                db = {f: r.get(m) for f, r in per_policy[b].items()}
-                d = paired_difference(da, db)
-                if d["n"]:
-                    summary["paired"].setdefault(f"{a} - {b}", {})[m] = d
-    # where a located layer other than 0 helps or hurts: located_no_l0 − fixed by the band of its layer
-    summary["no_l0_minus_fixed_by_band"] = {
-        band: d for band, d in paired_by_layer_band(per_policy.get("located_no_l0", {}), per_policy.get("fixed", {}),
-                                                    LAYER_BANDS).items() if d["n"]}
-    # by relation (located vs fixed, S)
-    by_rel: dict = {}
-    for name in ("located", "fixed", "fixed_carrier", "random", "located_no_l0"):
-        for f, r in per_policy.get(name, {}).items():
-            by_rel.setdefault(r["relation"], {}).setdefault(name, []).append(r["S"])
-    summary["by_relation_S"] = {rel: {n: float(np.mean(v)) for n, v in d.items()} | {"n": max(map(len, d.values()))}
-                                for rel, d in sorted(by_rel.items())}
-    # located losses (where located lost to fixed on S)
-    losses = []
-    for f, r in per_policy.get("located", {}).items():
-        fr = per_policy.get("fixed", {}).get(f)
-        if fr and fr.get("S") is not None and r.get("S") is not None and r["S"] < fr["S"] - 1e-9:
-            losses.append({"fact": f, "subject": r["subject"], "relation": r["relation"], "located_layer": r["layer"],
-                           "located_S": r["S"], "fixed_S": fr["S"], "located_PS": r["PS"], "fixed_PS": fr["PS"],
-                           "located_NS": r["NS"], "fixed_NS": fr["NS"]})
-    summary["located_loses_to_fixed"] = losses
-    both = [f for f in per_policy.get("located", {}) if f in per_policy.get("fixed", {})]
-    summary["located_at_fixed_layer"] = {"n": len(both), "same_layer": sum(
-        per_policy["located"][f].get("layer") == fixed for f in both)}
-    sweep = [r for r in ok if r["phase"] in ("tuning", "oracle")]
-    summary["regression"] = {y: hase_regression([{**r, "fact": r["fact"]} for r in sweep], outcome=y)
-                             for y in ("S", "rewrite_score", "PS")}
-    summary["within_fact"] = {y: within_fact_correlation(sweep, outcome=y) for y in ("S", "rewrite_score")}
-    summary["regression_rank"] = hase_regression(
-        [{**r, "neg_rank": -r["loc_rank"] if r.get("loc_rank") is not None else None} for r in sweep],
-        outcome="S", score="neg_rank")
-    oracle_layers = {f: r["layer"] for f, r in per_policy["oracle"].items()}
-    summary["oracle_layers"] = oracle_layers
-    summary["sequential"] = latest_chains([r for r in ok if r["phase"] == "sequential"])
-    timing = {}
-    for name in ("located", "fixed", "head_located"):
-        ts = [r["edit_s"] for r in per_policy.get(name, {}).values() if r.get("edit_s") and not r.get("reused")]
-        if ts:
-            timing[name] = float(np.mean(ts))
-    summary["timing_s"] = timing
-    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=float))
-    (out / "summary.md").write_text(markdown(summary))
+    write_atomic(out / "summary.json", json.dumps(summary, indent=1, default=float))
+    write_atomic(out / "summary.md", markdown(summary))
     try:
         figures(summary, out)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:  # noqa: BLE001 - a figure never loses the summary
         print(f"figures failed: {exc}")
     print(markdown(summary))
-    return summary
 
-
-LABELS = {"located": "located (locate's top layer, carrier key)", "located_subject_last": "located layer, subject-last key",
-          "located_no_l0": "located excluding layer 0 (carrier key)", "fixed": "fixed layer (tuned), subject-last key",
-          "fixed_carrier": "fixed layer (tuned), carrier key", "random": "random layer, carrier key",
-          "oracle": "oracle (best of a layer sweep, subject-last)", "head_located": "head edit: 3 located heads",
-          "head_random_same_layers": "head edit: 3 random heads, same layers",
-          "head_random_any": "head edit: 3 random heads, any layers"}
-
-
-def markdown(s: dict) -> str:
-    lines = ["# Does localization inform editing? (SmolLM2-135M, ROME r-ROME fix; held-out facts)", "",
-             f"Fixed layer chosen on the tuning split: **{s['fixed_layer']}**; run: `{' '.join(s['config']['argv'])}`",
-             "", "Mean and bootstrap 95% CI, in % (NKL in nats, ppl drift in %):", "",
-             "| policy | n | S | ES | PS | NS | gen. efficacy | NKL | ppl drift | layers used |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    order = [p for p in LABELS if p in s["policies"]]
-    for name in order:
-        e = s["policies"][name]
-        cell = lambda m, pct=True: _fmt(e[m]["mean"], e[m]["low"], e[m]["high"], pct)  # noqa: E731
-        layers = ", ".join(f"{l}×{c}" for l, c in list(e["layers"].items())[:5])
-        lines.append(f"| {LABELS[name]} | {e['n']} | {cell('S')} | {cell('ES')} | {cell('PS')} | {cell('NS')} | "
-                     f"{cell('gen_efficacy')} | {cell('NKL', False)} | {cell('ppl_drift')} | {layers} |")
-    lines += ["", "Paired differences (same facts), percentage points, bootstrap 95% CI:", "",
-              "| difference | n | ΔS | ΔPS | ΔNS | Δgen. efficacy | wins/ties/losses (S) |", "|---|---|---|---|---|---|---|"]
-    for name, d in s["paired"].items():
-        c = lambda m: _fmt(d[m]["mean"], d[m]["low"], d[m]["high"]) + (" *" if d[m]["excludes_zero"] else "") \
-            if m in d else "–"  # noqa: E731
-        lines.append(f"| {name} | {d['S']['n']} | {c('S')} | {c('PS')} | {c('NS')} | {c('gen_efficacy')} | "
-                     f"{d['S']['wins']}/{d['S']['ties']}/{d['S']['losses']} |")
-    same = s.get("located_at_fixed_layer") or {}
-    if same.get("n"):
-        lines += ["", f"Located chose the fixed layer ({s['fixed_layer']}) for {same['same_layer']} of the {same['n']} "
-                      "held-out facts both policies edited."]
-    if s.get("no_l0_minus_fixed_by_band"):
-        lines += ["", "located_no_l0 − fixed (S, pp) by the layer located_no_l0 chose: " + "; ".join(
-            f"L{band}: {_fmt(d['mean'], d['low'], d['high'])} (n={d['n']}, {d['wins']}/{d['ties']}/{d['losses']})"
-            for band, d in s["no_l0_minus_fixed_by_band"].items())]
-    lines += ["", "(* = CI excludes zero)", "", "Tuning sweep (mean S, %, by layer, subject-last key): " +
-              ", ".join(f"L{l}: {100 * v['S']:.0f} (n={v['n']})" for l, v in s["tuning_sweep"].items())]
-    reg = s["regression"].get("S", {})
-    if reg.get("n", 0) >= 4:
-        lines += ["", f"Hase-style regression on {reg['n']} sweep edits ({reg['facts']} facts × layers {reg['layers']}):"]
-        for y, r in s["regression"].items():
-            if "r2_layer" in r:
-                lines.append(regression_line(y, r, "locate score"))
-    for y, w in (s.get("within_fact") or {}).items():
-        if w.get("n"):
-            d = w["score_minus_depth"]
-            lines.append(f"- within each fact, Spearman ρ over its swept layers with {y} ({w['n']} facts; {w['flat']} "
-                         f"with the same {y} at every layer left out): locate's layer score "
-                         f"{_fmt(w['score']['mean'], w['score']['low'], w['score']['high'], False)}, earlier-is-better "
-                         f"(−layer) {_fmt(w['depth']['mean'], w['depth']['low'], w['depth']['high'], False)}; "
-                         f"score − depth {_fmt(d['mean'], d['low'], d['high'], False)}")
-    if s.get("oracle_layers"):
-        lines += ["", f"Oracle layers per fact: {s['oracle_layers']}"]
-    if s.get("located_loses_to_fixed"):
-        lines += ["", "Facts where located lost to fixed (S):"]
-        for x in s["located_loses_to_fixed"]:
-            lines.append(f"- {x['subject']} ({x['relation']}): located L{x['located_layer']} S {x['located_S']:.2f} "
-                         f"(PS {x['located_PS']:.2f}, NS {x['located_NS']:.2f}) vs fixed S {x['fixed_S']:.2f} "
-                         f"(PS {x['fixed_PS']:.2f}, NS {x['fixed_NS']:.2f})")
-    if s.get("by_relation_S"):
-        lines += ["", "Mean S by relation (held-out): " + "; ".join(
-            f"{rel} (n={d['n']}): " + ", ".join(f"{k} {100 * v:.0f}" for k, v in d.items() if k != "n")
-            for rel, d in s["by_relation_S"].items())]
-    if s.get("sequential"):
-        lines += ["", "## Sequential editing", "",
-                  "Edits applied one after another, never reverted in between; at each checkpoint every edit so far "
-                  "is measured (S, and S over the facts SmolLM2 knew at top-1), with retention of the unedited probe "
-                  "facts and perplexity drift. Figure: `sequential.png`.", "",
-                  "| method | chain | edits | S | S (known facts) | ES | PS | NS | probe retention | ppl drift | "
-                  "s/edit |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-        for m, pts in s["sequential"].items():
-            for p in pts:
-                lines.append(f"| {m} | {p.get('chain', '–')} | {p['n_edits']} | {_pct(p['S'])} | "
-                             f"{_pct(p.get('S_known'))} | {_pct(p['ES'])} | {_pct(p['PS'])} | {_pct(p['NS'])} | "
-                             f"{_pct(p['probe_retention'])} | {100 * p['ppl_drift']:+.1f}% | "
-                             f"{p['edit_s_mean']:.1f} |" if p.get("edit_s_mean") is not None else
-                             f"| {m} | – | {p['n_edits']} | {_pct(p['S'])} | – | {_pct(p['ES'])} | {_pct(p['PS'])} | "
-                             f"{_pct(p['NS'])} | {_pct(p['probe_retention'])} | {100 * p['ppl_drift']:+.1f}% | – |")
-    if s.get("errors"):
-        lines += ["", f"{len(s['errors'])} edits failed: " + "; ".join(f"{e['key']}: {e['error'][:80]}"
-                                                                       for e in s["errors"][:5])]
-    return "\n".join(lines) + "\n"
-
-
-def regression_line(name: str, r: dict, score: str = "score") -> str:
-    """One `hase_regression` result as a Markdown list item: in-sample and fact-grouped cross-validated R²."""
-    nan = float("nan")
-    return (f"- {name}: R² layer {r['r2_layer']:.3f}, {score} {r['r2_score']:.3f}, layer + score "
-            f"{r['r2_layer+score']:.3f} (increment {r['r2_increment']:+.3f}); fact-grouped CV R²: layer "
-            f"{r.get('cv_r2_layer', nan):.3f}, score {r.get('cv_r2_score', nan):.3f}, layer + score "
-            f"{r.get('cv_r2_layer+score', nan):.3f}")
-
-
-def _pct(v) -> str:
-    return "–" if v is None else f"{100 * v:.0f}"
-
-
-def figures(s: dict, out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    order = [p for p in LABELS if p in s["policies"]]
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
-    ax = axes[0]
-    for i, name in enumerate(order):
-        e = s["policies"][name]["S"]
-        if e["mean"] is None:
-            continue
-        err = [[e["mean"] - (e["low"] if e["low"] is not None else e["mean"])],
-               [(e["high"] if e["high"] is not None else e["mean"]) - e["mean"]]]
-        ax.bar(i, e["mean"], yerr=err, capsize=3,
-               color="C0" if name.startswith("located") else "C2" if name.startswith("head") else "C1")
-    ax.set_xticks(range(len(order)))
-    ax.set_xticklabels(order, rotation=45, ha="right", fontsize=8)
-    ax.set_ylabel("S (held-out), 95% CI")
-    ax.set_title("policies")
-    ax = axes[1]
-    sweep = s["tuning_sweep"]
-    if sweep:
-        ls = sorted(int(l) for l in sweep)
-        for m in ("S", "ES", "PS", "NS"):
-            ax.plot(ls, [sweep[l if l in sweep else str(l)][m] for l in ls], marker="o", label=m)
-        ax.axvline(s["fixed_layer"], color="k", ls=":")
-        ax.set_xlabel("layer (tuning split, subject-last key)")
-        ax.legend(fontsize=8)
-        ax.set_title("tuning sweep")
-    ax = axes[2]
-    names = [n for n in s["paired"] if "S" in s["paired"][n] and s["paired"][n]["S"]["low"] is not None]
-    for i, name in enumerate(names):
-        d = s["paired"][name]["S"]
-        ax.errorbar(d["mean"], i, xerr=[[d["mean"] - d["low"]], [d["high"] - d["mean"]]], fmt="o", capsize=3,
-                    color="C3" if d["excludes_zero"] else "k")
-    ax.axvline(0, color="grey", lw=0.8)
-    ax.set_yticks(range(len(names)))
-    ax.set_yticklabels(names, fontsize=7)
-    ax.set_xlabel("paired difference in S (held-out), 95% CI")
-    ax.set_title("paired differences")
-    fig.tight_layout()
-    fig.savefig(out / "study.png", dpi=120)
-    plt.close(fig)
-    if s.get("sequential"):
-        sequential_figure(s["sequential"], out / "sequential.png")
-
-
-def sequential_figure(chains: dict, path: Path) -> None:
-    """S and NS over the edits so far, retention of the unedited probe facts, and perplexity drift, against the
-    number of edits applied, one line per method."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    panels = (("S", "S over the edits so far"), ("NS", "neighbourhood accuracy (NS)"),
-              ("probe_retention", "unedited probe facts retained"), ("ppl_drift", "perplexity drift"))
-    fig, axes = plt.subplots(1, len(panels), figsize=(18, 4.2))
-    for ax, (metric, title) in zip(axes, panels):
-        for method, pts in chains.items():
-            ax.plot([p["n_edits"] for p in pts], [p[metric] for p in pts], marker="o", ms=3, label=method)
-        ax.set_xlabel("edits applied, one after another")
-        ax.set_title(title)
-        if metric != "ppl_drift":
-            ax.set_ylim(-0.02, 1.02)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -22,52 +22,23 @@ Writes `specificity.json` and `specificity.md` next to the rows.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from locedit.study import read_rows
+from locedit.study.specificity import markdown, specificity, specificity_report, sweep_rows, template_keys
+
 ROOT = Path(__file__).resolve().parent.parent
-_spec = importlib.util.spec_from_file_location("study_sites", ROOT / "recipes" / "study_sites.py")
-study = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(study)
-
-
-@torch.no_grad()
-def template_keys(lm, fact, templates) -> dict[int, torch.Tensor]:
-    """ROME's k* at every layer: the MLP output projection's input at the subject's last token, averaged over the
-    context templates."""
-    from locedit.editing.values import pad_rows, templated_prompts
-
-    rows, keys, _ = templated_prompts(lm, fact, templates, "subject_last", None)
-    input_ids, mask = pad_rows(lm, rows)
-    picked: dict[int, torch.Tensor] = {}
-    index = torch.arange(len(rows), device=lm.device)
-    key_pos = torch.tensor(keys, device=lm.device)
-    hooks = []
-    for layer in range(lm.num_layers):
-        module = lm.adapter.layer_part(lm.model, layer, lm.adapter.mlp_down)
-        hooks.append(module.register_forward_pre_hook(
-            lambda m, a, layer=layer: picked.__setitem__(layer, a[0][index, key_pos].float().mean(0).cpu())))
-    try:
-        lm.model(input_ids=input_ids, attention_mask=mask)
-    finally:
-        for h in hooks:
-            h.remove()
-    return picked
-
-
-def specificity(C: torch.Tensor, k: torch.Tensor) -> float:
-    """k ᵀ C⁻¹ k in float64."""
-    k64 = k.double()
-    return float(k64 @ torch.linalg.solve(C.double(), k64))
+OUT = ROOT / "data" / "results" / "study"
+MODEL = "smollm2-135m"
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default=str(study.OUT))
+    p.add_argument("--out", default=str(OUT))
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
     out = Path(args.out)
@@ -75,13 +46,13 @@ def main() -> None:
 
     import locedit
     from locedit.core.datasets import curated_facts
+    from locedit.core.results import write_atomic
     from locedit.editing.hparams import ROMEHyperParams
     from locedit.editing.stats import key_statistics
     from locedit.editing.templates import context_templates
 
-    rows = [r for r in study.read_rows(out).values()
-            if r.get("phase") in ("tuning", "oracle") and "error" not in r and r.get("layer") is not None]
-    lm = locedit.load(study.MODEL)
+    rows = sweep_rows(read_rows(out).values())
+    lm = locedit.load(MODEL)
     stats = key_statistics(lm, layers=range(lm.num_layers), kinds=("mlp",), progress=False)
     hp = ROMEHyperParams()
     templates = context_templates(lm, hp.context_template_length_params, hp.seed)
@@ -92,46 +63,11 @@ def main() -> None:
         spec[fid] = {layer: specificity(stats.get("mlp", layer), k) for layer, k in keys.items()}
     for r in rows:
         r["log_specificity"] = float(np.log(spec[r["fact"]][r["layer"]]))
-
-    result: dict = {"rows": len(rows), "facts": len(spec), "specificity": spec, "within_fact": {}, "regression": {}}
-    for outcome in ("S", "NS", "PS"):
-        for score in ("log_specificity", "loc_score"):
-            result["within_fact"][f"{outcome}|{score}"] = study.within_fact_correlation(rows, outcome=outcome,
-                                                                                        score=score)
-            result["regression"][f"{outcome}|{score}"] = study.hase_regression(rows, outcome=outcome, score=score)
-    by_layer = {layer: float(np.mean([np.log(s[layer]) for s in spec.values()])) for layer in range(lm.num_layers)}
-    result["mean_log_specificity_by_layer"] = by_layer
-    (out / "specificity.json").write_text(json.dumps(result, indent=1, default=float))
+    result = specificity_report(rows, spec, lm.num_layers)
+    write_atomic(out / "specificity.json", json.dumps(result, indent=1, default=float))
     md = markdown(result)
-    (out / "specificity.md").write_text(md)
+    write_atomic(out / "specificity.md", md)
     print(md)
-
-
-def markdown(res: dict) -> str:
-    f = study._fmt
-    lines = ["# Key specificity k*ᵀC⁻¹k* as an edit-oriented layer score (exploratory; layer-sweep rows)", "",
-             f"{res['rows']} sweep edits of {res['facts']} facts (tuning split and the oracle subset of held-out).", "",
-             "Within each fact, Spearman ρ between a layer score and the edit outcome over the fact's swept layers "
-             "(mean over facts, bootstrap 95% CI; facts with the same outcome at every layer left out):", "",
-             "| outcome | n facts | log specificity | locate's layer score | earlier is better (−layer) | "
-             "specificity − depth |", "|---|---|---|---|---|---|"]
-    for outcome in ("S", "NS", "PS"):
-        w = res["within_fact"][f"{outcome}|log_specificity"]
-        loc = res["within_fact"][f"{outcome}|loc_score"]
-        if not w.get("n"):
-            continue
-        d = w["score_minus_depth"]
-        lines.append(f"| {outcome} | {w['n']} | {f(w['score']['mean'], w['score']['low'], w['score']['high'], False)} | "
-                     f"{f(loc['score']['mean'], loc['score']['low'], loc['score']['high'], False)} | "
-                     f"{f(w['depth']['mean'], w['depth']['low'], w['depth']['high'], False)} | "
-                     f"{f(d['mean'], d['low'], d['high'], False)} |")
-    lines += ["", "Hase-style regression (R²; in-sample and fact-grouped cross-validated):", ""]
-    for name, r in res["regression"].items():
-        if "r2_layer" in r:
-            lines.append(study.regression_line(name, r))
-    by_layer = res["mean_log_specificity_by_layer"]
-    lines += ["", "Mean log specificity by layer: " + ", ".join(f"L{l} {v:.2f}" for l, v in by_layer.items())]
-    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

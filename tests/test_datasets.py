@@ -356,6 +356,27 @@ def test_runner_error_lines_and_propagation(llama, tmp_path):
         run_dataset(llama, flaky, runner_facts(), out2, options={"window": 3}, progress=False)
 
 
+def test_dataset_run_is_a_result(llama, tmp_path):
+    from locedit.core.results import Result
+
+    def flaky(lm, fact, **options):
+        if fact.meta["id"] == "f1":
+            raise FactError("this fact is bad")
+        return attention_knockout(lm, fact, window=3)
+
+    run = run_dataset(llama, flaky, runner_facts(), tmp_path / "k.jsonl", progress=False)
+    assert isinstance(run, Result)
+    data = run.to_dict()
+    assert data["counts"] == {"results": 4, "errors": 1, "skipped": 0, "ran": 5, "repaired": False, "known": None}
+    assert data["errors"] == [{"id": "f1", "error": "FactError: this fact is bad"}]
+    assert data["aggregate"]["attention_knockout"]["n"] == 4
+    assert "4 results, 1 errors; 5 ran now, 0 were already done" in run.summary()
+    saved = json.loads(run.save(tmp_path / "run.json").read_text())
+    assert saved["counts"]["results"] == 4 and "<b>DatasetRun</b>" in run._repr_html_()
+    fig = run.plot()
+    assert len(fig.axes) >= 1
+
+
 def test_runner_aggregate_matches_numpy(llama, tmp_path):
     run = run_dataset(llama, "knockout", runner_facts(), tmp_path / "k.jsonl", options={"window": 3},
                       progress=False)

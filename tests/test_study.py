@@ -1,16 +1,13 @@
-"""Statistics helpers of recipes/study_sites.py on synthetic data (no model, fast)."""
+"""The study's library (locedit.study, locedit.core.statistics) on synthetic data (no model, fast)."""
 
 import json
-import importlib.util
 from collections import Counter
-from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
-_PATH = Path(__file__).resolve().parent.parent / "recipes" / "study_sites.py"
-_spec = importlib.util.spec_from_file_location("study_sites", _PATH)
-study = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(study)
+import locedit.study as study
+from locedit.core.statistics import bootstrap_mean, hase_regression, paired_difference
 
 
 def _items(n_per_relation=(10, 7, 3, 1)):
@@ -47,11 +44,11 @@ def test_stratified_subset_round_robin():
 def test_bootstrap_ci_contains_mean_and_handles_edge_cases():
     rng = np.random.default_rng(0)
     x = rng.normal(1.0, 1.0, 200)
-    mean, lo, hi = study.bootstrap_ci(x)
+    mean, lo, hi = bootstrap_mean(x)
     assert lo < mean < hi and lo < 1.0 < hi and hi - lo < 0.6
-    assert study.bootstrap_ci([0.5, 0.5, 0.5]) == (0.5, 0.5, 0.5)
-    assert study.bootstrap_ci([1.0]) == (1.0, None, None)
-    assert study.bootstrap_ci([None]) == (None, None, None)
+    assert bootstrap_mean([0.5, 0.5, 0.5]) == (0.5, 0.5, 0.5)
+    assert bootstrap_mean([1.0]) == (1.0, None, None)
+    assert bootstrap_mean([None]) == (None, None, None)
 
 
 def test_paired_difference_uses_only_shared_keys_and_detects_a_shift():
@@ -61,11 +58,11 @@ def test_paired_difference_uses_only_shared_keys_and_detects_a_shift():
     b = {i: float(base[i]) for i in range(60)}
     b[99] = 100.0          # unpaired: ignored
     a[5] = None            # missing on one side: ignored
-    d = study.paired_difference(a, b)
+    d = paired_difference(a, b)
     assert d["n"] == 59
     assert d["low"] > 0.4 and d["high"] < 0.6 and d["excludes_zero"]
     assert d["wins"] == 59 and d["losses"] == 0
-    same = study.paired_difference(b, dict(b))
+    same = paired_difference(b, dict(b))
     assert same["mean"] == 0 and same["ties"] == 61 and not same["excludes_zero"]
 
 
@@ -79,11 +76,11 @@ def test_hase_regression_separates_layer_from_score():
                                "S": 1.0 - layer / 12 + rng.normal(0, 0.01)})       # layer explains everything
             rows_score.append({"fact": f, "layer": layer, "loc_score": score,
                                "S": score + rng.normal(0, 0.01)})                   # the score does
-    a = study.hase_regression(rows_layer)
+    a = hase_regression(rows_layer)
     assert a["r2_layer"] > 0.95 and a["r2_increment"] < 0.01 and a["r2_score"] < 0.2
-    b = study.hase_regression(rows_score)
+    b = hase_regression(rows_score)
     assert b["r2_layer"] < 0.2 and b["r2_increment"] > 0.8 and b["cv_r2_layer+score"] > 0.8
-    assert study.hase_regression(rows_layer[:2]) == {"n": 2}
+    assert hase_regression(rows_layer[:2]) == {"n": 2}
 
 
 def test_random_policies_are_seeded_and_valid():
@@ -198,3 +195,79 @@ def test_paired_by_layer_band_splits_by_the_first_policys_layer():
     assert out["1"]["n"] == 1 and abs(out["1"]["mean"] - 0.2) < 1e-9
     assert out["2–4"]["n"] == 2 and abs(out["2–4"]["mean"] - (-0.2)) < 1e-9 and out["2–4"]["losses"] == 2
     assert out["5–29"]["n"] == 1 and out["5–29"]["mean"] == -0.8
+
+
+def _sitemap(mlp_layers, located=(3,), heads=((5, 1), (6, 2))):
+    return SimpleNamespace(mlp_layers=[{"layer": l, "score": s} for l, s in mlp_layers],
+                           recommendation={"rank_one": {"layers": [9], "located_layers": list(located)},
+                                           "head_edit": {"heads": [list(h) for h in heads]}},
+                           heads=[{"layer": 5, "head": 1, "score": 0.7}])
+
+
+def test_policy_sites_follow_the_sitemap_and_the_model_size():
+    sm = _sitemap([(0, 0.9), (3, 0.5), (7, 0.1)], located=(0,))
+    plan = study.policies.policy_sites(sm, "f1", fixed_layer=2, num_layers=12)
+    assert plan["located"] == (0, "carrier") and plan["located_subject_last"] == (0, "subject_last")
+    assert plan["located_no_l0"] == (3, "carrier")        # the best-ranked MLP layer other than 0
+    assert plan["fixed"] == (2, "subject_last") and plan["fixed_carrier"] == (2, "carrier")
+    assert plan["random"] == (study.random_layer("f1", 12), "carrier") and 0 <= plan["random"][0] < 12
+    assert study.policies.loc_features(sm, 3)["loc_rank"] == 1 and study.policies.loc_features(sm, 5)["loc_rank"] is None
+    heads = study.policies.head_sites(sm, "f1", num_layers=12, num_heads=4)
+    assert heads["head_located"] == [[5, 1], [6, 2]] and [h[0] for h in heads["head_random_same_layers"]] == [5, 6]
+    assert study.policies.head_scores(sm, heads["head_located"]) == [0.7, None]
+
+
+def test_layer_bands_end_at_the_models_last_layer():
+    assert study.layer_bands(30) == ((1, 1), (2, 4), (5, 29))
+    assert study.layer_bands(12)[-1] == (5, 11)
+
+
+def _heldout(fact, policy, layer, s):
+    return {"key": study.policy_key(fact, policy, layer), "phase": "heldout", "policy": policy, "fact": fact,
+            "relation": "r", "subject": fact, "layer": layer, "S": s, "ES": 1.0, "PS": s, "NS": s}
+
+
+def test_summarize_pairs_policies_a_minus_b_and_bands_by_model_size():
+    rows = {}
+    for f, (s1, s6) in (("a", (0.9, 0.5)), ("b", (0.7, 0.3))):
+        for l, v in ((1, s1), (6, s6)):
+            rows[f"tuning|{f}|L{l}"] = {"key": f"tuning|{f}|L{l}", "phase": "tuning", "fact": f, "layer": l,
+                                        "S": v, "ES": 1, "PS": v, "NS": 1}
+    for i, f in enumerate(("h1", "h2", "h3")):
+        for row in (_heldout(f, "located_no_l0", 8 + i, 0.9), _heldout(f, "fixed", 1, 0.6),
+                    _heldout(f, "located", 0, 0.4), _heldout(f, "fixed", 6, 0.0)):  # fixed at an untuned layer
+            rows[row["key"]] = row
+    s = study.summarize(rows, {"argv": []}, ["a", "b"], ["h1", "h2", "h3"], num_layers=12)
+    assert s["fixed_layer"] == 1 and s["policies"]["fixed"]["n"] == 3
+    d = s["paired"]["located - fixed"]["S"]
+    assert d["n"] == 3 and abs(d["mean"] - (0.4 - 0.6)) < 1e-9 and d["losses"] == 3 and d["wins"] == 0
+    assert list(s["no_l0_minus_fixed_by_band"]) == ["5–11"]
+    band = s["no_l0_minus_fixed_by_band"]["5–11"]
+    assert band["n"] == 3 and abs(band["mean"] - 0.3) < 1e-9
+    assert study.summarize(rows, {"argv": []}, ["a", "b"], ["h1"], num_layers=12, fixed_layer=6)[
+        "paired"]["located - fixed"]["S"]["mean"] == 0.4                   # the override picks the layer-6 rows
+    md = study.markdown(s)
+    assert md.startswith("# Does localization inform editing?") and "| located - fixed | 3 |" in md
+
+
+def test_probe_inputs_and_edit_metrics_of_two_snapshots():
+    from locedit import Fact
+    from locedit.study.measure import edit_metrics, probe_inputs
+
+    fact = Fact("Eiffel Tower", "The Eiffel Tower is in", "Paris",
+                meta={"target_new": "Rome ", "paraphrases": ["Where is the Eiffel Tower? In"],
+                      "neighborhood": ["The Louvre is in", "Notre-Dame is in"]})
+    inputs = probe_inputs(fact)
+    assert (inputs.new, inputs.true) == (" Rome", " Paris") and len(inputs.prompts) == 2
+    assert inputs.prefixed == ["The Eiffel Tower is in Rome. The Louvre is in",
+                               "The Eiffel Tower is in Rome. Notre-Dame is in"]
+    # probs: (new, true) for the prompt, the paraphrase, then each neighbour
+    before = {"probs": [0.1, 0.6, 0.1, 0.5, 0.1, 0.7, 0.2, 0.6], "k": 2, "nt": None, "GE": None, "ppl": 10.0,
+              "gens": [" Paris, France"]}
+    after = {"probs": [0.8, 0.1, 0.3, 0.4, 0.1, 0.7, 0.5, 0.3], "k": 2, "nt": None, "GE": None, "ppl": 11.0,
+             "gens": [" Rome, Italy"]}
+    m = edit_metrics(fact, before, after)
+    assert (m["ES"], m["PS"], m["NS"], m["NS_before"]) == (1.0, 0.0, 0.5, 1.0)
+    assert m["S"] == 0.0 and abs(m["EM"] - 0.7) < 1e-12 and abs(m["PM"] + 0.1) < 1e-12
+    assert abs(m["rewrite_score"] - (0.8 - 0.1) / 0.9) < 1e-12 and abs(m["ppl_drift"] - 0.1) < 1e-12
+    assert m["gen_efficacy"] == 1.0 and m["NKL"] is None and m["GE_delta"] is None

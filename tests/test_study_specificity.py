@@ -1,18 +1,11 @@
-"""recipes/study_specificity.py: the leakage identity its score rests on, and its keys on a tiny model."""
-
-import importlib.util
-from pathlib import Path
+"""locedit.study.specificity: the leakage identity its score rests on, and its keys on a tiny model."""
 
 import torch
 
 import locedit
+import locedit.study.specificity as spec_recipe
 import tiny
 from locedit.editing.rank_one import rank_one
-
-_PATH = Path(__file__).resolve().parent.parent / "recipes" / "study_specificity.py"
-_spec = importlib.util.spec_from_file_location("study_specificity", _PATH)
-spec_recipe = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(spec_recipe)
 
 
 def test_rank_one_leakage_equals_delta_squared_over_specificity():

@@ -16,7 +16,8 @@ from locedit import Capture, Fact, run
 from locedit.errors import LoceditError
 from locedit.verification import Verification, verify
 from locedit.verification import metrics as M
-from locedit.verification.evaluate import bootstrap_ci, evaluate
+from locedit.core.statistics import bootstrap_mean
+from locedit.verification.evaluate import evaluate
 from locedit.localization.runner import read_lines
 
 EIFFEL = Fact("Eiffel Tower", "The Eiffel Tower is located in the city of")
@@ -230,9 +231,9 @@ def test_contains_target():
 
 
 def test_bootstrap_ci():
-    low, high = bootstrap_ci([0.0, 1.0] * 20)
+    _, low, high = bootstrap_mean([0.0, 1.0] * 20)
     assert low < 0.5 < high and 0.3 < low and high < 0.7
-    assert bootstrap_ci([1.0, 1.0, 1.0]) == (1.0, 1.0) and bootstrap_ci([1.0]) == (None, None)
+    assert bootstrap_mean([1.0, 1.0, 1.0])[1:] == (1.0, 1.0) and bootstrap_mean([1.0])[1:] == (None, None)
 
 
 # --- verify -----------------------------------------------------------------------------------------------------------
@@ -440,13 +441,13 @@ def test_verify_and_report_writes_files(llama, tmp_path):
 
 
 def test_leftover_worker_shards_are_merged_without_duplicates(tmp_path):
-    from locedit.verification.evaluate import _merge_shards
+    from locedit.verification.evaluate import results_store
 
     line = lambda i: json.dumps({"id": i, "fact": {}, "result": {}}) + "\n"  # noqa: E731
     (tmp_path / "results.jsonl").write_text(line("f0"))
     (tmp_path / "results.w0.jsonl").write_text(line("f0") + line("f2") + '{"id": "f4", "fa')  # interrupted worker
     (tmp_path / "results.w1.jsonl").write_text(line("f1") + line("f3"))
-    _merge_shards(tmp_path)
+    results_store(tmp_path).merge()
     assert [l["id"] for l in read_lines(tmp_path / "results.jsonl")[0]] == ["f0", "f2", "f1", "f3"]
     assert not list(tmp_path.glob("results.w*.jsonl"))
 

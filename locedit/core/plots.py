@@ -13,7 +13,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from locedit.localization.common import mean_ci  # noqa: E402
+from locedit.core.statistics import mean_ci  # noqa: E402
 
 COLORS = {"subject": "tab:green", "non_subject": "tab:purple", "last": "tab:orange", "first": "tab:gray",
           "mlp": "tab:green", "attn": "tab:purple", "subject_first": "tab:blue", "subject_last": "tab:red",

@@ -24,7 +24,7 @@ from locedit.core.facts import EncodedFact, Fact
 from locedit.core.lm import LM, Projection
 from locedit.localization.attributes import AttributeSet, attribute_set, decode_ids
 from locedit.localization.common import FlowResult, Target, as_encoded, clean_token, fact_summary, resolve_target
-from locedit.localization.common import mean_ci as _mean_ci
+from locedit.core.statistics import mean_ci
 
 POSITIONS: tuple[str, ...] = ("first", "subject_first", "subject_last", "after_subject", "last")
 
@@ -169,7 +169,7 @@ def mean_ci(values: np.ndarray):
     """`common.mean_ci` without numpy's warning for a single fact (its CI is NaN)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        return _mean_ci(values)
+        return mean_ci(values)
 
 
 def aggregate(results: Sequence) -> dict:

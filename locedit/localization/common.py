@@ -107,19 +107,6 @@ def rank_of(scores: torch.Tensor, token_id: int) -> torch.Tensor:
     return (scores > scores[..., token_id: token_id + 1]).sum(-1)
 
 
-def mean_ci(values: Sequence[float] | np.ndarray, axis: int = 0, confidence: float = 0.95):
-    """Mean and the half-width of its confidence interval (Student t) along `axis`, ignoring NaNs."""
-    from scipy import stats
-
-    arr = np.asarray(values, dtype=float)
-    mean = np.nanmean(arr, axis=axis)
-    count = np.sum(~np.isnan(arr), axis=axis)
-    std = np.nanstd(arr, axis=axis, ddof=1) if arr.shape[axis] > 1 else np.zeros_like(mean)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        half = stats.t.ppf((1 + confidence) / 2, np.maximum(count - 1, 1)) * std / np.sqrt(np.maximum(count, 1))
-    return mean, np.where(count > 1, half, np.nan)
-
-
 class FlowResult(Result):
     """Base of every analysis result: a dataclass with `to_dict()`, `save(path)`, `plot(ax=None)`, `summary()`
     and `_repr_html_()` (see `locedit.core.results.Result`)."""

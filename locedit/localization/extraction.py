@@ -12,7 +12,8 @@ import torch
 from locedit.core.engine import BlockAttention, Capture, SetHeads, run
 from locedit.core.facts import EncodedFact, Fact
 from locedit.core.lm import LM, Projection
-from locedit.localization.common import FlowResult, Target, as_encoded, fact_summary, mean_ci, rank_of, resolve_target
+from locedit.core.statistics import mean_ci
+from locedit.localization.common import FlowResult, Target, as_encoded, fact_summary, rank_of, resolve_target
 
 
 def ablation_keys(enc: EncodedFact) -> dict[str, tuple[int, ...] | None]:

@@ -12,7 +12,8 @@ import torch
 from locedit.core.engine import Capture, SetResidual, run
 from locedit.core.facts import EncodedFact, Fact
 from locedit.core.lm import LM, Projection
-from locedit.localization.common import FlowResult, Target, as_encoded, fact_summary, mean_ci, resolve_target
+from locedit.core.statistics import mean_ci
+from locedit.localization.common import FlowResult, Target, as_encoded, fact_summary, resolve_target
 from locedit.localization.knockout import position_groups
 
 

@@ -14,7 +14,6 @@ import json
 import logging
 import os
 import sys
-import tempfile
 import typing
 import warnings
 from dataclasses import dataclass, field
@@ -25,8 +24,10 @@ import numpy as np
 
 from locedit.errors import DatasetError, LoceditError
 from locedit.core.facts import Fact
-from locedit.core.results import jsonable as _jsonable
-from locedit.localization.common import FlowResult, mean_ci
+from locedit.core.results import Result, jsonable
+from locedit.core.statistics import mean_ci
+from locedit.core.store import RunStore
+from locedit.localization.common import FlowResult
 
 logger = logging.getLogger("locedit")
 
@@ -87,8 +88,8 @@ def fact_id(fact: Fact) -> str:
 
 
 def fact_record(fact: Fact) -> dict:
-    return _jsonable({"subject": fact.subject, "prompt": fact.prompt, "target": fact.target,
-                      "relation": fact.relation, "meta": dict(fact.meta)})
+    return jsonable({"subject": fact.subject, "prompt": fact.prompt, "target": fact.target,
+                     "relation": fact.relation, "meta": dict(fact.meta)})
 
 
 def _option_value(value: Any) -> Any:
@@ -97,39 +98,22 @@ def _option_value(value: Any) -> Any:
     return repr(value)
 
 
-def _normalize(options: Mapping[str, Any]) -> dict:
+def normalize_options(options: Mapping[str, Any]) -> dict:
     """Options as they read back from JSON (tuples and ranges become lists, other objects their repr), for
     recording and comparing runs."""
-    return json.loads(json.dumps(_jsonable(dict(options)), default=_option_value))
+    return json.loads(json.dumps(jsonable(dict(options)), default=_option_value))
 
 
 # --- the output file -------------------------------------------------------------------------------------------------
-def read_lines(path: Path) -> tuple[list[dict], bool]:
+def dataset_store(path: str | Path) -> RunStore:
+    """The `RunStore` of a dataset run's output file: rows keyed by "id", shards `<out>.rank<i>`."""
+    return RunStore(path, key="id", shard_name="{name}.rank{shard}")
+
+
+def read_lines(path: str | Path) -> tuple[list[dict], bool]:
     """Parsed lines of an output file, and whether a truncated/corrupt last line was dropped (the file is then
     rewritten without it, atomically). A corrupt line before the last raises `DatasetError`."""
-    if not path.exists():
-        return [], False
-    raw = path.read_bytes()
-    pieces = raw.split(b"\n")
-    lines: list[dict] = []
-    dropped = False
-    for number, piece in enumerate(pieces, start=1):
-        if not piece.strip():
-            continue
-        try:
-            value = json.loads(piece)
-            if not isinstance(value, dict) or "id" not in value:
-                raise ValueError("not a result line")
-        except ValueError as e:
-            if any(p.strip() for p in pieces[number:]):
-                raise DatasetError(f"{str(path)!r} line {number} is corrupt ({e}); only a truncated last line "
-                                   "is repaired automatically") from None
-            dropped = True
-            continue
-        lines.append(value)
-    if dropped or (raw and not raw.endswith(b"\n")):
-        _rewrite(path, lines)
-    return lines, dropped
+    return dataset_store(path).read()
 
 
 def read_results(paths: Iterable[str | Path]) -> dict[str, dict]:
@@ -143,27 +127,6 @@ def read_results(paths: Iterable[str | Path]) -> dict[str, dict]:
     return results
 
 
-def _rewrite(path: Path, lines: Sequence[dict]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for line in lines:
-                f.write(json.dumps(line) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _append(f, line: dict) -> None:
-    f.write(json.dumps(line) + "\n")
-    f.flush()
-    os.fsync(f.fileno())
-
-
 def _check_compatible(path: Path, lines: Sequence[dict], spec: str, options: dict) -> None:
     for line in lines:
         if line.get("analysis_fn", spec) != spec or line.get("options", options) != options:
@@ -173,7 +136,7 @@ def _check_compatible(path: Path, lines: Sequence[dict], spec: str, options: dic
 
 # --- the run ---------------------------------------------------------------------------------------------------------
 @dataclass
-class DatasetRun:
+class DatasetRun(Result):
     """The lines of `path` for the facts asked for: `.results` (successful lines), `.errors` (error lines),
     `.skipped` (facts already in the file before this run), `.ran` (facts run now), `.repaired` (a truncated last
     line was removed), `.known` (facts kept by `only_known`, else None)."""
@@ -195,6 +158,31 @@ class DatasetRun:
         for line in self.results:
             groups.setdefault(line["result"].get("analysis", "flow"), []).append(line)
         return {name: _aggregator(name, self.result_type)(rows) for name, rows in groups.items()}
+
+    def counts(self) -> dict[str, int | bool | None]:
+        """How many facts succeeded, failed, were skipped (already done) and ran now."""
+        return {"results": len(self.results), "errors": len(self.errors), "skipped": self.skipped, "ran": self.ran,
+                "repaired": self.repaired, "known": self.known}
+
+    def to_dict(self) -> dict:
+        """The run's file, analysis, counts and aggregate (the per-fact lines stay in the file)."""
+        return {"analysis": "dataset_run", "path": str(self.path), "analysis_fn": self.analysis,
+                "counts": self.counts(), "aggregate": jsonable(self.aggregate()),
+                "errors": [{"id": line["id"], "error": line["error"]} for line in self.errors]}
+
+    def summary(self) -> str:
+        """Which analysis ran into which file, and how many facts succeeded, failed and were resumed."""
+        known = f"; {self.known} facts known to the model" if self.known is not None else ""
+        return (f"{self.analysis} over {len(self.results) + len(self.errors)} facts into {self.path}: "
+                f"{len(self.results)} results, {len(self.errors)} errors; {self.ran} ran now, {self.skipped} were "
+                f"already done{known}" + ("; a truncated last line was repaired" if self.repaired else ""))
+
+    def plot(self, ax=None):
+        """The dataset figure (see `figure`); raises when the analysis has none."""
+        fig = self.figure()
+        if fig is None:
+            raise LoceditError(f"{self.analysis} results have no dataset figure")
+        return fig
 
     def figure(self, aggregate: dict[str, dict] | None = None):
         """The paper's figure for the dataset (mean curves with 95% CIs over facts), or None when the analysis has
@@ -235,7 +223,7 @@ def run_dataset(lm, analysis: str | Analysis, facts: Iterable[Fact], out_path: s
     `out_path` or in any leftover shard file are skipped. Every process returns the merged run."""
     spec, fn = resolve_analysis(analysis)
     options = dict(options or {})
-    recorded = _normalize(options)
+    recorded = normalize_options(options)
     facts = list(getattr(facts, "facts", facts))
     if only_known:
         facts = _keep_known(lm, facts, progress)
@@ -248,7 +236,7 @@ def run_dataset(lm, analysis: str | Analysis, facts: Iterable[Fact], out_path: s
                             only_known)
     path = Path(out_path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    lines, repaired = read_lines(path)
+    lines, repaired = dataset_store(path).read()
     _check_compatible(path, lines, spec, recorded)
     done = {line["id"]: line for line in lines}
     todo = [(i, f) for i, f in zip(ids, facts) if i not in done]
@@ -261,14 +249,14 @@ def run_dataset(lm, analysis: str | Analysis, facts: Iterable[Fact], out_path: s
     if batched is None:
         size = 1
     bar = progress_bar(total=len(todo), desc=spec.rpartition(":")[2], unit="fact", disable=not progress)
-    with open(path, "a", encoding="utf-8") as f, bar:
+    with dataset_store(path).writer() as f, bar:
         for group_start in range(0, len(todo), size):
             group = todo[group_start:group_start + size]
             lines_ = (_run_group(lm, fn, batched, group, spec, options, recorded) if len(group) > 1 else
                       [_run_one(lm, fn, group[0][1], group[0][0], spec, options, recorded)])
             for (ident, _), line in zip(group, lines_):
                 done[ident] = line
-                _append(f, line)
+                f.add(line)
                 run.ran += 1
                 bar.update(1)
     for ident in ids:
@@ -282,10 +270,6 @@ def _world_size() -> int:
         return int(os.environ.get("WORLD_SIZE", "1") or 1)
     except ValueError:
         return 1
-
-
-def _shard_paths(path: Path) -> list[Path]:
-    return sorted(path.parent.glob(path.name + ".rank*"))
 
 
 def _run_sharded(lm, spec: str, fn: Analysis, facts: list[Fact], ids: list[str], path: Path, options: dict,
@@ -305,44 +289,29 @@ def _run_sharded(lm, spec: str, fn: Analysis, facts: list[Fact], ids: list[str],
                            "launch with `accelerate launch` or `torchrun`")
     if state.is_main_process:
         path.parent.mkdir(parents=True, exist_ok=True)
-        for p in [path] + _shard_paths(path):  # repair truncated last lines once, before anyone reads
-            _check_compatible(p, read_lines(p)[0], spec, recorded)
+        main = dataset_store(path)
+        for part in [main] + main.shards():  # repair truncated last lines once, before anyone reads
+            _check_compatible(part.path, part.read()[0], spec, recorded)
     state.wait_for_everyone()
-    done: set[str] = set()
-    for p in [path] + _shard_paths(path):
-        done.update(line["id"] for line in read_lines(p)[0])
+    done = dataset_store(path).keys()
     todo = [f for i, f in zip(ids, facts) if i not in done]
     state.wait_for_everyone()  # every process has read the same files before any writes its shard
-    shard = path.with_name(f"{path.name}.rank{state.process_index}")
+    shard = dataset_store(path).shard(state.process_index).path
     with state.split_between_processes(todo) as mine:
         if mine:
             run_dataset(lm, fn, list(mine), shard, options=options, progress=progress and state.is_main_process,
                         batch_facts=batch_facts, distributed=False)
     state.wait_for_everyone()
     if state.is_main_process:
-        _merge(path, ids)
+        dataset_store(path).merge(ids)
     state.wait_for_everyone()
-    lines = {line["id"]: line for line in read_lines(path)[0]}
+    lines = {line["id"]: line for line in dataset_store(path).read()[0]}
     run = DatasetRun(path, spec, skipped=len(facts) - len(todo), ran=len(todo),
                      known=len(facts) if only_known else None, result_type=_result_type(fn))
     for ident in ids:
         line = lines[ident]
         (run.errors if "error" in line else run.results).append(line)
     return run
-
-
-def _merge(path: Path, ids: Sequence[str]) -> None:
-    """Merge `path` and its shard files into `path` (atomically): the requested facts in their order, then any
-    other lines in the order found; the shard files are removed after."""
-    shards = _shard_paths(path)
-    lines: dict[str, dict] = {}
-    for p in [path] + shards:
-        for line in read_lines(p)[0]:
-            lines.setdefault(line["id"], line)
-    order = [i for i in ids if i in lines] + [i for i in lines if i not in set(ids)]
-    _rewrite(path, [lines[i] for i in order])
-    for p in shards:
-        p.unlink()
 
 
 def progress_bar(*, total: int, desc: str, unit: str, disable: bool = False, log_interval_s: float = 30.0):
@@ -362,7 +331,7 @@ def _run_one(lm, fn: Analysis, fact: Fact, ident: str, spec: str, options: dict,
         result = fn(lm, fact, **options)
     except LoceditError as e:
         return {**line, "error": f"{type(e).__name__}: {e}"}
-    return {**line, "result": result.to_dict() if hasattr(result, "to_dict") else _jsonable(result)}
+    return {**line, "result": result.to_dict() if hasattr(result, "to_dict") else jsonable(result)}
 
 
 def _run_group(lm, fn: Analysis, batched: Callable, group: list, spec: str, options: dict,
@@ -373,7 +342,7 @@ def _run_group(lm, fn: Analysis, batched: Callable, group: list, spec: str, opti
     except LoceditError:
         return [_run_one(lm, fn, fact, ident, spec, options, recorded) for ident, fact in group]
     return [{"id": ident, "analysis_fn": spec, "options": recorded, "fact": fact_record(fact),
-             "result": result.to_dict() if hasattr(result, "to_dict") else _jsonable(result)}
+             "result": result.to_dict() if hasattr(result, "to_dict") else jsonable(result)}
             for (ident, fact), result in zip(group, results)]
 
 

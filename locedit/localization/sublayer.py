@@ -26,7 +26,7 @@ from locedit.core.lm import LM, Projection
 from locedit.localization.attribute_rate import state_rates, unwrap
 from locedit.localization.attributes import AttributeSet, attribute_set
 from locedit.localization.common import FlowResult, Target, as_encoded, fact_summary, resolve_target
-from locedit.localization.common import mean_ci as _mean_ci
+from locedit.core.statistics import mean_ci
 
 Mode = Literal["zero", "paper"]
 SUBLAYERS: tuple[str, ...] = ("mlp", "attn")
@@ -162,7 +162,7 @@ def mean_ci(values: np.ndarray):
     """`common.mean_ci` without numpy's warning for a single fact (its CI is NaN)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        return _mean_ci(values)
+        return mean_ci(values)
 
 
 def aggregate(results: Sequence) -> dict:

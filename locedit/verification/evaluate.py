@@ -21,21 +21,33 @@ import logging
 import os
 import sys
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from locedit.errors import DatasetError, LoceditError
 from locedit.core.facts import Fact
-from locedit.core.results import jsonable as _jsonable
-from locedit.localization.runner import _append, _normalize, _rewrite, fact_id, fact_record, read_lines
+from locedit.core.results import Result, jsonable, write_atomic
+from locedit.core.statistics import bootstrap_mean, paired_difference
+from locedit.core.store import RunStore
+from locedit.errors import DatasetError, LoceditError
+from locedit.localization.runner import fact_id, fact_record, normalize_options
 
 logger = logging.getLogger("locedit")
 
 RESULTS = "results.jsonl"
+
+
+def results_store(out_dir: str | Path) -> RunStore:
+    """The `RunStore` of an evaluation's `results.jsonl` (rows keyed by "id"; worker shards `results.w<k>.jsonl`)."""
+    return RunStore(Path(out_dir) / RESULTS, key="id", shard_name="{stem}.w{shard}{suffix}")
+
+
+def evaluation_lines(out_dir: str | Path) -> list[dict]:
+    """The lines of an evaluation's `results.jsonl` (a truncated last line is repaired), in file order."""
+    return results_store(out_dir).read()[0]
+
 
 # (name, path in a result dict): the per-fact numbers aggregated
 METRICS: list[tuple[str, tuple[str, ...]]] = [
@@ -75,24 +87,6 @@ def _at(d: Any, path: Sequence[str]):
     return d
 
 
-def bootstrap_ci(values: Sequence[float], *, confidence: float = 0.95, resamples: int = 2000,
-                 seed: int = 0) -> tuple[float | None, float | None]:
-    """Percentile bootstrap CI of the mean (`scipy.stats.bootstrap`); (v, v) when all values agree, (None, None)
-    for fewer than 2 values."""
-    from scipy.stats import bootstrap
-
-    arr = np.asarray(values, dtype=float)
-    if arr.size < 2:
-        return None, None
-    if np.all(arr == arr[0]):
-        return float(arr[0]), float(arr[0])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        res = bootstrap((arr,), np.mean, confidence_level=confidence, n_resamples=resamples, method="percentile",
-                        rng=np.random.default_rng(seed))
-    return float(res.confidence_interval.low), float(res.confidence_interval.high)
-
-
 def summarize(results: Sequence[dict]) -> dict:
     """{metric: {"mean", "ci95": [low, high], "n"}} over per-fact result dicts (None values left out)."""
     out = {}
@@ -100,8 +94,8 @@ def summarize(results: Sequence[dict]) -> dict:
         values = [float(v) for v in (_at(r, path) for r in results) if v is not None]
         if not values:
             continue
-        low, high = bootstrap_ci(values)
-        out[name] = {"mean": float(np.mean(values)), "ci95": [low, high], "n": len(values)}
+        est = bootstrap_mean(values)
+        out[name] = {"mean": float(np.mean(values)), "ci95": [est.low, est.high], "n": len(values)}
     means = [out.get(k, {}).get("mean") for k in ("efficacy_score", "paraphrase_score", "neighborhood_score")]
     from locedit.verification.metrics import harmonic_mean
 
@@ -121,24 +115,22 @@ def aggregate(lines: Sequence[dict], counts: dict | None = None) -> dict:
 
 
 def paired_comparison(lines_a: Sequence[dict], lines_b: Sequence[dict]) -> dict:
-    """Per metric, b − a over the facts (by id) both evaluations edited: {"n", "a", "b", "difference",
-    "ci95" (bootstrap, of the per-fact differences), "b_better", "a_better"}. Two runs of `evaluate` with
-    different options on the same facts give a paired comparison of, say, two edit-site policies."""
+    """Per metric, **b − a** over the facts (by id) both evaluations edited, in a's order: {"n", "a", "b",
+    "difference", "ci95" (bootstrap, of the per-fact differences), "b_better", "a_better"}
+    (`core.statistics.paired_difference(b, a)`). Two runs of `evaluate` with different options on the same facts
+    give a paired comparison of, say, two edit-site policies."""
     a = {l["id"]: l["result"] for l in lines_a if "result" in l}
     b = {l["id"]: l["result"] for l in lines_b if "result" in l}
     shared = [i for i in a if i in b]
     out: dict = {"n_shared": len(shared), "metrics": {}}
     for name, path in METRICS:
-        pairs = [(_at(a[i], path), _at(b[i], path)) for i in shared]
-        pairs = [(float(x), float(y)) for x, y in pairs if x is not None and y is not None]
-        if not pairs:
+        va = {i: _at(a[i], path) for i in shared}
+        vb = {i: _at(b[i], path) for i in shared}
+        d = paired_difference(vb, va, keys=shared, tie=0.0)
+        if not d["n"]:
             continue
-        diffs = [y - x for x, y in pairs]
-        low, high = bootstrap_ci(diffs)
-        out["metrics"][name] = {"n": len(pairs), "a": float(np.mean([x for x, _ in pairs])),
-                                "b": float(np.mean([y for _, y in pairs])), "difference": float(np.mean(diffs)),
-                                "ci95": [low, high], "b_better": sum(d > 0 for d in diffs),
-                                "a_better": sum(d < 0 for d in diffs)}
+        out["metrics"][name] = {"n": d["n"], "a": d["b"], "b": d["a"], "difference": d["mean"],
+                                "ci95": [d["low"], d["high"]], "b_better": d["wins"], "a_better": d["losses"]}
     return out
 
 
@@ -192,22 +184,22 @@ def evaluate_one(lm, fact: Fact, new_target: str, *, edit_options: dict, verify_
         if edit.is_applied:
             edit.revert()
     result = ver.to_dict()
-    result["edit"] = {"sites": _jsonable(dict(edit.sites)), "timings": _jsonable(dict(getattr(edit, "timings", {})))}
+    result["edit"] = {"sites": jsonable(dict(edit.sites)), "timings": jsonable(dict(getattr(edit, "timings", {})))}
     result["seconds_total"] = time.perf_counter() - start
     return {"result": result}
 
 
-def _run_facts(lm, todo: Sequence[tuple[str, Fact, str]], path: Path, options: dict, edit_options: dict,
+def _run_facts(lm, todo: Sequence[tuple[str, Fact, str]], store: RunStore, options: dict, edit_options: dict,
                verify_options: dict, edit_fn, progress: bool, label: str = "evaluate") -> int:
     from tqdm.auto import tqdm
 
     done = 0
     bar = tqdm(total=len(todo), desc=label, unit="fact", disable=None if progress else True, file=sys.stderr)
-    with open(path, "a", encoding="utf-8") as f, bar:
+    with store.writer() as f, bar:
         for ident, fact, new in todo:
             outcome = evaluate_one(lm, fact, new, edit_options=edit_options, verify_options=verify_options,
                                    edit_fn=edit_fn)
-            _append(f, {"id": ident, "fact": fact_record(fact), "new_target": new, "options": options, **outcome})
+            f.add({"id": ident, "fact": fact_record(fact), "new_target": new, "options": options, **outcome})
             done += 1
             bar.update(1)
     return done
@@ -222,7 +214,7 @@ def _worker(spec: str, rank: int, todo: list, path: str, options: dict, edit_opt
     torch.set_num_threads(max(1, threads))
     lm = load(spec, dtype=dtype, device=device)
     todo = [(ident, _fact_from(record), new) for ident, record, new in todo]
-    _run_facts(lm, todo, Path(path), options, edit_options, verify_options, None, progress=rank == 0,
+    _run_facts(lm, todo, RunStore(path, key="id"), options, edit_options, verify_options, None, progress=rank == 0,
                label=f"evaluate (worker {rank})")
 
 
@@ -231,26 +223,8 @@ def _fact_from(record: dict) -> Fact:
                 dict(record.get("meta") or {}))
 
 
-def _merge_shards(out_dir: Path) -> None:
-    """Append the lines of leftover shard files whose fact is not in results.jsonl yet, then remove the shards."""
-    main = out_dir / RESULTS
-    shards = sorted(out_dir.glob("results.w*.jsonl"))
-    if not shards:
-        return
-    lines, _ = read_lines(main)
-    seen = {l["id"] for l in lines}
-    for shard in shards:
-        for line in read_lines(shard)[0]:
-            if line["id"] not in seen:
-                lines.append(line)
-                seen.add(line["id"])
-    _rewrite(main, lines)
-    for shard in shards:
-        shard.unlink()
-
-
 @dataclass
-class Evaluation:
+class Evaluation(Result):
     """`lines`: result lines of the facts asked for; `aggregate` (see `aggregate`); `counts` (facts given, without
     target_new, unknown to the model, evaluated, already done, errors); `sequential`: collapse-curve points."""
 
@@ -261,7 +235,54 @@ class Evaluation:
     sequential: list | None = None
 
     def table(self) -> str:
-        return table(self.aggregate) if self.aggregate else ""
+        """The Markdown table of the aggregate (see `table`); empty for a sequential run."""
+        return table(self.aggregate) if self.aggregate and not self.sequential else ""
+
+    def to_dict(self) -> dict:
+        """The output directory, counts and aggregate (what `aggregate.json` holds), and the collapse curve."""
+        return {"analysis": "evaluation", "out_dir": str(self.out_dir), "counts": jsonable(self.counts),
+                "aggregate": jsonable(self.aggregate), "sequential": jsonable(self.sequential)}
+
+    def summary(self) -> str:
+        """The headline numbers: facts evaluated and mean S, ES, PS, NS with their 95% CIs (or the collapse curve's
+        last point for a sequential run)."""
+        if self.sequential:
+            last = self.sequential[-1]
+            return (f"sequential edits into {self.out_dir}: after {last['edits']} edits, edit efficacy "
+                    f"{_num(last.get('edit_efficacy'))}, probe accuracy {_num(last.get('probe_accuracy'))}, "
+                    f"perplexity {_num(last.get('perplexity'))}")
+        overall = self.aggregate.get("overall", {})
+        parts = []
+        for name in ("score", "efficacy_score", "paraphrase_score", "neighborhood_score"):
+            if name in overall:
+                low, high = overall[name]["ci95"]
+                ci = f" [{low:.3f}, {high:.3f}]" if low is not None else ""
+                parts.append(f"{name} {overall[name]['mean']:.3f}{ci}")
+        return (f"evaluation into {self.out_dir}: {self.counts.get('evaluated', 0)} facts edited, "
+                f"{self.counts.get('errors', 0)} errors" + ("; " + ", ".join(parts) if parts else ""))
+
+    def plot(self, ax=None):
+        """The collapse curve of a sequential run; else the mean of the main metrics with their 95% CIs."""
+        if self.sequential:
+            from locedit.verification.plots import collapse_figure
+
+            return collapse_figure(self.sequential)
+        import matplotlib.pyplot as plt
+
+        overall = self.aggregate.get("overall", {})
+        names = [c for c in TABLE_COLUMNS if c in overall and c not in ("neighborhood_kl", "fluency")]
+        if not names:
+            raise LoceditError("this evaluation has no aggregated metrics to plot")
+        fig, ax = (plt.subplots(figsize=(7, 3.5)) if ax is None else (ax.figure, ax))
+        means = [overall[n]["mean"] for n in names]
+        low = [m - (overall[n]["ci95"][0] if overall[n]["ci95"][0] is not None else m) for n, m in zip(names, means)]
+        high = [(overall[n]["ci95"][1] if overall[n]["ci95"][1] is not None else m) - m for n, m in zip(names, means)]
+        ax.bar(range(len(names)), means, yerr=[low, high], capsize=3)
+        ax.set_xticks(range(len(names)))
+        ax.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
+        ax.set_ylabel("mean over facts, 95% CI")
+        fig.tight_layout()
+        return fig
 
 
 def prepare_facts(lm, facts, *, n: int | None, only_known: bool, progress: bool) -> tuple[list, dict]:
@@ -325,13 +346,14 @@ def evaluate(model, facts, out_dir: str | Path, *, method: str = "rome", layers:
     if sequential:
         return _sequential(lm, todo_all, facts, out, every=every, probes=probes, edit_options=edit_options,
                            edit_fn=edit_fn, counts=counts, progress=progress)
-    options = _normalize({"edit": edit_options, "verify": verify_options})
+    options = normalize_options({"edit": edit_options, "verify": verify_options})
     ids = [fact_id(f) for f, _ in todo_all]
     if len(set(ids)) != len(ids):
         raise DatasetError("two facts share an id; ids must be unique to resume an evaluation")
-    _merge_shards(out)
-    path = out / RESULTS
-    lines, repaired = read_lines(path)
+    store = results_store(out)
+    store.merge()
+    path = store.path
+    lines, repaired = store.read()
     for line in lines:
         if line.get("options", options) != options:
             raise DatasetError(f"{str(path)!r} holds results of other options ({line.get('options')}); use "
@@ -347,15 +369,13 @@ def evaluate(model, facts, out_dir: str | Path, *, method: str = "rome", layers:
             raise LoceditError("edit_fn cannot be used with jobs > 1")
         _parallel(str(spec), todo, out, jobs, options, edit_options, verify_options, threads, dtype, device)
     else:
-        _run_facts(lm, todo, path, options, edit_options, verify_options, edit_fn, progress)
-    lines = {l["id"]: l for l in read_lines(path)[0]}
+        _run_facts(lm, todo, store, options, edit_options, verify_options, edit_fn, progress)
+    lines = {l["id"]: l for l in store.read()[0]}
     mine = [lines[i] for i in ids if i in lines]
     counts["evaluated"] = sum("result" in l for l in mine)
     counts["errors"] = sum("error" in l for l in mine)
     agg = aggregate(mine, counts)
-    from locedit.core.report import write_atomic
-
-    write_atomic(out / "aggregate.json", json.dumps(_jsonable(agg), indent=1))
+    write_atomic(out / "aggregate.json", json.dumps(jsonable(agg), indent=1))
     write_atomic(out / "table.md", table(agg))
     return Evaluation(out, mine, agg, counts)
 
@@ -370,7 +390,7 @@ def _parallel(spec: str, todo: list, out: Path, jobs: int, options, edit_options
         shard = [(i, fact_record(f), t) for i, f, t in todo[rank::jobs]]
         if not shard:
             continue
-        p = ctx.Process(target=_worker, args=(spec, rank, shard, str(out / f"results.w{rank}.jsonl"), options,
+        p = ctx.Process(target=_worker, args=(spec, rank, shard, str(results_store(out).shard(rank).path), options,
                                               edit_options, verify_options, threads, dtype, device))
         p.start()
         procs.append(p)
@@ -382,7 +402,7 @@ def _parallel(spec: str, todo: list, out: Path, jobs: int, options, edit_options
             p.terminate()
         raise
     failed = [p.exitcode for p in procs if p.exitcode != 0]
-    _merge_shards(out)
+    results_store(out).merge()
     if failed:
         raise LoceditError(f"{len(failed)} evaluation worker(s) failed (exit codes {failed}); finished facts are "
                            "kept; run again to resume")
@@ -436,23 +456,22 @@ def _sequential(lm, todo: list, all_facts, out: Path, *, every: int, probes: int
     model state would have to be rebuilt): the file is rewritten from scratch."""
     from tqdm.auto import tqdm
 
-    from locedit.core.report import write_atomic
     from locedit.verification.plots import collapse_figure
 
     if every < 1:
         raise LoceditError(f"every must be at least 1, not {every}")
     edit_fn = edit_fn or _default_edit
     probe = _probe_set(lm, all_facts, todo, probes)
-    path = out / "sequential.jsonl"
-    path.unlink(missing_ok=True)
+    store = RunStore(out / "sequential.jsonl", key="id")
+    store.path.unlink(missing_ok=True)
     applied, edited, errors, points = [], [], [], []
     bar = tqdm(total=len(todo), desc="sequential edits", unit="edit", disable=None if progress else True,
                file=sys.stderr)
     try:
-        with open(path, "a", encoding="utf-8") as f, bar:
+        with store.writer() as f, bar:
             point = _sequential_point(lm, edited, probe, 0)
             points.append(point)
-            _append(f, {"id": "0", **point})
+            f.add({"id": "0", **point})
             for i, (fact, new) in enumerate(todo):
                 try:
                     e = edit_fn(lm, fact, new, **edit_options)
@@ -465,7 +484,7 @@ def _sequential(lm, todo: list, all_facts, out: Path, *, every: int, probes: int
                         points[-1]["edits"] != len(edited):
                     point = _sequential_point(lm, edited, probe, len(edited))
                     points.append(point)
-                    _append(f, {"id": str(len(edited)), **point})
+                    f.add({"id": str(len(edited)), **point})
     finally:
         for e in reversed(applied):
             if e.is_applied:
@@ -476,5 +495,5 @@ def _sequential(lm, todo: list, all_facts, out: Path, *, every: int, probes: int
     save_figure(fig, out / "collapse")
     counts = {**counts, "edited": len(edited), "edit_errors": len(errors), "probes": len(probe)}
     agg = {"sequential": points, "counts": counts, "errors": errors}
-    write_atomic(out / "aggregate.json", json.dumps(_jsonable(agg), indent=1))
+    write_atomic(out / "aggregate.json", json.dumps(jsonable(agg), indent=1))
     return Evaluation(out, [], agg, counts, sequential=points)
