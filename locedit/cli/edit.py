@@ -2,91 +2,140 @@
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
+from locedit.cli import common
 from locedit.editing.api import METHODS
 
+# flag -> (argparse dest, the methods it applies to)
+METHOD_FLAGS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "--heads": ("heads", ("head",)),
+    "--layers": ("layers", ("rome", "memit", "ft")),
+    "--nullspace": ("nullspace", ("memit",)),
+    "--stats-tokens": ("stats_tokens", ("rome", "memit", "head")),
+    "--corpus": ("corpus", ("rome", "memit", "head")),
+    "--key-position": ("key_position", ("rome", "memit", "head")),
+}
 
-def add_parser(sub, model_args, fact_args) -> None:
+
+def add_parser(sub) -> None:
     p = sub.add_parser("edit", help="edit a fact where it is retrieved (ROME, MEMIT, AlphaEdit, head edits, FT-L)",
                        description="Edit a fact so the model gives --new-target, at the sites `locate` finds (or "
                                    "--layers / --heads). Prints the sites, p(old)/p(new) and the greedy continuation "
                                    "before and after, and writes the edit (edit.json + edit.safetensors) to --out.")
-    model_args(p)
-    fact_args(p)
+    common.add_model_args(p)
+    common.add_fact_args(p)
     p.add_argument("--new-target", default=None,
                    help="the new attribute (one fact); with --facts each fact's target_new is used")
     p.add_argument("--method", choices=METHODS, default=None, help="rome (one fact, default) or memit (--facts)")
-    p.add_argument("--layers", type=int, nargs="+", default=None, help="edit these layers (default: located)")
-    p.add_argument("--heads", nargs="+", default=None, help="head edit: heads as LAYER.HEAD, e.g. 23.4")
+    p.add_argument("--layers", type=common.nonnegative_int, nargs="+", default=None,
+                   help="edit these layers (default: located; not with --method head)")
+    p.add_argument("--heads", type=common.head_spec, nargs="+", default=None,
+                   help="--method head only: heads as LAYER.HEAD (23.4) or L23H4 (default: located)")
     p.add_argument("--key-position", choices=["subject_last", "carrier"], default=None,
-                   help="where the key is read (default: as locate recommends)")
+                   help="where the key is read (default: as locate recommends; not with --method ft)")
     p.add_argument("--nullspace", action="store_true", help="memit: AlphaEdit's null-space projection")
     p.add_argument("--hparams", type=Path, default=None, help="JSON/YAML hyper-parameters of the method")
     p.add_argument("--corpus", default=None, help="text for the key statistics (.txt/.jsonl, or a dataset name); "
-                                                  "default: text the model samples itself")
-    p.add_argument("--stats-tokens", type=int, default=None, help="tokens for the key statistics (default 10×d_k)")
+                                                  "default: text the model samples itself (not with --method ft)")
+    p.add_argument("--stats-tokens", type=common.positive_int, default=None,
+                   help="tokens for the key statistics (default 10×d_k; not with --method ft)")
     p.add_argument("--out", type=Path, default=Path("results/edit"), help="where to write the edit")
     p.add_argument("--save-model", type=Path, default=None, help="also write the edited model as a HF directory")
     p.add_argument("--verify", action="store_true", help="verify the edit and write report.html (locedit verify)")
+    p.set_defaults(run=run)
 
 
-def cmd_edit(args, load, facts_of, user_error) -> int:
-    import locedit
+def check_method_flags(args: argparse.Namespace, method: str) -> None:
+    """UserError for a flag given that `method` does not use."""
+    for flag, (dest, methods) in METHOD_FLAGS.items():
+        if getattr(args, dest) not in (None, False) and method not in methods:
+            raise common.UserError(f"{flag} does not apply to --method {method} (only to {', '.join(methods)})")
+
+
+def run(args: argparse.Namespace) -> int:
+    from locedit.core.facts import EditRequest
 
     method = args.method or ("memit" if args.facts is not None else "rome")
-    heads = [_head(h, user_error) for h in args.heads] if args.heads else None
+    check_method_flags(args, method)
     if args.facts is None:
         if not args.new_target or not args.new_target.strip():
-            raise user_error("give --new-target, the attribute the edited model should produce")
-        facts = [_with_curated_record(f) for f in facts_of(args)]  # validates the fact before the model loads
-    if args.hparams is not None and not args.hparams.is_file():
-        raise user_error(f"hyper-parameter file not found: {args.hparams}")
-    lm = load(args)
-    if args.facts is not None:
-        facts = facts_of(args, lm)
-        targets = [f.meta.get("target_new") for f in facts]
-        missing = [f.meta.get("id", i) for i, f in enumerate(facts) if not targets[i]]
-        if missing:
-            raise user_error(f"facts without target_new (needed to edit a fact file): {missing[:5]}")
+            raise common.UserError("give --new-target, the attribute the edited model should produce")
+        facts = [_with_curated_record(f) for f in common.facts_from_args(args)]
+        requests = [EditRequest(facts[0], args.new_target)]
     else:
-        targets = [args.new_target]
-    if args.nullspace and method != "memit":
-        raise user_error("--nullspace applies to --method memit")
+        if args.new_target is not None:
+            raise common.UserError("--new-target is for one fact; with --facts each fact's target_new is used")
+        facts = common.facts_from_args(args)
+        missing = [f.meta.get("id", i) for i, f in enumerate(facts) if not f.meta.get("target_new")]
+        if missing:
+            raise common.UserError(f"facts without target_new (needed to edit a fact file): {missing[:5]}")
+        if method != "memit" and len(facts) > 1:
+            raise common.UserError(f"--method {method} edits one fact at a time; use --method memit for a fact file")
     hparams = _hparams(args, method)
+    if args.corpus is not None and Path(args.corpus).suffix.lower() in (".txt", ".jsonl"):
+        common.check_input_file(Path(args.corpus), "--corpus")
+    out = common.check_output_dir(args.out, "--out")
+    outputs = [out]
+    if args.save_model is not None:
+        outputs.append(common.check_output_dir(args.save_model, "--save-model"))
+    common.check_model_spec(args.model)
+    with common.removed_on_failure(outputs):
+        lm = common.load_model(args)
+        if args.facts is not None:
+            facts = common.keep_known(lm, facts, args)
+            requests = [EditRequest(f, f.meta["target_new"]) for f in facts]
+        return _edit_and_write(lm, requests, method, hparams, args)
+
+
+def compute_edit(lm, requests: list, **options):
+    """The edit of `requests` (one, or several as one joint edit), applied to `lm`."""
+    import locedit
+
+    if len(requests) == 1:
+        return locedit.edit(lm, requests[0].fact, requests[0].new_target, **options)
+    return locedit.edit_many(lm, [r.fact for r in requests], [r.new_target for r in requests], **options)
+
+
+def _edit_and_write(lm, requests: list, method: str, hparams, args: argparse.Namespace) -> int:
+    import locedit
+
+    heads = [tuple(h) for h in args.heads] if args.heads else None
     options = dict(method=method, layers=args.layers, heads=heads, key_position=args.key_position,
                    hparams=hparams, corpus=args.corpus, progress=True)
-    before = _readout(lm, facts[0], targets[0])
-    if len(facts) == 1:
-        edit = locedit.edit(lm, facts[0], targets[0], **options)
-    else:
-        edit = locedit.edit_many(lm, facts, targets, **options)
-    after = _readout(lm, edit.facts[0], edit.new_targets[0])
-    sites = edit.sites
-    where = f"heads {sites['heads']}" if edit.method == "head" else f"layer(s) {sites['layers']}"
-    print(f"{edit.method} edit of {len(edit.facts)} fact(s) at {where}, key position {sites['key_position']}"
-          f"{_source(sites)}; {edit.timings.get('total_s', 0):.1f} s")
-    for note in edit.notes:
-        print(f"note: {note}")
-    fact = edit.facts[0]
-    print(f"prompt: {fact.prompt!r}")
-    print(f"  p(old {fact.target!r}): {before['p_old']:.4f} -> {after['p_old']:.4f}")
-    print(f"  p(new {edit.new_targets[0]!r}): {before['p_new']:.4f} -> {after['p_new']:.4f}")
-    print(f"  before: {before['continuation']!r}")
-    print(f"  after:  {after['continuation']!r}")
-    saved = edit.save(args.out)
-    print(f"edit written to {saved.resolve()}")
-    if args.save_model is not None:
-        locedit.save_model(lm, args.save_model)
-        print(f"edited model written to {args.save_model.resolve()}")
-    if args.verify:
-        from locedit.verification.report import verify_and_report
+    before = _readout(lm, requests[0].fact, requests[0].new_target)
+    edit = compute_edit(lm, requests, **options)
+    try:
+        after = _readout(lm, edit.facts[0], edit.new_targets[0])
+        sites = edit.sites
+        where = f"heads {sites['heads']}" if edit.method == "head" else f"layer(s) {sites['layers']}"
+        print(f"{edit.method} edit of {len(edit.facts)} fact(s) at {where}, key position {sites['key_position']}"
+              f"{_source(sites)}; {edit.timings.get('total_s', 0):.1f} s")
+        for note in edit.notes:
+            print(f"note: {note}")
+        fact = edit.facts[0]
+        print(f"prompt: {fact.prompt!r}")
+        print(f"  p(old {fact.target!r}): {before['p_old']:.4f} -> {after['p_old']:.4f}")
+        print(f"  p(new {edit.new_targets[0]!r}): {before['p_new']:.4f} -> {after['p_new']:.4f}")
+        print(f"  before: {before['continuation']!r}")
+        print(f"  after:  {after['continuation']!r}")
+        saved = edit.save(args.out)
+        print(f"edit written to {saved.resolve()}")
+        if args.save_model is not None:
+            locedit.save_model(lm, args.save_model)
+            print(f"edited model written to {args.save_model.resolve()}")
+        if args.verify:
+            from locedit.verification.report import verify_and_report
 
-        verification = verify_and_report(lm, edit, args.out)
-        print(verification.summary())
-        print(f"report: {(args.out / 'report.html').resolve()}")
-    edit.revert()
+            verification = verify_and_report(lm, edit, args.out)
+            print(verification.summary())
+            print(f"report: {(args.out / 'report.html').resolve()}")
+    finally:
+        if edit.is_applied:
+            edit.revert()
     return 0
 
 
@@ -112,23 +161,22 @@ def _readout(lm, fact, new_target: str) -> dict:
             "continuation": greedy_generate(lm, [fact.prompt], max_new_tokens=12)[0]}
 
 
-def _head(text: str, user_error) -> tuple[int, int]:
-    try:
-        layer, head = text.split(".")
-        return int(layer), int(head)
-    except ValueError:
-        raise user_error(f"--heads takes LAYER.HEAD pairs such as 23.4, not {text!r}") from None
+def _hparams(args: argparse.Namespace, method: str):
+    """The method's hyper-parameters: --hparams (read and checked now, before any model loads) with --nullspace
+    and --stats-tokens on top; None when none is given."""
+    from locedit.editing.hparams import resolve_hparams
 
-
-def _hparams(args, method: str):
-    from locedit.editing.hparams import _read_file
-
-    data = _read_file(args.hparams) if args.hparams is not None else {}
+    if args.hparams is None and not args.nullspace and args.stats_tokens is None:
+        return None
+    if args.hparams is not None:
+        common.check_input_file(args.hparams, "--hparams")
+    hp = resolve_hparams(method, args.hparams)
+    changes = {}
     if args.nullspace:
-        data["nullspace"] = True
-    if args.stats_tokens is not None and method != "ft":
-        data["stats_tokens"] = args.stats_tokens
-    return data or None
+        changes["nullspace"] = True
+    if args.stats_tokens is not None:
+        changes["stats_tokens"] = args.stats_tokens
+    return dataclasses.replace(hp, **changes)
 
 
 def _source(sites: dict) -> str:
