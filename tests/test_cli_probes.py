@@ -159,6 +159,9 @@ def test_heads_with_rome_refused(model_dir, no_model, capsys):
     (["analyze", "knockout", *ONE_FACT, "--projection", "paper"], "--projection"),
     (["analyze", "heads", *ONE_FACT, "--window", "3"], "--window"),
     (["analyze", "trace", *ONE_FACT, "--batch-facts", "4"], "--batch-facts"),
+    (["locate", *ONE_FACT, "--only-known"], "--only-known"),
+    (["evaluate", "--facts", "curated", "--out", "o", "--every", "5"], "--every"),
+    (["facts", "--model", "other-model"], "--model"),
 ])
 def test_flags_that_do_not_apply_are_refused(argv, flag, model_dir, no_model, capsys):
     assert main([*argv, "--model", str(model_dir)]) == 2
@@ -171,6 +174,7 @@ def test_flags_that_do_not_apply_are_refused(argv, flag, model_dir, no_model, ca
     (["analyze", "knockout", "--facts", "curated", "--limit", "many"], "--limit"),
     (["evaluate", "--facts", "curated", "--out", "o", "--jobs", "0"], "--jobs"),
     (["edit", *ONE_FACT, "--new-target", " x", "--method", "head", "--heads", "fourteen"], "--heads"),
+    (["locate", *ONE_FACT, "--device", "gpu0"], "--device"),
 ])
 def test_numeric_flags_name_the_flag(argv, flag, no_model, capsys):
     with pytest.raises(SystemExit) as exit_:

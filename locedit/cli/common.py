@@ -43,6 +43,17 @@ def nonnegative_int(text: str) -> int:
     return value
 
 
+def device_spec(text: str) -> str:
+    """argparse type: a torch device string (cpu, cuda, cuda:1, mps)."""
+    import torch
+
+    try:
+        torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"not a torch device: {text!r} (e.g. cpu, cuda, cuda:1)") from None
+    return text
+
+
 def head_spec(text: str):
     """argparse type: a head as LAYER.HEAD (23.4) or L23H4."""
     from locedit.core.head import Head
@@ -58,7 +69,7 @@ def head_spec(text: str):
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"hub id, local directory, .gguf file or alias (default: {DEFAULT_MODEL}, the built-in model)")
-    p.add_argument("--device", default=None, help="torch device, e.g. cuda (default: cpu)")
+    p.add_argument("--device", type=device_spec, default=None, help="torch device, e.g. cuda (default: cpu)")
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"], help="default float32")
     p.add_argument("--threads", type=positive_int, default=1,
                    help="torch CPU threads (default 1: fastest measured on a busy 2-core machine, see README)")
@@ -128,12 +139,15 @@ def facts_from_args(args: argparse.Namespace) -> list:
     from locedit.core.facts import Fact
 
     if args.facts is not None:
-        if args.subject or args.prompt:
-            raise UserError("give either --facts or --subject/--prompt, not both")
+        if args.subject or args.prompt or args.target is not None:
+            raise UserError("give either --facts or --subject/--prompt/--target, not both")
         facts = read_fact_file(args.facts).facts
         return facts[: args.limit] if args.limit else facts
     if not args.subject or not args.prompt:
         raise UserError("give --subject and --prompt (or --facts FILE)")
+    for flag, given in (("--limit", args.limit is not None), ("--only-known", args.only_known)):
+        if given:
+            raise UserError(f"{flag} applies with --facts")
     return [Fact(args.subject, args.prompt, args.target)]
 
 

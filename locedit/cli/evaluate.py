@@ -28,9 +28,9 @@ def add_parser(sub) -> None:
     p.add_argument("--n", type=common.positive_int, default=None,
                    help="at most N known facts, spread over relations (default: all)")
     p.add_argument("--sequential", action="store_true", help="keep edits applied; measure every --every edits")
-    p.add_argument("--every", type=common.positive_int, default=10,
+    p.add_argument("--every", type=common.positive_int, default=None,
                    help="sequential: measure every K edits (default 10)")
-    p.add_argument("--probes", type=common.positive_int, default=20, help="sequential: probe facts (default 20)")
+    p.add_argument("--probes", type=common.positive_int, default=None, help="sequential: probe facts (default 20)")
     p.add_argument("--jobs", type=common.positive_int, default=1,
                    help="worker processes, each loading the model (default 1)")
     p.add_argument("--no-mechanism", action="store_true", help="skip the mechanistic checks")
@@ -45,16 +45,19 @@ def run(args: argparse.Namespace) -> int:
     from locedit.verification.report import evaluation_report
 
     fact_file = common.read_fact_file(args.facts)
-    if not args.sequential and (args.every != 10 or args.probes != 20):
-        raise common.UserError("--every and --probes apply with --sequential")
+    for flag, value in (("--every", args.every), ("--probes", args.probes)):
+        if value is not None and not args.sequential:
+            raise common.UserError(f"{flag} applies with --sequential")
+    every = 10 if args.every is None else args.every
+    probes = 20 if args.probes is None else args.probes
     out = common.check_output_dir(args.out, "--out")
     common.check_model_spec(args.model)
     with common.removed_on_failure([out]):
         lm = common.load_model(args)
         start = time.perf_counter()
         result = evaluate(lm, fact_file, out, method=args.method,
-                          layers=args.layers, n=args.n, sequential=args.sequential, every=args.every,
-                          probes=args.probes, jobs=args.jobs, mechanism=not args.no_mechanism,
+                          layers=args.layers, n=args.n, sequential=args.sequential, every=every,
+                          probes=probes, jobs=args.jobs, mechanism=not args.no_mechanism,
                           edit_options={"key_position": args.key_position} if args.key_position else None,
                           only_known=not args.all_facts, threads=args.threads, dtype=args.dtype, device=args.device,
                           model_spec=str(args.model))
