@@ -28,10 +28,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the command line; user errors (any LoceditError) print one `locedit: error:` line and return 2."""
+    """Run the command line and return its exit status; usage errors and user errors (any LoceditError) print one
+    `locedit: error:` line and return 2."""
     from locedit.errors import LoceditError
 
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exit_:  # a usage error (one line printed, status 2) or --help (status 0)
+        return exit_.code if isinstance(exit_.code, int) else 2
     try:
         return args.run(args)
     except LoceditError as exc:
