@@ -60,7 +60,9 @@ def test_cli_package_has_shared_helpers_and_no_cycles():
             assert names <= {"locedit.cli.common"}, f"{verb}.py imports {names}"
     classes = [n.name for p in cli.glob("*.py") for n in ast.walk(ast.parse(p.read_text()))
                if isinstance(n, ast.ClassDef) and "Error" in n.name]
-    assert classes == ["UserError"]
+    assert classes == []  # the one user-error type is locedit.errors.UsageError
+    from locedit.errors import UsageError
+    assert common.UsageError is UsageError
 
 
 # --- 2. inputs and outputs checked before the model loads ------------------------------------------------------

@@ -47,7 +47,7 @@ def add_parser(sub) -> None:
 
 
 def options_of(args: argparse.Namespace) -> dict:
-    """The analysis options given on the command line; UserError for one the analysis does not take."""
+    """The analysis options given on the command line; UsageError for one the analysis does not take."""
     rec = record(args.analysis)
     options: dict = {}
     for option, (flag, _) in OPTION_FLAGS.items():
@@ -56,7 +56,7 @@ def options_of(args: argparse.Namespace) -> dict:
             continue
         if option not in rec.cli_options:
             takers = [r.cli_name for r in cli_records() if option in r.cli_options]
-            raise common.UserError(f"{flag} does not apply to {rec.cli_name} (only to {', '.join(takers)})")
+            raise common.UsageError(f"{flag} does not apply to {rec.cli_name} (only to {', '.join(takers)})")
         options[option] = value
     if "paragraphs" in options:
         from locedit.localization.attributes import load_paragraphs
@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     options = options_of(args)
     facts = common.facts_from_args(args)
     if args.batch_facts is not None and (args.facts is None or not rec.batched):
-        raise common.UserError(f"--batch-facts applies with --facts to {', '.join(r.cli_name for r in cli_records() if r.batched)}")
+        raise common.UsageError(f"--batch-facts applies with --facts to {', '.join(r.cli_name for r in cli_records() if r.batched)}")
     out = common.check_output_dir(args.out, "--out")
     common.check_model_spec(args.model)
     with common.removed_on_failure([out]):

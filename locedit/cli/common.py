@@ -1,6 +1,6 @@
-"""Helpers every `locedit` verb shares: the user-error type, argparse types and argument groups, input and output
-checks made before a model loads, the one model loader, fact reading and figure saving. Imports nothing else of
-the CLI."""
+"""Helpers every `locedit` verb shares: the user-error type (`UsageError`, defined in locedit.errors), argparse
+types and argument groups, input and output checks made before a model loads, the one model loader, fact reading
+and figure saving. Imports nothing else of the CLI."""
 
 from __future__ import annotations
 
@@ -11,13 +11,9 @@ import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from locedit.errors import LoceditError
+from locedit.errors import UsageError
 
 DEFAULT_MODEL = "smollm2-135m"
-
-
-class UserError(LoceditError):
-    """A mistake in the command line or its inputs: `locedit: error: ...` on stderr, exit status 2."""
 
 
 # --- argparse types: the message names the flag ----------------------------------------------------------------
@@ -90,24 +86,24 @@ def add_fact_args(p: argparse.ArgumentParser) -> None:
 
 # --- input checks ------------------------------------------------------------------------------------------------
 def check_input_file(path: Path, flag: str) -> Path:
-    """`path` exists, is a file and is readable, else UserError naming `flag`."""
+    """`path` exists, is a file and is readable, else UsageError naming `flag`."""
     if not path.exists():
-        raise UserError(f"{flag}: file not found: {path}")
+        raise UsageError(f"{flag}: file not found: {path}")
     if not path.is_file():
-        raise UserError(f"{flag}: not a file: {path}")
+        raise UsageError(f"{flag}: not a file: {path}")
     if not os.access(path, os.R_OK):
-        raise UserError(f"{flag}: file not readable: {path}")
+        raise UsageError(f"{flag}: file not readable: {path}")
     return path
 
 
 def check_input_dir(path: Path, flag: str) -> Path:
-    """`path` exists, is a directory and is readable, else UserError naming `flag`."""
+    """`path` exists, is a directory and is readable, else UsageError naming `flag`."""
     if not path.exists():
-        raise UserError(f"{flag}: directory {str(path)!r} does not exist")
+        raise UsageError(f"{flag}: directory {str(path)!r} does not exist")
     if not path.is_dir():
-        raise UserError(f"{flag}: not a directory: {path}")
+        raise UsageError(f"{flag}: not a directory: {path}")
     if not os.access(path, os.R_OK | os.X_OK):
-        raise UserError(f"{flag}: directory not readable: {path}")
+        raise UsageError(f"{flag}: directory not readable: {path}")
     return path
 
 
@@ -121,7 +117,7 @@ def check_model_spec(spec: str) -> None:
 
 def read_fact_file(path: Path):
     """The `FactFile` of `path` ('curated': locedit's set), read before any model loads; skipped rows are reported
-    on stderr; UserError for a missing file or one without a usable fact."""
+    on stderr; UsageError for a missing file or one without a usable fact."""
     from locedit.core.datasets import curated_facts_path, read_facts
 
     path = curated_facts_path() if str(path) == "curated" else check_input_file(path, "--facts")
@@ -129,7 +125,7 @@ def read_fact_file(path: Path):
     for error in fact_file.errors:
         print(f"locedit: skipping {path}: {error}", file=sys.stderr)
     if not fact_file.facts:
-        raise UserError(f"no usable facts in {path}")
+        raise UsageError(f"no usable facts in {path}")
     return fact_file
 
 
@@ -140,14 +136,14 @@ def facts_from_args(args: argparse.Namespace) -> list:
 
     if args.facts is not None:
         if args.subject or args.prompt or args.target is not None:
-            raise UserError("give either --facts or --subject/--prompt/--target, not both")
+            raise UsageError("give either --facts or --subject/--prompt/--target, not both")
         facts = read_fact_file(args.facts).facts
         return facts[: args.limit] if args.limit else facts
     if not args.subject or not args.prompt:
-        raise UserError("give --subject and --prompt (or --facts FILE)")
+        raise UsageError("give --subject and --prompt (or --facts FILE)")
     for flag, given in (("--limit", args.limit is not None), ("--only-known", args.only_known)):
         if given:
-            raise UserError(f"{flag} applies with --facts")
+            raise UsageError(f"{flag} applies with --facts")
     return [Fact(args.subject, args.prompt, args.target)]
 
 
@@ -160,27 +156,27 @@ def keep_known(lm, facts: list, args: argparse.Namespace) -> list:
     kept = known_facts(lm, facts)
     print(f"{len(kept)} facts the model gets right", file=sys.stderr)
     if not kept:
-        raise UserError(f"the model gets none of the {len(facts)} facts of {args.facts} right")
+        raise UsageError(f"the model gets none of the {len(facts)} facts of {args.facts} right")
     return kept
 
 
 # --- output checks -----------------------------------------------------------------------------------------------
 def check_output_dir(path: Path, flag: str) -> Path:
     """`path` can be used as an output directory: an existing writable directory, or creatable (its nearest
-    existing ancestor is a writable directory). UserError naming `flag` otherwise. Creates nothing."""
+    existing ancestor is a writable directory). UsageError naming `flag` otherwise. Creates nothing."""
     if path.exists():
         if not path.is_dir():
-            raise UserError(f"{flag}: {path} exists and is not a directory")
+            raise UsageError(f"{flag}: {path} exists and is not a directory")
         if not os.access(path, os.W_OK | os.X_OK):
-            raise UserError(f"{flag}: directory {path} is not writable")
+            raise UsageError(f"{flag}: directory {path} is not writable")
         return path
     parent = path.absolute().parent
     while not parent.exists():
         parent = parent.parent
     if not parent.is_dir():
-        raise UserError(f"{flag}: cannot create {path}: {parent} is not a directory")
+        raise UsageError(f"{flag}: cannot create {path}: {parent} is not a directory")
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise UserError(f"{flag}: cannot create {path}: directory {parent} is not writable")
+        raise UsageError(f"{flag}: cannot create {path}: directory {parent} is not writable")
     return path
 
 

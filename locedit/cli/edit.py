@@ -50,10 +50,10 @@ def add_parser(sub) -> None:
 
 
 def check_method_flags(args: argparse.Namespace, method: str) -> None:
-    """UserError for a flag given that `method` does not use."""
+    """UsageError for a flag given that `method` does not use."""
     for flag, (dest, methods) in METHOD_FLAGS.items():
         if getattr(args, dest) not in (None, False) and method not in methods:
-            raise common.UserError(f"{flag} does not apply to --method {method} (only to {', '.join(methods)})")
+            raise common.UsageError(f"{flag} does not apply to --method {method} (only to {', '.join(methods)})")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -63,18 +63,18 @@ def run(args: argparse.Namespace) -> int:
     check_method_flags(args, method)
     if args.facts is None:
         if not args.new_target or not args.new_target.strip():
-            raise common.UserError("give --new-target, the attribute the edited model should produce")
+            raise common.UsageError("give --new-target, the attribute the edited model should produce")
         facts = [_with_curated_record(f) for f in common.facts_from_args(args)]
         requests = [EditRequest(facts[0], args.new_target)]
     else:
         if args.new_target is not None:
-            raise common.UserError("--new-target is for one fact; with --facts each fact's target_new is used")
+            raise common.UsageError("--new-target is for one fact; with --facts each fact's target_new is used")
         facts = common.facts_from_args(args)
         missing = [f.meta.get("id", i) for i, f in enumerate(facts) if not f.meta.get("target_new")]
         if missing:
-            raise common.UserError(f"facts without target_new (needed to edit a fact file): {missing[:5]}")
+            raise common.UsageError(f"facts without target_new (needed to edit a fact file): {missing[:5]}")
         if method != "memit" and len(facts) > 1:
-            raise common.UserError(f"--method {method} edits one fact at a time; use --method memit for a fact file")
+            raise common.UsageError(f"--method {method} edits one fact at a time; use --method memit for a fact file")
     hparams = _hparams(args, method)
     if args.corpus is not None and Path(args.corpus).suffix.lower() in (".txt", ".jsonl"):
         common.check_input_file(Path(args.corpus), "--corpus")

@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     fact_file = common.read_fact_file(args.facts)
     for flag, value in (("--every", args.every), ("--probes", args.probes)):
         if value is not None and not args.sequential:
-            raise common.UserError(f"{flag} applies with --sequential")
+            raise common.UsageError(f"{flag} applies with --sequential")
     every = 10 if args.every is None else args.every
     probes = 20 if args.probes is None else args.probes
     out = common.check_output_dir(args.out, "--out")

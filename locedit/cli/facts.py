@@ -33,14 +33,14 @@ def run(args: argparse.Namespace) -> int:
         facts = [f for f in facts if f.relation == args.relation]
         if not facts:
             relations = sorted({f.relation for f in fact_file.facts if f.relation})
-            raise common.UserError(f"no facts with relation {args.relation!r}; relations: {', '.join(relations)}")
+            raise common.UsageError(f"no facts with relation {args.relation!r}; relations: {', '.join(relations)}")
     if args.known:
         from locedit.core.loading import load
 
         common.check_model_spec(args.model)
         facts = known_facts(load(args.model), facts)
     elif args.model != common.DEFAULT_MODEL:
-        raise common.UserError("--model applies with --known")
+        raise common.UsageError("--model applies with --known")
     if args.limit:
         facts = facts[: args.limit]
     if args.relations:

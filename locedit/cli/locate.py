@@ -28,7 +28,7 @@ def add_parser(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     facts = common.facts_from_args(args)
     if args.batch_facts is not None and args.facts is None:
-        raise common.UserError("--batch-facts applies with --facts")
+        raise common.UsageError("--batch-facts applies with --facts")
     out = common.check_output_dir(args.out, "--out")
     common.check_model_spec(args.model)
     with common.removed_on_failure([out]):
