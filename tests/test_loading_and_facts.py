@@ -134,7 +134,7 @@ def test_load_local_directory(tmp_path):
 
 def test_cache_write_is_atomic(tmp_path, monkeypatch):
     """An interrupted conversion leaves no cache directory behind (only a complete one is ever renamed in)."""
-    from locedit import loading
+    from locedit.core import loading
 
     model, tok = tiny.model("llama"), tiny.tokenizer()
     target = tmp_path / "m"

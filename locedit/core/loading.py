@@ -41,12 +41,15 @@ def cache_dir() -> Path:
 
 @contextlib.contextmanager
 def cache_lock(path: str | os.PathLike, what: str = "the cache") -> Iterator[None]:
-    """Hold the file lock `<path>.lock` while the block runs, so that of several processes (or threads) filling the
-    same cache entry one computes it and the others wait, then read it. A message goes to stderr when waiting.
-    Where the lock file cannot be created (a read-only cache) the block runs unlocked."""
+    """Hold a file lock for the cache entry `path` while the block runs, so that of several processes (or threads)
+    filling the same entry one computes it and the others wait, then read it. A message goes to stderr when waiting.
+    The lock files live in cache_dir()/locks (named by the entry's absolute path), not next to the entries. Where
+    the lock file cannot be created (a read-only cache) the block runs unlocked."""
     from filelock import FileLock, Timeout
 
-    lock_path = Path(f"{os.fspath(path)}.lock")
+    entry = Path(path).absolute()
+    key = hashlib.sha256(os.fspath(entry).encode()).hexdigest()[:16]
+    lock_path = cache_dir() / "locks" / f"{entry.name}-{key}.lock"
     lock = None
     try:
         lock_path.parent.mkdir(parents=True, exist_ok=True)
