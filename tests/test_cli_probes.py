@@ -97,6 +97,11 @@ def test_missing_facts_file_reported_without_loading_the_model(verb, tmp_path, m
     one_error(capsys, "missing.jsonl")
 
 
+def test_facts_verb_names_its_file_flag(tmp_path, no_model, capsys):
+    assert main(["facts", "--file", str(tmp_path / "nope.json")]) == 2
+    assert "--file" in one_error(capsys, "nope.json")
+
+
 def test_bad_hparams_and_paragraphs_files_checked_before_model(tmp_path, model_dir, no_model, capsys):
     bad = tmp_path / "hp.json"
     bad.write_text("{not json")

@@ -115,12 +115,12 @@ def check_model_spec(spec: str) -> None:
         check_input_dir(Path(spec), "--model")
 
 
-def read_fact_file(path: Path):
+def read_fact_file(path: Path, flag: str = "--facts"):
     """The `FactFile` of `path` ('curated': locedit's set), read before any model loads; skipped rows are reported
-    on stderr; UsageError for a missing file or one without a usable fact."""
+    on stderr; UsageError naming `flag` for a missing file, or for one without a usable fact."""
     from locedit.core.datasets import curated_facts_path, read_facts
 
-    path = curated_facts_path() if str(path) == "curated" else check_input_file(path, "--facts")
+    path = curated_facts_path() if str(path) == "curated" else check_input_file(path, flag)
     fact_file = read_facts(path)
     for error in fact_file.errors:
         print(f"locedit: skipping {path}: {error}", file=sys.stderr)

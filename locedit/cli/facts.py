@@ -27,7 +27,7 @@ def add_parser(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     from locedit.core.datasets import known_facts
 
-    fact_file = common.read_fact_file(args.file if args.file is not None else Path("curated"))
+    fact_file = common.read_fact_file(args.file if args.file is not None else Path("curated"), "--file")
     facts = fact_file.facts
     if args.relation:
         facts = [f for f in facts if f.relation == args.relation]
