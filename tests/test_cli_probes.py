@@ -209,6 +209,20 @@ def test_locate_shows_progress_and_warns_about_long_prompts(tmp_path, model_dir,
     assert counts and max(counts) >= 2, err
 
 
+def test_library_warnings_print_as_one_line(tmp_path, model_dir, monkeypatch, capsys):
+    import warnings
+
+    import locedit.localization.knockout as knockout
+
+    def warns(lm, fact, **options):
+        warnings.warn("this prompt is costly", UserWarning)
+        raise FactError("stop")
+    monkeypatch.setattr(knockout, "attention_knockout", warns)
+    assert main(["analyze", "knockout", "--model", str(model_dir), *ONE_FACT, "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "locedit: warning: this prompt is costly" in err and "warnings.warn" not in err and "UserWarning" not in err
+
+
 # --- 6. one process fills a cold cache, the others wait and read it --------------------------------------------
 def run_together(fn, n=2):
     barrier, results, errors = threading.Barrier(n), [None] * n, []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
 from locedit.cli import analyze, edit, evaluate, facts, locate, models, verify
 
@@ -37,13 +38,20 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exit_:  # a usage error (one line printed, status 2) or --help (status 0)
         return exit_.code if isinstance(exit_.code, int) else 2
     try:
-        return args.run(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = _one_line_warning
+            return args.run(args)
     except LoceditError as exc:
         print(f"locedit: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("locedit: interrupted", file=sys.stderr)
         return 130
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Library warnings as one `locedit: warning:` line on stderr (no source line)."""
+    print(f"locedit: warning: {message}", file=sys.stderr)
 
 
 if __name__ == "__main__":
