@@ -15,6 +15,11 @@ class ModelLoadError(LoceditError):
     """A model spec could not be resolved or loaded (missing file, missing optional package, bad alias)."""
 
 
+class UsageError(LoceditError):
+    """A command line that cannot run as given: a flag that does not apply, a missing input, an unwritable output
+    (the CLI prints it as one `locedit: error:` line and exits 2)."""
+
+
 class FactError(LoceditError):
     """A fact is malformed: empty prompt, subject not in the prompt, a target that tokenizes to nothing."""
 

@@ -3,15 +3,20 @@ pair) into an `LM`."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
+import logging
 import os
 import shutil
+import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from locedit.errors import ModelLoadError
 from locedit.core.lm import LM, validate_adapter
@@ -23,6 +28,8 @@ ALIASES = {"smollm2-135m": "SmolLM2-135M-Instruct (GGUF file shipped in the PyPI
 DEFAULT_MODEL = "smollm2-135m"
 CACHE_FORMAT = 1
 
+log = logging.getLogger("locedit")
+
 
 def cache_dir() -> Path:
     """Where converted models are cached: $LOCEDIT_CACHE, else $XDG_CACHE_HOME/locedit, else ~/.cache/locedit."""
@@ -30,6 +37,36 @@ def cache_dir() -> Path:
         return Path(os.environ["LOCEDIT_CACHE"])
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "locedit"
+
+
+@contextlib.contextmanager
+def cache_lock(path: str | os.PathLike, what: str = "the cache") -> Iterator[None]:
+    """Hold a file lock for the cache entry `path` while the block runs, so that of several processes (or threads)
+    filling the same entry one computes it and the others wait, then read it. A message goes to stderr when waiting.
+    The lock files live in cache_dir()/locks (named by the entry's absolute path), not next to the entries. Where
+    the lock file cannot be created (a read-only cache) the block runs unlocked."""
+    from filelock import FileLock, Timeout
+
+    entry = Path(path).absolute()
+    key = hashlib.sha256(os.fspath(entry).encode()).hexdigest()[:16]
+    lock_path = cache_dir() / "locks" / f"{entry.name}-{key}.lock"
+    lock = None
+    try:
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(lock_path))
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            print(f"locedit: waiting for another process to finish {what} ({lock_path})", file=sys.stderr)
+            lock.acquire()
+    except OSError as exc:
+        log.warning("no lock for %s (%s); going on unlocked", lock_path, exc)
+        lock = None
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def load(spec, *, dtype: torch.dtype | str | None = None, device: str | torch.device | None = None,
@@ -106,9 +143,28 @@ def _from_pretrained(spec: str, *, name: str, dtype, device, device_map) -> LM:
         raise UnsupportedModelError(f"{spec}: not a causal LM that transformers can load ({exc})") from exc
     except OSError as exc:
         raise ModelLoadError(f"could not load {spec!r}: {str(exc).splitlines()[0]}") from exc
+    except SafetensorError as exc:
+        raise ModelLoadError(f"could not load {spec!r}: {_bad_weights(spec)} is corrupt or truncated "
+                             f"({str(exc).splitlines()[0]})") from exc
     if device is not None and device_map is None:
         model.to(device)
     return LM(_frozen(model), tokenizer, name=name)
+
+
+def _bad_weights(spec: str) -> str:
+    """The first unreadable .safetensors file of a local model directory, else the model's weights in general."""
+    from safetensors import SafetensorError, safe_open
+
+    directory = Path(spec)
+    if directory.is_dir():
+        for path in sorted(directory.glob("*.safetensors")):
+            try:
+                with safe_open(str(path), framework="pt") as f:
+                    for key in f.keys():
+                        f.get_slice(key)
+            except (SafetensorError, OSError):
+                return str(path)
+    return f"a weights file of {spec}"
 
 
 def _load_gguf(path: Path, dtype):
@@ -142,11 +198,7 @@ def _smollm2_converted(dtype) -> Path:
     gguf = smollm2_gguf_path()
     stamp = {"format": CACHE_FORMAT, "source": gguf.name, "size": gguf.stat().st_size}
     target = cache_dir() / "smollm2-135m"
-    if _cache_valid(target, stamp):
-        return target
-    model, tokenizer = _load_gguf(gguf, torch.float32)
-    _write_converted(model, tokenizer, target, stamp)
-    return target
+    return _converted(gguf, target, stamp)
 
 
 HASH_CHUNK = 8 << 20
@@ -192,10 +244,17 @@ def gguf_converted(gguf: Path) -> Path:
     digest = _content_hash(gguf)
     stamp = {"format": CACHE_FORMAT, "source": gguf.name, "sha256": digest, "size": gguf.stat().st_size}
     target = cache_dir() / "gguf" / digest[:32]
-    if _cache_valid(target, stamp, ignore=("source",)):
+    return _converted(gguf, target, stamp, ignore=("source",))
+
+
+def _converted(gguf: Path, target: Path, stamp: dict, ignore: tuple = ()) -> Path:
+    """`target`, converted from `gguf` unless a valid copy is there; one process converts while others wait."""
+    if _cache_valid(target, stamp, ignore):
         return target
-    model, tokenizer = _load_gguf(gguf, torch.float32)
-    _write_converted(model, tokenizer, target, stamp)
+    with cache_lock(target, f"converting {gguf.name}"):
+        if not _cache_valid(target, stamp, ignore):  # another process may have converted it while we waited
+            model, tokenizer = _load_gguf(gguf, torch.float32)
+            _write_converted(model, tokenizer, target, stamp)
     return target
 
 

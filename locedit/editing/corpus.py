@@ -199,12 +199,18 @@ def _sampled(lm, tokens: int, seed: int, seq_len: int, cache_root: Path | None, 
             "seq_len": seq_len, "top_k": TOP_K, "temperature": TEMPERATURE, "batch": GEN_BATCH, "starts": starts}
     key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
     path = cache_root / f"corpus-sampled-seed{seed}-{tokens}tok-{key}.safetensors" if cache_root else None
-    if path is not None:
+    if path is None:
+        return sample_ids(lm, starts, tokens, seed, seq_len, progress)
+    cached = _read_ids(path, key, tokens)
+    if cached is not None:
+        return cached
+    from locedit.core.loading import cache_lock
+
+    with cache_lock(path, "sampling the statistics corpus"):  # one process samples, the others wait and read
         cached = _read_ids(path, key, tokens)
         if cached is not None:
             return cached
-    ids = sample_ids(lm, starts, tokens, seed, seq_len, progress)
-    if path is not None:
+        ids = sample_ids(lm, starts, tokens, seed, seq_len, progress)
         _write_ids(path, ids, key)
     return ids
 

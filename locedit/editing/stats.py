@@ -37,6 +37,7 @@ import json
 import logging
 import operator
 from collections.abc import Iterable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -124,7 +125,7 @@ def key_statistics(lm, layers: Iterable[int] | None = None, kinds: str | Sequenc
     user corpus is used whole. `batch_tokens`: tokens per forward (rows are min(context, 256, batch_tokens) long).
     `cache`: read and write the disk cache (also for the sampled corpus). Raises LoceditError (InterventionError
     for a layer out of range, DatasetError for an empty or unreadable corpus)."""
-    from locedit.core.loading import cache_dir
+    from locedit.core.loading import cache_dir, cache_lock
 
     kinds = _check_kinds(kinds)
     layers = _check_layers(lm, layers)
@@ -148,19 +149,31 @@ def key_statistics(lm, layers: Iterable[int] | None = None, kinds: str | Sequenc
         return root / f"{kind}-layer{layer:03d}-{corpus_hash}-{n}tok.safetensors"
 
     results: dict[tuple[str, int], torch.Tensor] = {}
-    if cache:
+
+    def read_cached() -> None:
         for (kind, layer), width in widths.items():
-            found = _read(path(kind, layer), meta(kind, layer), width)
-            if found is not None:
-                results[kind, layer] = found
-    loaded = frozenset(results)
-    missing = [pair for pair in widths if pair not in results]
-    if missing:
-        computed = _accumulate(lm, text, missing, batch_tokens, progress)
-        for (kind, layer), moment in computed.items():
-            results[kind, layer] = moment
+            if (kind, layer) not in results:
+                found = _read(path(kind, layer), meta(kind, layer), width)
+                if found is not None:
+                    results[kind, layer] = found
+
+    if cache:
+        read_cached()
+    if len(results) < len(widths):
+        # one process computes the missing moments while others wait, then read what it wrote
+        with cache_lock(root / f"moments-{corpus_hash}", "computing key statistics") if cache else nullcontext():
             if cache:
-                corpus_mod.atomic_save(path(kind, layer), {"moment": moment}, meta(kind, layer))
+                read_cached()
+            missing = [pair for pair in widths if pair not in results]
+            if missing:
+                computed = _accumulate(lm, text, missing, batch_tokens, progress)
+                for (kind, layer), moment in computed.items():
+                    results[kind, layer] = moment
+                    if cache:
+                        corpus_mod.atomic_save(path(kind, layer), {"moment": moment}, meta(kind, layer))
+    else:
+        missing = []
+    loaded = frozenset(pair for pair in results if pair not in missing)
     tables: dict[str, dict[int, torch.Tensor]] = {k: {} for k in KINDS}
     for (kind, layer), moment in sorted(results.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         tables[kind][layer] = moment

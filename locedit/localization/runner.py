@@ -9,7 +9,6 @@ every fact that already has a line.
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import logging
 import os
@@ -28,53 +27,41 @@ from locedit.core.results import Result, jsonable
 from locedit.core.statistics import mean_ci
 from locedit.core.store import RunStore
 from locedit.localization.common import FlowResult
+from locedit.localization.registry import (ANALYSES, AnalysisRecord, import_spec, record_for_function,
+                                           record_for_result)
 
 logger = logging.getLogger("locedit")
 
 Analysis = Callable[..., FlowResult]
 
-# Analysis names -> "module:function" (resolved on first use, so a missing module only fails when asked for) or
-# the callable itself. Add entries to register more analyses.
-ANALYSES: dict[str, str | Analysis] = {
-    "knockout": "locedit.localization.knockout:attention_knockout",
-    "attribute_rate": "locedit.localization.attribute_rate:attribute_rate",
-    "sublayer": "locedit.localization.sublayer:sublayer_knockout",
-    "extraction": "locedit.localization.extraction:extraction_events",
-    "heads": "locedit.localization.heads:head_projection",
-    "patching": "locedit.localization.patching:state_patching",
-    "trace": "locedit.localization.causal_trace:causal_trace",
-}
-
-
 # --- resolving analyses ----------------------------------------------------------------------------------------------
-def _import(spec: str) -> Analysis:
-    module_name, _, attr = spec.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as e:
-        raise LoceditError(f"analysis {spec!r} is not available: module {e.name!r} cannot be imported") from e
-    try:
-        return getattr(module, attr)
-    except AttributeError:
-        raise LoceditError(f"analysis {spec!r} is not available: {module_name} has no {attr!r}") from None
-
-
 def _spec_of(fn: Callable) -> str:
     return f"{getattr(fn, '__module__', '?')}:{getattr(fn, '__qualname__', type(fn).__name__)}"
 
 
 def resolve_analysis(analysis: str | Analysis) -> tuple[str, Analysis]:
-    """`(spec, callable)` of a registry name, a "module:function" string or a callable; `spec` identifies the
-    analysis in the output file ("module:function")."""
+    """`(spec, callable)` of a registry name (see `locedit.localization.registry`), a "module:function" string or a
+    callable; `spec` identifies the analysis in the output file ("module:function")."""
     if callable(analysis):
         return _spec_of(analysis), analysis
     if not isinstance(analysis, str):
         raise LoceditError(f"analysis must be a name, 'module:function' or a callable, not {type(analysis).__name__}")
-    entry = ANALYSES.get(analysis, analysis if ":" in analysis else None)
+    entry = ANALYSES.get(analysis.replace("-", "_"), analysis if ":" in analysis else None)
     if entry is None:
         raise LoceditError(f"unknown analysis {analysis!r}; known: {', '.join(sorted(ANALYSES))}")
-    fn = _import(entry) if isinstance(entry, str) else entry
+    if isinstance(entry, AnalysisRecord):
+        fn = entry.load()
+    else:
+        fn = import_spec(entry) if isinstance(entry, str) else entry
     return _spec_of(fn), fn
+
+
+def batched_form(fn: Analysis) -> Callable | None:
+    """The registered batched form of `fn` (else its `batched` attribute), or None."""
+    found = record_for_function(_spec_of(fn))
+    if found is not None and found.batched:
+        return found.load_batched()
+    return getattr(fn, "batched", None)
 
 
 # --- fact ids and lines ----------------------------------------------------------------------------------------------
@@ -242,7 +229,7 @@ def run_dataset(lm, analysis: str | Analysis, facts: Iterable[Fact], out_path: s
     todo = [(i, f) for i, f in zip(ids, facts) if i not in done]
     run = DatasetRun(path, spec, skipped=len(facts) - len(todo), repaired=repaired,
                      known=len(facts) if only_known else None, result_type=_result_type(fn))
-    batched = getattr(fn, "batched", None)
+    batched = batched_form(fn)
     size = default_batch_facts(lm) if batch_facts is None else int(batch_facts)
     if size < 1:
         raise DatasetError(f"batch_facts must be at least 1, not {batch_facts}")
@@ -435,16 +422,11 @@ def aggregate_knockout(dicts: Sequence[dict]) -> dict:
             "relative_change": aggregate_series(dicts, ("relative_change",))}
 
 
-# Result "analysis" name -> aggregator (or "module:function"). Add entries for other analyses.
-AGGREGATORS: dict[str, str | Callable[[Sequence[dict]], dict]] = {"attention_knockout": aggregate_knockout}
-
-
 def _aggregator(name: str, result_type: type | None) -> Callable[[Sequence[dict]], dict]:
-    entry = AGGREGATORS.get(name)
-    if isinstance(entry, str):
-        return _import(entry)
-    if entry is not None:
-        return entry
+    found = record_for_result(name)
+    registered = found.load_aggregator() if found is not None else None
+    if registered is not None:
+        return registered
     if result_type is not None and getattr(result_type, "analysis", None) == name:
         method = getattr(result_type, "aggregate", None)
         if callable(method):
@@ -454,20 +436,9 @@ def _aggregator(name: str, result_type: type | None) -> Callable[[Sequence[dict]
 
 # --- figures ---------------------------------------------------------------------------------------------------------
 def dataset_figure(results: Sequence[dict], aggregate: Mapping[str, dict]):
-    """A matplotlib figure summarising results of one analysis over facts (see `DatasetRun.figure`), or None."""
+    """A matplotlib figure summarising results of one analysis over facts (the registry's figure for the results'
+    "analysis" name; see `DatasetRun.figure`), or None."""
     if not results:
         return None
-    from locedit.core import plots
-
-    name = results[0].get("analysis")
-    if name == "attention_knockout":
-        return plots.knockout_curves(list(results))
-    if name == "attribute_rate":
-        return plots.attribute_rate_curves(list(results))
-    if name == "sublayer_knockout":
-        return plots.sublayer_curves(list(results))
-    if name == "extraction_events" and aggregate.get(name):
-        return plots.extraction_rates(aggregate[name])
-    if name == "state_patching" and aggregate.get(name):
-        return plots.patching_bars(aggregate[name])
-    return None
+    found = record_for_result(results[0].get("analysis"))
+    return found.draw(results, aggregate) if found is not None else None
