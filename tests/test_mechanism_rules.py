@@ -246,6 +246,7 @@ def test_relative_change():
     assert mech.relative_change(0.5, 0.6) == pytest.approx(0.2)
     assert mech.relative_change(0.5, 0.25) == pytest.approx(-0.5)
     assert mech.relative_change(0.0, 0.3) == 0.0  # no relative change can be measured from p = 0
+    assert mech.relative_change(NAN, 0.3) == 0.0  # nor from a missing p: the neighbour is judged by its sites only
 
 
 def test_locality_rule_thresholds():
