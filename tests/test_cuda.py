@@ -121,7 +121,20 @@ def test_run_batch_and_known_facts_on_cuda(dtype):
         b = run_batch(gpu, encs, capture=Capture(residual=True, layers=[2], last_only=True))
     assert rel(b.logits, a.logits) <= tolerance(dtype)
     assert rel(b.captures["residual", 2], a.captures["residual", 2]) <= tolerance(dtype) * 10
-    assert isinstance(known_facts(gpu, FACTS, progress=False), list)
+    # known facts on the device at a top_k between the targets' ranks (the middle of the widest gap, so that
+    # rounding cannot move a target across it): kept are exactly the facts whose target ranks below top_k
+    ranks = []
+    for f in FACTS:
+        order = [p.token_id for p in gpu.predict(f, k=tiny.V)]
+        ranks.append(order.index(gpu.encode(f).target_id))
+    low, high = max(zip(sorted(ranks), sorted(ranks)[1:]), key=lambda pair: pair[1] - pair[0])
+    assert high - low >= 2, ranks
+    top_k = (low + high) // 2 + 1
+    expected = [f for f, r in zip(FACTS, ranks) if r < top_k]
+    assert 0 < len(expected) < len(FACTS)
+    assert known_facts(gpu, FACTS, top_k=top_k, progress=False) == expected
+    if dtype == torch.float32:
+        assert known_facts(cpu, FACTS, top_k=top_k, progress=False) == expected
 
 
 def test_gradients_flow_on_cuda():
@@ -130,7 +143,11 @@ def test_gradients_flow_on_cuda():
     value = torch.zeros(gpu.d_model, device=DEVICE, requires_grad=True)
     out = run(gpu, enc, [[SetSublayer("mlp", [2], [enc.positions.subject_last], value)]])
     out.logits[0, enc.target_id].backward()
-    assert value.grad is not None and value.grad.abs().sum() > 0
+    cpu = pair("llama", torch.float32)[0]
+    ref = torch.zeros(cpu.d_model, requires_grad=True)
+    run(cpu, enc, [[SetSublayer("mlp", [2], [enc.positions.subject_last], ref)]]).logits[0, enc.target_id].backward()
+    assert ref.grad.abs().sum() > 0  # the CPU's gradient, which the device's must equal
+    assert rel(value.grad, ref.grad) <= tolerance(torch.float32) * 10
 
 
 def _close_curves(a: dict, b: dict, atol: float) -> None:

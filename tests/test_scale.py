@@ -72,6 +72,7 @@ def test_broken_positions_fail(monkeypatch):
         locedit.load((tiny.model("gpt2").to(torch.bfloat16), tiny.tokenizer()))
 
 
+@pytest.mark.slow  # loads the real SmolLM2 model
 def test_smollm2_bfloat16_validates():
     lm = locedit.load("smollm2-135m", dtype="bfloat16")
     assert lm.dtype == torch.bfloat16

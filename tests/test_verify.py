@@ -141,6 +141,19 @@ def test_target_probs_by_hand_bigram():
         assert p == pytest.approx(math.exp(logp / len(target_ids)), rel=1e-5)
 
 
+def slow_target_prob(lm, prompt, target):
+    """P(target | prompt), the geometric mean over its tokens, from one unbatched forward per target token."""
+    ids = lm.tokenizer(prompt)["input_ids"]
+    joint = lm.tokenizer(prompt + target)["input_ids"]
+    assert joint[:len(ids)] == ids
+    nll = []
+    with torch.no_grad():
+        for j in range(len(ids), len(joint)):
+            logits = lm.model(input_ids=torch.tensor([joint[:j]])).logits[0, -1].double()
+            nll.append(-float(logits.log_softmax(-1)[joint[j]]))
+    return math.exp(-np.mean(nll))
+
+
 @pytest.mark.parametrize("family,kind", [("llama", "metaspace"), ("gpt2", "bytelevel")])
 def test_target_probs_match_slow_loop(family, kind):
     lm = tiny.lm(family, kind)
@@ -148,15 +161,7 @@ def test_target_probs_match_slow_loop(family, kind):
              ("Big Ben is in", " London"), ("Microsoft was founded by", " Bill Gates")]
     got = M.target_probs(lm, pairs)
     for (prompt, target), p in zip(pairs, got):
-        ids = lm.tokenizer(prompt)["input_ids"]
-        joint = lm.tokenizer(prompt + target)["input_ids"]
-        assert joint[:len(ids)] == ids
-        nll = []
-        with torch.no_grad():
-            for j in range(len(ids), len(joint)):  # one unbatched forward per target token
-                logits = lm.model(input_ids=torch.tensor([joint[:j]])).logits[0, -1].double()
-                nll.append(-float(logits.log_softmax(-1)[joint[j]]))
-        assert p == pytest.approx(math.exp(-np.mean(nll)), rel=1e-4)
+        assert p == pytest.approx(slow_target_prob(lm, prompt, target), rel=1e-4)
     # the same pairs alone give the same numbers (padding changes nothing)
     assert M.target_probs(lm, pairs[1:2])[0] == pytest.approx(got[1], rel=1e-5)
 
@@ -336,10 +341,11 @@ def plain_facts(lm, n=4):
 
 class Counting:
     def __init__(self, fail_at=None):
-        self.calls, self.fail_at = [], fail_at
+        self.calls, self.edits, self.fail_at = [], [], fail_at
 
     def __call__(self, lm, fact, new_target, **options):
         self.calls.append(fact.meta["id"])
+        self.edits.append((fact, new_target))
         if self.fail_at is not None and len(self.calls) == self.fail_at:
             raise KeyboardInterrupt
         return ToyEdit(lm, fact, new_target, layer=3).apply(lm)
@@ -396,11 +402,22 @@ def test_evaluate_skips_and_counts_unknown_facts(llama, tmp_path, monkeypatch):
 
 def test_sequential_collapse_curve(llama, tmp_path):
     facts = plain_facts(llama, 5)
-    result = evaluate(llama, facts[:4], tmp_path, sequential=True, every=2, probes=2, edit_fn=Counting(),
+    counting = Counting()
+    result = evaluate(llama, facts[:4], tmp_path, sequential=True, every=2, probes=2, edit_fn=counting,
                       progress=False, only_known=False)
     edits = [p["edits"] for p in result.sequential]
     assert edits == [0, 2, 4]
-    assert all(0 <= p["edit_efficacy"] <= 1 for p in result.sequential[1:])
+    # edit efficacy after k edits, by hand: replay the same edits and compare P(new) with P(true) for each
+    # edited fact, one unbatched forward per token; the toy edit (scale 80) moves every fact, so it is 1.0
+    replay = []
+    for (fact, new), point in zip(counting.edits, [None, result.sequential[1], None, result.sequential[2]]):
+        replay.append(ToyEdit(llama, fact, new, layer=3).apply(llama))
+        if point is not None:
+            wins = [slow_target_prob(llama, f.prompt, M.continuation(f.prompt, n)) >
+                    slow_target_prob(llama, f.prompt, f.target_text()) for f, n in counting.edits[:len(replay)]]
+            assert point["edit_efficacy"] == pytest.approx(np.mean(wins)) and point["edit_efficacy"] == 1.0
+    for e in reversed(replay):
+        e.revert()
     assert (tmp_path / "collapse.png").exists() and len(read_lines(tmp_path / "sequential.jsonl")[0]) == 3
     # every edit was reverted
     fresh = tiny.lm("llama", "metaspace")

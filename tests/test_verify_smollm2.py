@@ -2,7 +2,10 @@
 the prompt says Rome, NS over the Paris neighbours, every mechanistic check computed and passing), and a
 deliberately wrong-site edit (the last layer) is told apart by the mechanistic checks."""
 
+import numpy as np
+
 import locedit
+from locedit.verification import metrics as M
 from locedit.verification import verify
 
 NEIGHBOURS = ["The Louvre is located in the city of", "Notre-Dame de Paris is located in the city of",
@@ -19,16 +22,19 @@ def test_eiffel_to_rome_verifies_and_wrong_site_is_told_apart(smollm2, eiffel):
     try:
         ver = verify(lm, edit, neighborhood=NEIGHBOURS, paraphrases=PARAPHRASES, sites=sitemap,
                      fluency_tokens=10)
+        # NS by hand on the edited model: the share of neighbours where P(" Paris") > P(" Rome")
+        p = M.target_probs(lm, [(n, t) for n in NEIGHBOURS for t in (" Paris", " Rome")])
+        ns_by_hand = float(np.mean([p[2 * i] > p[2 * i + 1] for i in range(len(NEIGHBOURS))]))
     finally:
         edit.revert()
     b, m = ver.behaviour, ver.mechanism
     assert b["before"]["efficacy_score"] == 0.0 and b["efficacy_score"] == 1.0
     assert b["generation_efficacy_prompt"] is True
     assert "Rome" in b["per_fact"][0]["generations_after"][0]["text"]
-    assert b["before"]["neighborhood_score"] == 1.0 and b["neighborhood_score"] is not None
+    assert b["before"]["neighborhood_score"] == 1.0 and b["neighborhood_score"] == ns_by_hand
     assert len(b["per_fact"][0]["neighborhood"]) == 3 and all(t == " Paris" for _, t in
                                                                b["per_fact"][0]["neighborhood"])
-    assert b["neighborhood_kl"] is not None and b["neighborhood_kl"] >= 0
+    assert b["neighborhood_kl"] > 0  # the edit changes the prefixed neighbours' next-token distributions
     for name in ("knockout", "extraction", "enrichment", "locality"):
         assert m[name]["passed"] is not None, name
     assert m["passed"] is True and ver.passed

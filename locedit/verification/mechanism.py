@@ -203,20 +203,22 @@ def measure(lm, setup: MechanismSetup, *, after: bool) -> dict:
             "neighbours": neighbours}
 
 
-# --- the checks ------------------------------------------------------------------------------------------------------
-def _pearson(a: Sequence[float], b: Sequence[float]) -> float:
+# --- the pass rules: small pure functions of the numbers (unit-tested in tests/test_mechanism_rules.py) -------------
+def pearson(a: Sequence[float], b: Sequence[float]) -> float:
+    """Pearson r of two curves; 0.0 when either has fewer than two points or is constant."""
     a, b = np.asarray(a, float), np.asarray(b, float)
     if a.size < 2 or a.std() == 0 or b.std() == 0:
         return 0.0
     return float(np.corrcoef(a, b)[0, 1])
 
 
-def _log_odds(p) -> np.ndarray:
+def log_odds(p) -> np.ndarray:
+    """log(p / (1 - p)), with p clipped to [1e-9, 1 - 1e-9]."""
     p = np.clip(np.asarray(p, float), 1e-9, 1 - 1e-9)
     return np.log(p / (1 - p))
 
 
-def _centre(curve: Sequence[float]) -> float:
+def drop_weighted_centre(curve: Sequence[float]) -> float:
     """The drop-weighted mean layer of a knockout curve (a stabler critical layer than the argmin when the
     minimum is broad); the argmin when nothing drops."""
     drop = np.clip(-np.asarray(curve, float), 0, None)
@@ -225,20 +227,68 @@ def _centre(curve: Sequence[float]) -> float:
     return float((np.arange(len(drop)) * drop).sum() / drop.sum())
 
 
+def knockout_rule(logodds_drop_after: float, layer_shift: float, curve_correlation: float) -> bool:
+    """Blocking the subject still lowers the log-odds of p(new) by >= KNOCKOUT_MIN_LOGODDS, the critical centre
+    moved <= KNOCKOUT_MAX_SHIFT layers and the curves correlate with r >= KNOCKOUT_MIN_CORR (NaN fails)."""
+    return bool(logodds_drop_after >= KNOCKOUT_MIN_LOGODDS and abs(layer_shift) <= KNOCKOUT_MAX_SHIFT
+                and curve_correlation >= KNOCKOUT_MIN_CORR)
+
+
+def extraction_rule(new_after: float, old_after: float, new_before: float) -> bool:
+    """Summed over the heads: the new target's direct logit beats the old one's after the edit and rose by more
+    than EXTRACTION_MIN_GAIN (NaN fails)."""
+    return bool(new_after > old_after and new_after - new_before > EXTRACTION_MIN_GAIN)
+
+
+def enrichment_layers(layer: int, num_layers: int) -> list[int]:
+    """Logit-lens rows read (row l = the state entering layer l): leaving the edited layer .. leaving layer L-2;
+    the final output (row L) only for an edit at the last layer, where the subject position mostly reads the
+    next-token prediction, which an edit writes directly."""
+    return list(range(layer + 1, num_layers)) or [num_layers]
+
+
+def enrichment_rule(new_best_before: int, new_best_after: int, old_median_before: float,
+                    old_median_after: float) -> bool:
+    """The new target's best rank is <= ENRICHMENT_MAX_RANK and improved by a factor >= ENRICHMENT_MIN_FACTOR
+    (on rank + 1, so rank 0 counts), and the old target's median rank did not improve (NaN fails)."""
+    return bool(new_best_after <= ENRICHMENT_MAX_RANK
+                and (new_best_after + 1) * ENRICHMENT_MIN_FACTOR <= new_best_before + 1
+                and old_median_after >= old_median_before)
+
+
+def relative_change(before: float, after: float) -> float:
+    """(after - before) / before; 0.0 when `before` is not positive (no relative change can be measured)."""
+    return (after - before) / before if before > 0 else 0.0
+
+
+def locality_rule(same_sites: Sequence[bool], relative_changes: Sequence[float]) -> bool:
+    """Every neighbour kept its top MLP layer and top head, and its p(true) changed by at most
+    LOCALITY_MAX_REL_CHANGE (relative, either way; NaN fails)."""
+    return bool(all(same and abs(change) <= LOCALITY_MAX_REL_CHANGE
+                    for same, change in zip(same_sites, relative_changes, strict=True)))
+
+
+def overall_rule(verdicts: Sequence[bool | None]) -> bool:
+    """The mechanism passes when at least one check applies and every applicable one (not None) passed."""
+    applicable = [v for v in verdicts if v is not None]
+    return bool(applicable) and all(applicable)
+
+
+# --- the checks ------------------------------------------------------------------------------------------------------
 def knockout_check(before: dict, after: dict) -> dict:
     kb, ka = before["knockout"], after["knockout"]
     sb, sa = kb["relative_change"]["subject"], ka["relative_change"]["subject"]
     crit_b, crit_a = int(np.argmin(sb)), int(np.argmin(sa))
-    centre_b, centre_a = _centre(sb), _centre(sa)
-    corr = _pearson(sb, sa)
+    centre_b, centre_a = drop_weighted_centre(sb), drop_weighted_centre(sa)
+    corr = pearson(sb, sa)
     groups = sorted(set(kb["relative_change"]) & set(ka["relative_change"]))
-    corr_all = _pearson(np.concatenate([kb["relative_change"][g] for g in groups]),
-                        np.concatenate([ka["relative_change"][g] for g in groups]))
+    corr_all = pearson(np.concatenate([kb["relative_change"][g] for g in groups]),
+                       np.concatenate([ka["relative_change"][g] for g in groups]))
     # log-odds of p(target) at the critical window, base minus blocked: robust to a saturated p(new) ~ 1
-    lo_b = float(_log_odds(kb["base_prob"]) - _log_odds(kb["probs"]["subject"][crit_b]))
-    lo_a = float(_log_odds(ka["base_prob"]) - _log_odds(ka["probs"]["subject"][crit_a]))
+    lo_b = float(log_odds(kb["base_prob"]) - log_odds(kb["probs"]["subject"][crit_b]))
+    lo_a = float(log_odds(ka["base_prob"]) - log_odds(ka["probs"]["subject"][crit_a]))
     shift = centre_a - centre_b
-    passed = lo_a >= KNOCKOUT_MIN_LOGODDS and abs(shift) <= KNOCKOUT_MAX_SHIFT and corr >= KNOCKOUT_MIN_CORR
+    passed = knockout_rule(lo_a, shift, corr)
     return {"critical_layer_before": crit_b, "critical_layer_after": crit_a,
             "critical_centre_before": centre_b, "critical_centre_after": centre_a, "layer_shift": shift,
             "subject_drop_before": -float(sb[crit_b]), "subject_drop_after": -float(sa[crit_a]),
@@ -258,7 +308,7 @@ def extraction_check(lm, before: dict, after: dict, heads: list | None, source: 
              "old_after": float(da[l, h, 0]), "new_after": float(da[l, h, 1])} for l, h in heads]
     total = {k: float(sum(r[k] for r in rows)) for k in ("old_before", "new_before", "old_after", "new_after")}
     gain = total["new_after"] - total["new_before"]
-    passed = total["new_after"] > total["old_after"] and gain > EXTRACTION_MIN_GAIN
+    passed = extraction_rule(total["new_after"], total["old_after"], total["new_before"])
     old_id, new_id = before["old_id"], before["new_id"]
     events = {"attn_old_before": [l for l, t in enumerate(before["readout"]["attn_top1"]) if t == old_id],
               "mlp_old_before": [l for l, t in enumerate(before["readout"]["mlp_top1"]) if t == old_id],
@@ -275,14 +325,10 @@ def enrichment_check(before: dict, after: dict, layer: int | None, position: int
         return {"applicable": False, "passed": None, "reason": "the edit changes no MLP layer",
                 "rule": RULES["enrichment"]}
     rb, ra = before["readout"]["ranks"], after["readout"]["ranks"]  # (L+1, [old, new]); row l = entering l
-    L = rb.shape[0] - 1
-    # states leaving the edited layer .. leaving layer L-2; the final output (row L) only for an edit at the last
-    # layer: at the subject position it mostly reads the next-token prediction, which an edit writes directly
-    rows = list(range(layer + 1, L)) or [L]
+    rows = enrichment_layers(layer, rb.shape[0] - 1)
     best_b, best_a = int(rb[rows, 1].min()), int(ra[rows, 1].min())
     old_b, old_a = float(np.median(rb[rows, 0])), float(np.median(ra[rows, 0]))
-    passed = (best_a <= ENRICHMENT_MAX_RANK and (best_a + 1) * ENRICHMENT_MIN_FACTOR <= best_b + 1
-              and old_a >= old_b)
+    passed = enrichment_rule(best_b, best_a, old_b, old_a)
     return {"layer": layer, "position": position, "token": token, "layers_read": [rows[0] - 1, rows[-1] - 1],
             "new_rank_at_layer_before": int(rb[layer + 1, 1]), "new_rank_at_layer_after": int(ra[layer + 1, 1]),
             "new_best_rank_before": best_b, "new_best_rank_after": best_a,
@@ -298,13 +344,13 @@ def locality_check(before: dict, after: dict) -> dict:
                 "rule": RULES["locality"]}
     rows = []
     for b, a in zip(before["neighbours"], after["neighbours"]):
-        change = (a["p_true"] - b["p_true"]) / b["p_true"] if b["p_true"] > 0 else 0.0
+        change = relative_change(b["p_true"], a["p_true"])
         rows.append({"prompt": b["prompt"], "true_target": b["true_target"], "p_true_before": b["p_true"],
                      "p_true_after": a["p_true"], "relative_change": change,
                      "top_mlp_layer_before": b["top_mlp_layer"], "top_mlp_layer_after": a["top_mlp_layer"],
                      "top_head_before": b["top_head"], "top_head_after": a["top_head"],
                      "same_sites": b["top_mlp_layer"] == a["top_mlp_layer"] and b["top_head"] == a["top_head"]})
-    passed = all(r["same_sites"] and abs(r["relative_change"]) <= LOCALITY_MAX_REL_CHANGE for r in rows)
+    passed = locality_rule([r["same_sites"] for r in rows], [r["relative_change"] for r in rows])
     return {"neighbours": len(rows), "same_sites": sum(r["same_sites"] for r in rows),
             "max_abs_relative_change": max(abs(r["relative_change"]) for r in rows), "applicable": True,
             "passed": bool(passed), "rule": RULES["locality"], "evidence": {"per_neighbour": rows}}
@@ -320,8 +366,7 @@ def compare(lm, setup: MechanismSetup, before: dict, after: dict) -> dict:
         "enrichment": enrichment_check(before, after, setup.layer, setup.position, enc.tokens[setup.position]),
         "locality": locality_check(before, after),
     }
-    verdicts = [c["passed"] for c in checks.values() if c.get("passed") is not None]
-    checks["passed"] = bool(verdicts) and all(verdicts)
+    checks["passed"] = overall_rule([c.get("passed") for c in checks.values()])
     return checks
 
 
