@@ -3,7 +3,8 @@ reversible, saveable `Edit` objects. `edit(lm, EditRequest(fact, new_target))`; 
 edit."""
 
 from locedit.editing.api import METHODS, edit, save_model
-from locedit.editing.edit import Edit, WeightDelta, applied_edits, load_edit
+from locedit.editing.edit import Edit, WeightDelta, applied_edits
+from locedit.editing.edit_file import load_edit
 from locedit.editing.hparams import (
     FTHyperParams,
     HeadHyperParams,

@@ -13,13 +13,15 @@ Guarantees:
   a model whose geometry or tensors differ from the fingerprint, is refused. Edits are compared by identity (`is`),
   never by their tensors.
 
-Saving and reading edits: `locedit.editing.edit_file`.
+`Edit.save` writes an edit's directory; `locedit.editing.edit_file.load_edit` reads and checks one.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import tempfile
 import time
 import weakref
 from contextlib import contextmanager
@@ -30,7 +32,7 @@ from typing import Iterator
 import torch
 
 from locedit.core.facts import Fact
-from locedit.core.results import Result
+from locedit.core.results import Result, jsonable, write_atomic
 from locedit.errors import EditError
 
 
@@ -263,8 +265,6 @@ class Edit(Result):
 
     # --- Result ---------------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
-        from locedit.editing.edit_file import edit_info
-
         return {**edit_info(self), "applied": self.is_applied}
 
     def summary(self) -> str:
@@ -297,14 +297,72 @@ class Edit(Result):
     def save(self, path: str | os.PathLike) -> Path:
         """Write `edit.safetensors` (the factors) and `edit.json` (everything else, with a content hash) into
         directory `path`, atomically; `locedit.load_edit` reads it back."""
-        from locedit.editing.edit_file import save_edit
-
         return save_edit(self, path)
 
 
-def load_edit(path: str | os.PathLike) -> Edit:
-    """Read an edit saved with `Edit.save` (not applied); a missing, changed, inconsistent, truncated, corrupt or
-    foreign file is refused with `EditError`."""
-    from locedit.editing.edit_file import load_edit as load
+# --- saving (reading and checking saved edits: locedit.editing.edit_file) ---------------------------------
+FORMAT = "locedit-edit"
+FORMAT_VERSION = 2  # 2: content_sha256, checked fields
+JSON_NAME = "edit.json"
+TENSORS_NAME = "edit.safetensors"
 
-    return load(path)
+
+def edit_info(edit: Edit) -> dict:
+    """Everything about `edit` but its tensors, as JSON types (what `edit.json` holds, without the hashes)."""
+    return jsonable({
+        "format": FORMAT, "version": FORMAT_VERSION, "method": edit.method,
+        "facts": [fact_to_dict(f) for f in edit.facts], "new_targets": list(edit.new_targets),
+        "target_sources": list(edit.target_sources), "sites": edit.sites, "hparams": edit.hparams,
+        "hparams_ignored": dict(edit.hparams_ignored), "model": edit.model,
+        "deltas": [d.describe() for d in edit.deltas],
+        "key_layers": sorted(int(k) for k in edit.keys), "stats_key": edit.stats_key,
+        "timings": edit.timings, "losses": edit.losses, "notes": edit.notes, "created": edit.created,
+    })
+
+
+def content_sha256(info: dict) -> str:
+    """SHA-256 of an `edit.json` mapping with sorted keys, its `content_sha256` field left out."""
+    body = {k: v for k, v in info.items() if k != "content_sha256"}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def save_edit(edit: Edit, path: str | os.PathLike) -> Path:
+    """Write `edit` into directory `path`: the tensors to a temporary name, then `edit.json` (which holds their
+    hash) atomically, last; nothing half-written is left behind."""
+    from safetensors.torch import save_file
+
+    directory = Path(path)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, torch.Tensor] = {}
+    for i, delta in enumerate(edit.deltas):
+        tensors.update(delta.tensors(i))
+    for layer, keys in edit.keys.items():
+        tensors[f"keys.{int(layer)}"] = keys.detach().float().contiguous().cpu()
+    info = json.loads(json.dumps(edit_info(edit), default=str))  # exactly what a reader will parse
+    fd, tmp = tempfile.mkstemp(prefix=f".{TENSORS_NAME}.", dir=directory)
+    os.close(fd)
+    tmp_tensors = Path(tmp)
+    try:
+        save_file(tensors, str(tmp_tensors), metadata={"format": FORMAT})
+        info["tensors_sha256"] = file_sha256(tmp_tensors)
+        info["content_sha256"] = content_sha256(info)
+        os.replace(tmp_tensors, directory / TENSORS_NAME)
+        write_atomic(directory / JSON_NAME, json.dumps(info, indent=1))
+    finally:
+        if tmp_tensors.exists():
+            tmp_tensors.unlink()
+    return directory
+
+
+def fact_to_dict(fact: Fact) -> dict:
+    return {"subject": fact.subject, "prompt": fact.prompt, "target": fact.target, "relation": fact.relation,
+            "meta": jsonable(fact.meta)}
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -1,4 +1,4 @@
-"""Saved edits: a directory with `edit.safetensors` (the factors) and `edit.json` (everything else).
+"""Reading saved edits (a directory with `edit.safetensors` (the factors) and `edit.json` (everything else).
 
 `edit.json` records the SHA-256 of `edit.safetensors` and of its own content (`content_sha256`, over the JSON with
 sorted keys, that field left out). `load_edit` checks both hashes, then that the fields make sense and agree with
@@ -8,75 +8,19 @@ string targets, one per fact), so a changed, inconsistent, truncated or foreign 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
 
-import torch
-
 from locedit.core.facts import Fact
-from locedit.core.results import jsonable, write_atomic
-from locedit.editing.edit import Edit, WeightDelta
+from locedit.editing.edit import (FORMAT, FORMAT_VERSION, JSON_NAME, TENSORS_NAME, Edit, WeightDelta, content_sha256,
+                                   file_sha256)
 from locedit.editing.hparams import METHOD_HPARAMS
 from locedit.errors import EditError, LoceditError
 
-FORMAT = "locedit-edit"
-FORMAT_VERSION = 2  # 2: content_sha256, checked fields
-JSON_NAME = "edit.json"
-TENSORS_NAME = "edit.safetensors"
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _LAYER = re.compile(r"\.(\d+)\.")
-
-
-def edit_info(edit: Edit) -> dict:
-    """Everything about `edit` but its tensors, as JSON types (what `edit.json` holds, without the hashes)."""
-    return jsonable({
-        "format": FORMAT, "version": FORMAT_VERSION, "method": edit.method,
-        "facts": [fact_to_dict(f) for f in edit.facts], "new_targets": list(edit.new_targets),
-        "target_sources": list(edit.target_sources), "sites": edit.sites, "hparams": edit.hparams,
-        "hparams_ignored": dict(edit.hparams_ignored), "model": edit.model,
-        "deltas": [d.describe() for d in edit.deltas],
-        "key_layers": sorted(int(k) for k in edit.keys), "stats_key": edit.stats_key,
-        "timings": edit.timings, "losses": edit.losses, "notes": edit.notes, "created": edit.created,
-    })
-
-
-def content_sha256(info: dict) -> str:
-    """SHA-256 of an `edit.json` mapping with sorted keys, its `content_sha256` field left out."""
-    body = {k: v for k, v in info.items() if k != "content_sha256"}
-    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
-def save_edit(edit: Edit, path: str | os.PathLike) -> Path:
-    """Write `edit` into directory `path`: the tensors to a temporary name, then `edit.json` (which holds their
-    hash) atomically, last; nothing half-written is left behind."""
-    from safetensors.torch import save_file
-
-    directory = Path(path)
-    directory.mkdir(parents=True, exist_ok=True)
-    tensors: dict[str, torch.Tensor] = {}
-    for i, delta in enumerate(edit.deltas):
-        tensors.update(delta.tensors(i))
-    for layer, keys in edit.keys.items():
-        tensors[f"keys.{int(layer)}"] = keys.detach().float().contiguous().cpu()
-    info = json.loads(json.dumps(edit_info(edit), default=str))  # exactly what a reader will parse
-    fd, tmp = tempfile.mkstemp(prefix=f".{TENSORS_NAME}.", dir=directory)
-    os.close(fd)
-    tmp_tensors = Path(tmp)
-    try:
-        save_file(tensors, str(tmp_tensors), metadata={"format": FORMAT})
-        info["tensors_sha256"] = _file_sha256(tmp_tensors)
-        info["content_sha256"] = content_sha256(info)
-        os.replace(tmp_tensors, directory / TENSORS_NAME)
-        write_atomic(directory / JSON_NAME, json.dumps(info, indent=1))
-    finally:
-        if tmp_tensors.exists():
-            tmp_tensors.unlink()
-    return directory
 
 
 def load_edit(path: str | os.PathLike) -> Edit:
@@ -103,7 +47,7 @@ def load_edit(path: str | os.PathLike) -> Edit:
     if info.get("content_sha256") != content_sha256(info):
         raise EditError(f"{json_path} was changed after it was saved (its content does not match its "
                         "content_sha256); refusing to trust it")
-    if _file_sha256(tensors_path) != info.get("tensors_sha256"):
+    if file_sha256(tensors_path) != info.get("tensors_sha256"):
         raise EditError(f"{tensors_path} does not match {json_path} (corrupt, truncated or from another edit)")
     try:
         check_info(info)
@@ -179,11 +123,6 @@ def check_info(info: dict) -> None:
         raise EditError("hparams must be a mapping")
 
 
-def fact_to_dict(fact: Fact) -> dict:
-    return {"subject": fact.subject, "prompt": fact.prompt, "target": fact.target, "relation": fact.relation,
-            "meta": jsonable(fact.meta)}
-
-
 def fact_from_dict(d: dict) -> Fact:
     return Fact(d["subject"], d["prompt"], d.get("target"), d.get("relation"), d.get("meta") or {})
 
@@ -208,9 +147,3 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
