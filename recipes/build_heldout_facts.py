@@ -29,7 +29,7 @@ import logging
 import math
 import sys
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -61,7 +61,6 @@ class Record:
     rephrase: str | None = None
     locality: str | None = None
     relation: str | None = None
-    extra: dict = field(default_factory=dict)
 
 
 # --- reading -------------------------------------------------------------------------------------------------------
@@ -194,16 +193,21 @@ def pick_neighbours(record: Record, pool: Sequence[Record], known: set[tuple[str
     return found[:k]
 
 
-def pick_new_target(record: Record, attributes: Sequence[str], first_token) -> str | None:
-    """Another attribute of the record's relation whose first token differs from the true one, by hash."""
+def pick_new_target(record: Record, attributes: Sequence[str], first_token, min_count: int = 3) -> str | None:
+    """Another attribute of the record's relation whose first token differs from the true one, by hash. Only
+    attributes that at least `min_count` of `attributes` (the relation's records) carry are used, so a stray value
+    of the source data is never one (all of them when none is that common)."""
+    counts = Counter(attributes)
+    common = {a for a, n in counts.items() if n >= min_count} or set(counts)
     true_first = first_token(record.attribute)
-    options = sorted(a for a in set(attributes) if a != record.attribute and first_token(a) != true_first)
+    options = sorted(a for a in common if a != record.attribute and first_token(a) != true_first)
     if not options:
         return None
     return options[int(fact_hash(record.subject, record.relation or ""), 16) % len(options)]
 
 
 def render(template: str, subject: str) -> str:
+    """The template with the subject in place of `{}`."""
     return template.replace("{}", subject, 1)
 
 
@@ -238,8 +242,10 @@ def paraphrases(record: Record, templates: Sequence[str]) -> list[str]:
 
 
 def neighbourhood_prompts(record: Record, neighbours: Sequence[Record], templates: Sequence[str]) -> list[str]:
-    """Each neighbour in the record's own template, then in the relation's common templates in turn."""
-    cycle = [record.template] + [t for t in templates if t != record.template]
+    """Each neighbour in the relation's common templates in turn, the record's own first when it is a common one
+    (a known_1000 prompt written for its own subject, "... was founded in 1947 and ...", is never reused)."""
+    cycle = ([record.template] if record.template in templates else []) + [t for t in templates
+                                                                           if t != record.template]
     out = []
     for j, nb in enumerate(neighbours):
         p = render(cycle[j % len(cycle)], nb.subject)
@@ -415,16 +421,17 @@ def readme_text(rows: Sequence[dict], candidates_dropped: Counter, rows_dropped:
         "the prompt (`locedit.core.datasets.known_facts`, top-1); of a (subject, relation) with several known "
         "records the first is kept (CounterFact train, val, known_1000). Left out after that: "
         + (", ".join(f"{why} {n}" for why, n in sorted(rows_dropped.items())) or "none") + ".",
-        "5. `paraphrase_prompts`: the CounterFact rephrase prompt (with its random prefix, as in CounterFact) and "
+        "5. `paraphrase_prompts`: the CounterFact record's rephrase prompt (as the source gives it) and "
         f"the subject in {N_PARAPHRASE_TEMPLATES} other common templates of the relation (templates of at least "
         f"{MIN_TEMPLATE_COUNT} records; for a relation with too few, of at least 2), chosen by hash.",
         f"6. `neighborhood_prompts`: up to {MAX_NEIGHBOURS} other subjects of the same relation with the same true "
         "attribute, model-known subjects first, then by hash; never the fact's subject, a subject containing it "
-        "or contained in it. The first is written in the fact's own template, the rest in the relation's common "
-        f"templates in turn. {nb_known} of {nb_all} neighbourhood prompts have a model-known subject. Facts by "
+        "or contained in it. They are written in the relation's common templates in turn, the fact's own first "
+        "when it is a common one (a known_1000 prompt written for its subject is not reused). "
+        f"{nb_known} of {nb_all} neighbourhood prompts have a model-known subject. Facts by "
         "number of neighbourhood prompts: " + ", ".join(f"{k}: {nb[k]}" for k in sorted(nb)) + ".",
-        "7. `target_new`: CounterFact's own; for known_1000 rows another attribute of the same relation (from all "
-        "candidates) whose first token differs from the true one, chosen by hash.",
+        "7. `target_new`: CounterFact's own; for known_1000 rows another attribute of the same relation that at "
+        "least 3 candidates carry, whose first token differs from the true one, chosen by hash.",
         f"8. `split`: within each relation, facts sorted by sha256(subject + \"\\x1f\" + relation_id); the first "
         f"round({TUNING_FRACTION:g} × n) are tuning. A fact's split depends only on the facts of its relation.", "",
         "## Counts", "",

@@ -64,9 +64,12 @@ def test_neighbours_share_relation_and_attribute_and_never_the_subject():
     assert sorted(names) == ["Lille", "Metz", "Nice", "Toulouse"]
     assert set(names[:2]) == {"Lille", "Metz"}  # model-known neighbours come first
     assert [r.subject for r in build.pick_neighbours(me, pool, known, k=2)] == names[:2]
-    prompts = build.neighbourhood_prompts(me, got, ["{} is in", "{} lies in"])
+    prompts = build.neighbourhood_prompts(me, got, ["{} lies in", "{} is in"])
     assert prompts and all("Lyon" not in p for p in prompts)
-    assert prompts[0] == f"{names[0]} is in" and prompts[1] == f"{names[1]} lies in"
+    assert prompts[:2] == [f"{names[0]} is in", f"{names[1]} lies in"]  # the fact's own (common) template first
+    odd = _record("Lyon", "P17", "France", "{} was founded in 43 BC in")  # a prompt written for Lyon alone
+    assert build.neighbourhood_prompts(odd, got[:2], ["{} lies in", "{} is in"]) == [
+        f"{names[0]} lies in", f"{names[1]} is in"]
 
 
 def test_match_template_takes_the_most_specific_one():
@@ -96,6 +99,9 @@ def test_new_target_is_another_attribute_with_another_first_token():
     assert picks == {"Italy", "Spain"}
     assert build.pick_new_target(me, ["France", "French Guiana"], first) is None
     assert build.pick_new_target(me, attributes, first) == build.pick_new_target(me, attributes[::-1], first)
+    relation = ["France"] * 3 + ["Italy"] * 3 + ["Spain"]  # Spain: a value only one record carries
+    assert {build.pick_new_target(_record(f"city {i}", "P17", "France"), relation, first, min_count=3)
+            for i in range(40)} == {"Italy"}
 
 
 # --- the committed file --------------------------------------------------------------------------------------------
