@@ -18,6 +18,8 @@ How each piece is made (all deterministic; rerunning rewrites the file byte-for-
     the rest "heldout".
 
 Run:  python recipes/build_heldout_facts.py [--data ../shared/data] [--out data/facts/heldout/facts.jsonl]
+(writes README.md next to the output; the model's answers are kept in ~/.cache/locedit/heldout_answers.json, so a
+rerun only runs new prompts; `--cache ''` runs them all).
 """
 
 from __future__ import annotations
@@ -241,16 +243,18 @@ def paraphrases(record: Record, templates: Sequence[str]) -> list[str]:
     return out
 
 
-def neighbourhood_prompts(record: Record, neighbours: Sequence[Record], templates: Sequence[str]) -> list[str]:
-    """Each neighbour in the relation's common templates in turn, the record's own first when it is a common one
-    (a known_1000 prompt written for its own subject, "... was founded in 1947 and ...", is never reused)."""
+def neighbourhood_prompts(record: Record, neighbours: Sequence[Record],
+                          templates: Sequence[str]) -> list[tuple[str, Record]]:
+    """(prompt, neighbour): each neighbour in the relation's common templates in turn, the record's own first when
+    it is a common one (a known_1000 prompt written for its own subject, "... was founded in 1947 and ...", is never
+    reused); a prompt that would contain the record's subject is left out."""
     cycle = ([record.template] if record.template in templates else []) + [t for t in templates
                                                                            if t != record.template]
     out = []
     for j, nb in enumerate(neighbours):
         p = render(cycle[j % len(cycle)], nb.subject)
         if record.subject not in p:
-            out.append(p)
+            out.append((p, nb))
     return out
 
 
@@ -292,6 +296,7 @@ def known_records(records: Sequence[Record], model: str, batch: int,
 
 # --- building ------------------------------------------------------------------------------------------------------
 def curated_subjects(path: Path = CURATED) -> set[str]:
+    """The curated set's subjects, casefolded."""
     return {json.loads(line)["requested_rewrite"]["subject"].casefold()
             for line in path.read_text(encoding="utf-8").splitlines() if line.strip()}
 
@@ -337,23 +342,28 @@ def build_rows(records: Sequence[Record], labels: dict[str, str], known_ids: set
                 continue
             seen.add((r.subject, r.relation))
             kept.append(r)
-    splits = split_of((r.subject, r.relation) for r in kept)
-    rows = []
-    for r in sorted(kept, key=lambda r: (r.relation, fact_hash(r.subject, r.relation))):
+    news = {}
+    for r in kept:
         new = r.target_new if r.target_new else pick_new_target(r, attributes[r.relation], first_token)
         if new is None or new == r.attribute or first_token(new) == first_token(r.attribute):
             dropped["no new target with another first token"] += 1
             continue
+        news[r.subject, r.relation] = new
+    kept = [r for r in kept if (r.subject, r.relation) in news]
+    splits = split_of(news)
+    rows = []
+    for r in sorted(kept, key=lambda r: (r.relation, fact_hash(r.subject, r.relation))):
         neighbours = pick_neighbours(r, records, known)
+        prompts = neighbourhood_prompts(r, neighbours, templates.get(r.relation, []))
         rows.append({
             "case_id": len(rows), "relation_id": r.relation, "relation_pid": r.relation,
             "requested_rewrite": {"prompt": r.template, "subject": r.subject, "target_true": {"str": r.attribute},
-                                  "target_new": {"str": new}, "relation_id": r.relation},
+                                  "target_new": {"str": news[r.subject, r.relation]}, "relation_id": r.relation},
             "paraphrase_prompts": paraphrases(r, templates.get(r.relation, [])),
-            "neighborhood_prompts": neighbourhood_prompts(r, neighbours, templates.get(r.relation, [])),
-            "neighborhood_subjects": [nb.subject for nb in neighbours],
-            "neighborhood_known": [(nb.subject, nb.relation) in known for nb in neighbours],
-            "split": splits[(r.subject, r.relation)],
+            "neighborhood_prompts": [p for p, _ in prompts],
+            "neighborhood_subjects": [nb.subject for _, nb in prompts],
+            "neighborhood_known": [(nb.subject, nb.relation) in known for _, nb in prompts],
+            "split": splits[r.subject, r.relation],
             "source": f"{r.source}:{r.source_id}",
             "target_new_source": "counterfact" if r.target_new else "same-relation attribute",
         })

@@ -64,11 +64,13 @@ def test_neighbours_share_relation_and_attribute_and_never_the_subject():
     assert sorted(names) == ["Lille", "Metz", "Nice", "Toulouse"]
     assert set(names[:2]) == {"Lille", "Metz"}  # model-known neighbours come first
     assert [r.subject for r in build.pick_neighbours(me, pool, known, k=2)] == names[:2]
-    prompts = build.neighbourhood_prompts(me, got, ["{} lies in", "{} is in"])
+    pairs = build.neighbourhood_prompts(me, got, ["{} lies in", "{} is in"])
+    assert [nb for _, nb in pairs] == got
+    prompts = [p for p, _ in pairs]
     assert prompts and all("Lyon" not in p for p in prompts)
     assert prompts[:2] == [f"{names[0]} is in", f"{names[1]} lies in"]  # the fact's own (common) template first
     odd = _record("Lyon", "P17", "France", "{} was founded in 43 BC in")  # a prompt written for Lyon alone
-    assert build.neighbourhood_prompts(odd, got[:2], ["{} lies in", "{} is in"]) == [
+    assert [p for p, _ in build.neighbourhood_prompts(odd, got[:2], ["{} lies in", "{} is in"])] == [
         f"{names[0]} lies in", f"{names[1]} is in"]
 
 
