@@ -426,10 +426,11 @@ def readme_text(rows: Sequence[dict], candidates_dropped: Counter, rows_dropped:
         "with two relations, e.g. `{} is developed by`: P176 and P178) takes the relation that at least 80% of "
         "the locality prompts linked to it show: in these files every locality prompt has its record's true "
         "attribute (11,919 of 11,919), so it is one of CounterFact's neighbourhood prompts, of the same relation.",
-        f"3. Candidates: {n_candidates} records. Left out: " + ", ".join(f"{why} {n}" for why, n in sorted(candidates_dropped.items())) + ".",
-        f"4. Known: {n_known} candidate records whose true attribute's first token is `{model}`'s greedy next token after "
-        "the prompt (`locedit.core.datasets.known_facts`, top-1); of a (subject, relation) with several known "
-        "records the first is kept (CounterFact train, val, known_1000). Left out after that: "
+        f"3. Candidates: {n_candidates} records. Left out: "
+        + ", ".join(f"{why} {n}" for why, n in sorted(candidates_dropped.items())) + ".",
+        f"4. Known: {n_known} candidate records whose true attribute's first token is `{model}`'s greedy next "
+        "token after the prompt (`locedit.core.datasets.known_facts`, top-1); of a (subject, relation) with "
+        "several known records the first is kept (CounterFact train, val, known_1000). Left out after that: "
         + (", ".join(f"{why} {n}" for why, n in sorted(rows_dropped.items())) or "none") + ".",
         "5. `paraphrase_prompts`: the CounterFact record's rephrase prompt (as the source gives it) and "
         f"the subject in {N_PARAPHRASE_TEMPLATES} other common templates of the relation (templates of at least "
