@@ -200,11 +200,20 @@ def test_help_lists_every_option():
 
 
 # --- 5. progress and the cost warning for long prompts ---------------------------------------------------------
-def test_locate_shows_progress_and_warns_about_long_prompts(tmp_path, model_dir, monkeypatch, capsys):
+def test_analyze_warns_about_long_prompts(tmp_path, model_dir, monkeypatch, capsys):
     monkeypatch.setattr(common, "LONG_PROMPT_TOKENS", 5)
-    assert main(["locate", "--model", str(model_dir), *ONE_FACT, "--out", str(tmp_path / "o")]) == 0
+    assert main(["analyze", "knockout", "--model", str(model_dir), *ONE_FACT, "--out", str(tmp_path / "o")]) == 0
     err = capsys.readouterr().err
     assert "locedit: warning: a prompt is" in err and "tokens long" in err
+
+
+def test_locate_shows_progress_and_warns_about_long_prompts(tmp_path, model_dir, monkeypatch, capsys):
+    import locedit.localization.sites as sites
+
+    monkeypatch.setattr(sites, "LONG_PROMPT", 5)  # locate's own cost warning, printed by the CLI as one line
+    assert main(["locate", "--model", str(model_dir), *ONE_FACT, "--out", str(tmp_path / "o")]) == 0
+    err = capsys.readouterr().err
+    assert err.count("locedit: warning: long prompt") == 1 and "intervention rows" in err
     counts = [int(n) for n in re.findall(r"locate: (\d+)pass", err)]  # the forward-pass counter's states
     assert counts and max(counts) >= 2, err
 

@@ -68,7 +68,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", type=device_spec, default=None, help="torch device, e.g. cuda (default: cpu)")
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"], help="default float32")
     p.add_argument("--threads", type=positive_int, default=1,
-                   help="torch CPU threads (default 1: fastest measured on a busy 2-core machine, see README)")
+                   help="torch CPU threads (default 1: fastest measured on a busy 2-core machine, see docs/engine.md, 'Threads')")
 
 
 def add_fact_args(p: argparse.ArgumentParser) -> None:

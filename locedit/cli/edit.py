@@ -183,5 +183,5 @@ def _source(sites: dict) -> str:
     if not sites.get("located"):
         return ""
     if sites.get("layer_source") == "measured":
-        return " (this model's measured edit layer; see README, \"Does localization inform editing?\")"
+        return " (this model's measured edit layer; see docs/study.md)"
     return " (located)"

@@ -34,7 +34,6 @@ def run(args: argparse.Namespace) -> int:
     with common.removed_on_failure([out]):
         lm = common.load_model(args)
         facts = common.keep_known(lm, facts, args)
-        common.warn_if_long(lm, facts, "locate")
         if args.facts is None:
             return _one(lm, facts[0], out, args)
         return _dataset(lm, facts, out, args)

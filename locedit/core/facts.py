@@ -77,7 +77,7 @@ class PositionGroups:
     """Token positions of an encoded prompt of length `n` (0-indexed, absolute).
 
     `non_subject` leaves out position 0 unless it is part of the subject (the attention-sink fix, see
-    `docs` in README); `non_subject_paper` is the paper's exact group (every position except subject and last).
+    docs/analyses.md); `non_subject_paper` is the paper's exact group (every position except subject and last).
     """
 
     n: int

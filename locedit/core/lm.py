@@ -166,7 +166,7 @@ class LM:
 
 VALIDATION_PROMPT = "The Eiffel Tower is located in the city of"
 # The no-op check's tolerance, in units of the dtype's machine epsilon, relative to the largest logit. Measured
-# (README, "Half precision"): changes that only round differently move the logits of the validation prompt by up
+# (docs/gpu.md): changes that only round differently move the logits of the validation prompt by up
 # to 3.0 eps in bfloat16 / 3.6 eps in float16 (same weights through SDPA vs eager attention, SmolLM2-135M and tiny
 # random models of every family; an explicit mask can switch kernels on a GPU) and 3.6 eps (bfloat16 rotary
 # positions shifted by one, tiny Llama). 16 eps leaves a 4x margin; a broken adapter (attention without its causal

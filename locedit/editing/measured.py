@@ -1,7 +1,7 @@
 """Edit layers measured per model. Where locedit's study (`recipes/study_sites.py`) found that one fixed layer
 edits better than `locate`'s per-fact layer on held-out facts, that layer is recorded here and becomes the
 rank-one recommendation of `locate` and the default of `locedit.edit` for that model. Models without an entry
-keep the located layer: there is no evidence for them either way (README, "Does localization inform editing?")."""
+keep the located layer: there is no evidence for them either way (docs/study.md)."""
 
 from __future__ import annotations
 

@@ -255,7 +255,7 @@ head_effects.batched = head_effects_batch
 def _direct_logits(lm: LM, clean, row: int, token_id: int, cache: dict | None = None) -> np.ndarray:
     L = lm.num_layers
     final = clean["residual", L][row].float()
-    contributions = torch.stack([_head_contributions(lm, layer, clean, row, cache) for layer in range(L)])
+    contributions = torch.stack([head_contributions(lm, layer, clean, row, cache) for layer in range(L)])
     without = final - contributions
     logit = lm.target_logit(final, token_id)
     logits_without = lm.target_logit(without, token_id)
@@ -278,7 +278,7 @@ def _head_effects_result(lm: LM, enc, target: Target, direct: np.ndarray, probs:
                              fact_summary(enc), **target.fields())
 
 
-def _head_contributions(lm: LM, layer: int, clean, row: int = 0, cache: dict | None = None) -> torch.Tensor:
+def head_contributions(lm: LM, layer: int, clean, row: int = 0, cache: dict | None = None) -> torch.Tensor:
     """(heads, d): what each head adds to the residual stream at the last position. With a post-attention norm
     (Gemma-2/3, OLMo-2), a head's share is norm(total) - norm(total without the head)."""
     z = clean["heads", layer][row].float()  # (H, head_dim)

@@ -1,7 +1,7 @@
 """Per-fact localization: where is this fact retrieved? Ranked MLP enrichment sites (subject position x layer),
 the relation-propagation window, and ranked extraction heads, with the evidence and an editing recommendation.
 
-How the ranking is built (see README, "How locate ranks sites"):
+How the ranking is built (see docs/locate.md, "How locate ranks sites"):
 
 * **Carrier token.** ROME-style causal tracing of hidden states, restricted to the subject's positions: the
   subject token whose clean state recovers most of p(target) from the corrupted run carries the fact (on

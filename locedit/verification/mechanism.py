@@ -53,7 +53,7 @@ import torch
 
 from locedit.core.engine import Capture, SetSublayer, run
 from locedit.core.facts import EncodedFact, Fact
-from locedit.localization.heads import _head_contributions
+from locedit.localization.heads import head_contributions
 from locedit.localization.knockout import attention_knockout, position_groups
 from locedit.localization.common import rank_of
 
@@ -136,7 +136,7 @@ def _state_readout(lm, enc: EncodedFact, token_ids: Sequence[int], position: int
     L = lm.num_layers
     caps = run(lm, enc, capture=Capture(residual=True, heads=True, attn=True, mlp=True)).captures
     final = caps["residual", L][0, -1]
-    contributions = torch.stack([_head_contributions(lm, layer, {("heads", layer): caps["heads", layer][:, -1]})
+    contributions = torch.stack([head_contributions(lm, layer, {("heads", layer): caps["heads", layer][:, -1]})
                                  for layer in range(L)])  # (L, H, d)
     ids = torch.tensor(list(token_ids), device=final.device)
     logit = lm.unembed(final).float()[ids]
@@ -176,7 +176,7 @@ def _neighbour_readout(lm, prompt: Fact | str, true_target: str) -> dict:
     probs = out.prob_of(true_id).cpu().numpy()
     caps = out.captures
     final = caps["residual", L][0]
-    contributions = torch.stack([_head_contributions(lm, layer, {("heads", layer): caps["heads", layer][:1]})
+    contributions = torch.stack([head_contributions(lm, layer, {("heads", layer): caps["heads", layer][:1]})
                                  for layer in range(L)])
     logit = lm.unembed(final).float()[true_id]
     dla = (logit - lm.unembed(final - contributions).float()[..., true_id]).cpu().numpy()
