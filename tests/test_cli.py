@@ -22,6 +22,7 @@ def run_cli(*args):
                           timeout=600)
 
 
+@pytest.mark.slow  # a fresh interpreter per call (the real entry point, exit status and stderr)
 @pytest.mark.parametrize("args,message", [
     (["locate", "--subject", "Louvre", "--prompt", "The Eiffel Tower is in"], "does not occur in prompt"),
     (["locate", "--prompt", "The Eiffel Tower is in"], "give --subject and --prompt"),
@@ -37,6 +38,7 @@ def test_user_errors_are_one_line(args, message):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow  # a fresh interpreter per call (the real entry point, exit status and stderr)
 def test_bad_subcommand_and_help():
     assert run_cli("frobnicate").returncode == 2
     help_text = run_cli("locate", "--help").stdout
@@ -45,6 +47,7 @@ def test_bad_subcommand_and_help():
     assert "knockout" in run_cli("analyze", "--help").stdout
 
 
+@pytest.mark.slow  # a fresh interpreter per call (the real entry point, exit status and stderr)
 def test_corrupt_fact_file(tmp_path, model_dir):
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
@@ -68,6 +71,7 @@ def test_locate_writes_sites_figures_and_report(tmp_path, model_dir):
     render_check(out / "report.html", tmp_path)
 
 
+@pytest.mark.slow  # a fresh interpreter per call (the real entry point, exit status and stderr)
 def test_locate_dataset_mode(tmp_path, model_dir):
     facts = tmp_path / "facts.jsonl"
     rows = [{"known_id": i, "subject": s, "prompt": p, "attribute": a} for i, (s, p, a) in enumerate([

@@ -16,6 +16,8 @@ import pytest
 import locedit
 import tiny
 
+pytestmark = pytest.mark.slow  # starts worker processes (torchrun-style ranks)
+
 FACTS = [
     {"subject": "The Eiffel Tower", "prompt": "The Eiffel Tower is located in the city of", "target": " Paris"},
     {"subject": "Rome", "prompt": "Rome is the capital of", "target": " Italy"},

@@ -15,6 +15,7 @@ def model_dir(tmp_path_factory):
     return tiny.save(tmp_path_factory.mktemp("tiny-gpt2"), "gpt2")
 
 
+@pytest.mark.slow  # a fresh interpreter per call (the real entry point, exit status and stderr)
 def test_analyze_knockout_dataset_writes_figure_and_logs_progress(tmp_path, model_dir):
     facts = tmp_path / "facts.json"
     facts.write_text(json.dumps([

@@ -72,6 +72,7 @@ def test_verify_writes_summary_json_and_report(tmp_path, model_dir, saved_edit, 
     render_check(out / "report.html", tmp_path)
 
 
+@pytest.mark.slow  # a fresh interpreter per call (the real entry point, exit status and stderr)
 def test_verify_refuses_another_models_edit(other_model_dir, saved_edit, tmp_path, capsys):
     one_error_line(run_cli("verify", "--edit", saved_edit, "--model", other_model_dir, "--out", tmp_path / "o"),
                    "other weights|another model")
@@ -80,6 +81,7 @@ def test_verify_refuses_another_models_edit(other_model_dir, saved_edit, tmp_pat
     assert err.count("locedit: error") == 1 and "does not exist" in err
 
 
+@pytest.mark.slow  # a fresh interpreter per call (the real entry point, exit status and stderr)
 def test_evaluate_fact_file_with_missing_field(tmp_path, model_dir):
     facts = tmp_path / "facts.jsonl"
     facts.write_text(json.dumps({"prompt": PROMPT, "target_new": "Rome"}) + "\n"
@@ -90,6 +92,7 @@ def test_evaluate_fact_file_with_missing_field(tmp_path, model_dir):
     one_error_line(result, "no usable facts")
 
 
+@pytest.mark.slow  # a fresh interpreter per call (the real entry point, exit status and stderr)
 def test_evaluate_two_workers(tmp_path, model_dir, capsys):
     rows = [{"id": f"f{i}", "subject": s, "prompt": p, "target_new": "guitar", "relation": r,
              "neighborhood": ["The Louvre is in"]}
