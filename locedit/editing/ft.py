@@ -39,20 +39,21 @@ def ft_update(lm, fact: Fact, new_target_text: str, layer: int, hp) -> FTResult:
     positions = torch.tensor(batch.target_positions[0])
     ids = torch.tensor(batch.target_ids, device=lm.device)
     losses: list[float] = []
-    for step in range(hp.num_steps):
-        logits = run.run(rows, logits_at=positions).logits
-        loss = -torch.log_softmax(logits[0].float(), -1)[torch.arange(len(ids)), ids].mean()
-        value = float(loss.detach())
-        if value != value:
-            raise LoceditError(f"FT diverged (loss {value}) at step {step}; nothing was changed")
-        losses.append(value)
-        if value < hp.early_stop_loss:
-            break
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        with torch.no_grad():
-            D.clamp_(-hp.norm_constraint, hp.norm_constraint)
+    with run:  # the engine's hooks stay attached for the whole loop
+        for step in range(hp.num_steps):
+            logits = run.run(rows, logits_at=positions).logits
+            loss = -torch.log_softmax(logits[0].float(), -1)[torch.arange(len(ids)), ids].mean()
+            value = float(loss.detach())
+            if value != value:
+                raise LoceditError(f"FT diverged (loss {value}) at step {step}; nothing was changed")
+            losses.append(value)
+            if value < hp.early_stop_loss:
+                break
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            with torch.no_grad():
+                D.clamp_(-hp.norm_constraint, hp.norm_constraint)
     weight = module.weight
     delta = WeightDelta(param_name(lm.model, weight), tensor_sha256(weight), tuple(weight.shape),
                         dense=D.detach().cpu(), transposed=lm.adapter.conv1d)

@@ -10,6 +10,9 @@ so the edited model predicts the new target after every context-templated rewrit
 with ‖δ‖ clamped to `clamp_norm_factor · ‖v_init‖` after each step and an early stop when L < `early_stop_loss`
 (ROME's code; the paper's Eq. 4 has only the first two terms). The same forward also records the key (the module's
 input at the key position) of every rewrite prompt, so the template-averaged key k* costs nothing extra.
+
+Everything that touches the model goes through the engine: δ is an `AddToSublayer` value, the states are a
+`Capture` of the first step, and the columns before the key run once (`prefixed`).
 """
 
 from __future__ import annotations
@@ -218,10 +221,10 @@ def optimize_values_many(lm, batches: Sequence[PromptBatch], sites: Sequence[Sit
     batch = prefixed(lm, merged.input_ids, merged.attention_mask, P, merged.position_ids)
     key_pos = [P - left for left in batch.pad_left]  # each row's own index of its key column
 
-    def rows() -> list[list]:
-        return [[AddToSublayer(site.kind, site.layer, [key_pos[r]], deltas[row_fact[r]][i],
-                               None if site.columns is None else (site.columns.start, site.columns.stop))
-                 for i, site in enumerate(sites)] for r in range(n_rows)]
+    # built once: Adam updates the δs in place, and each run reads their current values
+    rows = [[AddToSublayer(site.kind, site.layer, [key_pos[r]], deltas[row_fact[r]][i],
+                           None if site.columns is None else (site.columns.start, site.columns.stop))
+             for i, site in enumerate(sites)] for r in range(n_rows)]
 
     capture = Capture(**{_INPUT_CAPTURE[s.kind]: True for s in sites if s.record_key or s.reference is not None},
                       outputs=tuple(sorted({s.kind for s in sites})), layers=sorted({s.layer for s in sites}))
@@ -248,53 +251,54 @@ def optimize_values_many(lm, batches: Sequence[PromptBatch], sites: Sequence[Sit
     target_index = [torch.tensor([column[c - P] for c in cols], device=lm.device) for cols in target_index_cols]
     row_targets = [torch.tensor(ids, device=lm.device) for ids in merged.row_target_ids]
     losses: list[list[float]] = [[] for _ in range(F)]
+    optimizer = torch.optim.Adam([d for per_fact in deltas for d in per_fact], lr=hp.v_lr)
     active = [True] * F
     kl_init: list = [None] * F
-    optimizer = torch.optim.Adam([d for per_fact in deltas for d in per_fact], lr=hp.v_lr)
-    for step in range(hp.v_num_grad_steps):
-        out = batch.run(rows(), capture=capture if step == 0 else None, logits_at=wanted)
-        if step == 0:
-            record(out.captures)
-        log_probs = torch.log_softmax(out.logits.float(), dim=-1)
-        total = 0.0
-        last = step == hp.v_num_grad_steps - 1
-        for f in range(F):
-            if not active[f]:
-                continue
-            loss = torch.stack([-log_probs[r, target_index[r], row_targets[r]].mean() for r in rewrite[f]]).mean()
-            if kl_rows[f]:
-                kl_lp = log_probs[kl_rows[f], column[0]]
-                if kl_init[f] is None:
-                    kl_init[f] = kl_lp.detach().clone()
-                loss = loss + hp.kl_factor * torch.nn.functional.kl_div(kl_init[f], kl_lp, log_target=True,
-                                                                        reduction="batchmean")
-            for delta, init in zip(deltas[f], inits[f]):
-                decay = hp.v_weight_decay * (delta.norm() / init.norm().clamp(min=1e-8) ** 2)
-                loss = loss + decay.to(loss.device)
-            value = float(loss.detach())
-            if value != value or value in (float("inf"), float("-inf")):
-                raise LoceditError(f"the value optimisation diverged (loss {value}) at step {step}; nothing "
-                                   "was changed — try a smaller v_lr")
-            losses[f].append(value)
-            if value < hp.early_stop_loss or last:
-                active[f] = False  # this fact's δ is final
-            else:
-                total = total + loss
-        if not any(active):
-            break
-        optimizer.zero_grad()
-        total.backward()
-        for f in range(F):
-            if not active[f]:
-                for d in deltas[f]:
-                    d.grad = None  # Adam leaves parameters without a gradient alone
-        optimizer.step()
-        with torch.no_grad():
+    with batch:  # the engine's hooks stay attached for the whole loop
+        for step in range(hp.v_num_grad_steps):
+            out = batch.run(rows, capture=capture if step == 0 else None, logits_at=wanted)
+            if step == 0:
+                record(out.captures)
+            log_probs = torch.log_softmax(out.logits.float(), dim=-1)
+            total = 0.0
+            last = step == hp.v_num_grad_steps - 1
             for f in range(F):
+                if not active[f]:
+                    continue
+                loss = torch.stack([-log_probs[r, target_index[r], row_targets[r]].mean() for r in rewrite[f]]).mean()
+                if kl_rows[f]:
+                    kl_lp = log_probs[kl_rows[f], column[0]]
+                    if kl_init[f] is None:
+                        kl_init[f] = kl_lp.detach().clone()
+                    loss = loss + hp.kl_factor * torch.nn.functional.kl_div(kl_init[f], kl_lp, log_target=True,
+                                                                            reduction="batchmean")
                 for delta, init in zip(deltas[f], inits[f]):
-                    limit = hp.clamp_norm_factor * init.norm()
-                    if delta.norm() > limit:
-                        delta.mul_(limit / delta.norm())
+                    decay = hp.v_weight_decay * (delta.norm() / init.norm().clamp(min=1e-8) ** 2)
+                    loss = loss + decay.to(loss.device)
+                value = float(loss.detach())
+                if value != value or value in (float("inf"), float("-inf")):
+                    raise LoceditError(f"the value optimisation diverged (loss {value}) at step {step}; nothing "
+                                       "was changed — try a smaller v_lr")
+                losses[f].append(value)
+                if value < hp.early_stop_loss or last:
+                    active[f] = False  # this fact's δ is final
+                else:
+                    total = total + loss
+            if not any(active):
+                break
+            optimizer.zero_grad()
+            total.backward()
+            for f in range(F):
+                if not active[f]:
+                    for d in deltas[f]:
+                        d.grad = None  # Adam leaves parameters without a gradient alone
+            optimizer.step()
+            with torch.no_grad():
+                for f in range(F):
+                    for delta, init in zip(deltas[f], inits[f]):
+                        limit = hp.clamp_norm_factor * init.norm()
+                        if delta.norm() > limit:
+                            delta.mul_(limit / delta.norm())
     seconds = (time.perf_counter() - start) / F
     return [ValueResult([d.detach() for d in deltas[f]], list(inits[f]), list(keys[f]), list(outputs[f]),
                         losses[f], seconds) for f in range(F)]

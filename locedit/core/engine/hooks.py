@@ -276,6 +276,7 @@ class Pass:
     expand_index: torch.Tensor | None = None
     capture: Capture | None = None
     captured: dict = field(default_factory=dict)
+    counts: dict = field(default_factory=dict)  # with `Capture(moments=True)`: vectors summed per (site, layer)
     # True when the engine built the forward itself (`run`, `run_batch`): the attention mask it receives is then
     # exactly causal (plus its layouts' padding), so layers without edge knockouts may use the kernel's own
     # causal path. False for `intervene`, where the caller's mask may hold anything.
@@ -286,8 +287,6 @@ class Pass:
 
     def wants(self, site: str, layer: int) -> bool:
         return self.capture is not None and self.capture.wants(site, layer)
-
-    counts: dict = field(default_factory=dict)  # moments: vectors summed per (site, layer)
 
     def record(self, site: str, layer: int, value: torch.Tensor) -> None:
         if self.capture is not None and self.capture.moments:

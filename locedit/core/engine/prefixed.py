@@ -4,11 +4,14 @@ with the columns no intervention reaches computed once.
 `prefixed(lm, input_ids, attention_mask, prefix=P)` runs columns [0, P) once, without gradients, keeping their
 keys and values; each `.run(rows)` then recomputes only columns [P, width) — with autograd on, so gradients flow
 into an `AddToSublayer` value or an `AddLinear` delta (ROME's v*, MEMIT's z, FT-L's weight change). By
-causality this equals the full forward whenever no row writes before column P (checked).
+causality this equals the full forward whenever no row writes before column P (checked). Used as a context
+manager (`with prefixed(...) as batch:`) the engine's hooks stay attached across the runs of the block (an
+optimisation loop then pays for attaching once); no other engine run may use the model inside it.
 """
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -54,11 +57,24 @@ class PrefixedBatch:
         if any(n == 0 for n in self.lengths):
             raise InterventionError("a row of the batch has no tokens (its attention mask is all zeros)")
         self._kv = None
+        self._held: ExitStack | None = None
+        self._state = None
         if self.prefix > 0:  # columns [0, prefix): once, no hooks, no gradients
             with torch.no_grad():
                 out = forward(lm, self.input_ids[:, :self.prefix], attention_mask=self.attention_mask[:, :self.prefix],
                               position_ids=self.position_ids[:, :self.prefix], use_cache=True, logits_at=1)
             self._kv = [(layer.keys, layer.values) for layer in output_cache(out).layers]
+
+    def __enter__(self) -> "PrefixedBatch":
+        stack = ExitStack()
+        self._state = stack.enter_context(attached(self.lm, projections=True))
+        self._held = stack
+        return self
+
+    def __exit__(self, *exc) -> None:
+        held, self._held, self._state = self._held, None, None
+        if held is not None:
+            held.close()
 
     @property
     def rows(self) -> int:
@@ -98,8 +114,10 @@ class PrefixedBatch:
         else:
             keep = torch.as_tensor(list(logits_at) if not isinstance(logits_at, torch.Tensor) else logits_at,
                                    dtype=torch.long)
-        with attached(lm, needs_projections(rows, capture)) as state:
-            state.pass_ = p = Pass(upper=layout, capture=capture, engine_mask=True)
+        p = Pass(upper=layout, capture=capture, engine_mask=True)
+        with ExitStack() as stack:
+            state = self._state or stack.enter_context(attached(lm, needs_projections(rows, capture)))
+            state.pass_ = p
             out = forward(lm, self.input_ids[:, self.prefix:], attention_mask=self.attention_mask,
                           position_ids=self.position_ids[:, self.prefix:], cache=cache,
                           use_cache=cache is not None, logits_at=keep)
