@@ -392,3 +392,23 @@ def test_projection_hooks_only_when_asked(lm):
     with torch.no_grad():
         run(lm, lm.encode(FACT), [[AddToSublayer("layer", 0, [0], torch.zeros(lm.d_model))]])
     assert _hook_ids(lm.model) == before and not registered()
+
+
+def test_prefixed_batch_as_a_context_keeps_one_attachment(lm):
+    from locedit.core.engine import AddToSublayer, prefixed
+    from locedit.errors import InterventionError
+
+    enc = lm.encode(FACT)
+    ids = torch.tensor([enc.input_ids])
+    before = _hook_ids(lm.model)
+    value = torch.randn(lm.d_model, generator=torch.Generator().manual_seed(6))
+    rows = [[AddToSublayer("mlp_down", 1, [enc.positions.subject_last], value)]]
+    with torch.no_grad():
+        alone = prefixed(lm, ids, torch.ones_like(ids), 2).run(rows).logits
+        with prefixed(lm, ids, torch.ones_like(ids), 2) as batch:
+            inside = _hook_ids(lm.model)
+            held = [batch.run(rows).logits for _ in range(2)]
+            with pytest.raises(InterventionError, match="already has locedit interventions"):
+                run(lm, enc)
+    assert inside != before and _hook_ids(lm.model) == before and not registered()
+    assert all(torch.equal(h, alone) for h in held)
