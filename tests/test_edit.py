@@ -366,7 +366,7 @@ def test_value_loss_matches_a_plain_per_prompt_computation(family):
     templates = context_templates(lm, hp.context_template_length_params, hp.seed)
     module = lm.adapter.layer_part(lm.model, 1, lm.adapter.mlp_down)
     batch = build_batch(lm, FACT, " city", templates, "subject_last", None, hp.kl_prompt)
-    result = optimize_values(lm, batch, [Site(module)], hp)
+    result = optimize_values(lm, batch, [Site("mlp_down", 1)], hp)
     delta = result.deltas[0]
     assert delta.norm() > 0
 

@@ -227,3 +227,188 @@ def test_chunked_passes_equal_full_recompute(lm):
     assert (full.logits - chunked.logits).abs().max() <= TOL
     for key in full.captures.data:
         assert torch.allclose(full.captures[key], chunked.captures[key], atol=1e-4, rtol=1e-5)
+
+
+# --- editing's interventions: AddToSublayer, AddLinear, PrefixedBatch, Capture(outputs), second_moments ---------
+def _module_of(lm, kind, layer):
+    if kind == "layer":
+        return lm.layers[layer]
+    return lm.adapter.layer_part(lm.model, layer, getattr(lm.adapter, kind))
+
+
+def _hooked_logits(lm, ids, kind, layer, fn):
+    """Plain HF forward with a hand-written forward hook: output -> fn(input, output tensor)."""
+    def hook(module, args, output):
+        if isinstance(output, tuple):
+            return (fn(args[0], output[0]), *output[1:])
+        return fn(args[0], output)
+
+    handle = _module_of(lm, kind, layer).register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            return lm.model(input_ids=torch.tensor([ids])).logits[0, -1]
+    finally:
+        handle.remove()
+
+
+def _columns(lm, kind):
+    if kind != "qkv":
+        return None, lm.d_model
+    rows = lm.adapter.head_value_rows(lm.model, 1)
+    return (rows.start, rows.stop), rows.stop - rows.start
+
+
+@pytest.mark.parametrize("kind", ["mlp_down", "attn_o", "qkv", "layer"])
+def test_add_to_sublayer_equals_a_hand_written_hook(lm, kind):
+    from locedit.core.engine import AddToSublayer
+
+    enc = lm.encode(FACT)
+    p = enc.positions.subject_last
+    columns, width = _columns(lm, kind)
+    value = torch.randn(width, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        zero = run(lm, enc, [[AddToSublayer(kind, 1, [p], torch.zeros(width), columns)]]).logits[0]
+        ours = run(lm, enc, [[AddToSublayer(kind, 1, [p], value, columns)]]).logits[0]
+    cols = slice(None) if columns is None else slice(*columns)
+
+    def add(x, out):
+        out = out.clone()
+        out[0, p, cols] += value
+        return out
+
+    ref = _hooked_logits(lm, enc.input_ids, kind, 1, add)
+    assert (zero - plain_logits(lm, enc)).abs().max() <= TOL
+    assert (ours - ref).abs().max() <= 1e-4 and (ours - zero).abs().max() > 1e-4
+
+
+def test_add_linear_equals_a_hand_written_hook_and_trains(lm):
+    from locedit.core.engine import AddLinear, prefixed
+
+    enc = lm.encode(FACT)
+    weight = lm.adapter.layer_part(lm.model, 2, lm.adapter.mlp_down).weight
+    shape = weight.shape[::-1] if lm.adapter.conv1d else weight.shape
+    D = (0.05 * torch.randn(*shape, generator=torch.Generator().manual_seed(4))).requires_grad_(True)
+    ids = torch.tensor([enc.input_ids])
+    out = prefixed(lm, ids, torch.ones_like(ids)).run([[AddLinear("mlp_down", 2, D)]], logits_at=[len(enc) - 1])
+    ref = _hooked_logits(lm, enc.input_ids, "mlp_down", 2, lambda x, o: o + (x.float() @ D.detach().T).to(o.dtype))
+    assert (out.logits[0, 0].detach() - ref).abs().max() <= 1e-4
+    out.logits.logsumexp(-1).sum().backward()
+    assert D.grad is not None and D.grad.abs().sum() > 0
+    assert all(p.grad is None for p in lm.model.parameters())
+
+
+def test_prefixed_batch_equals_the_full_forward_with_gradients(lm):
+    """Two left-padded prompts whose key columns align: the cached-prefix run gives the full run's logits and
+    the same gradient into the added value; writing inside the prefix is refused."""
+    from locedit.core.engine import AddToSublayer, prefixed
+    from locedit.errors import InterventionError
+
+    a, b = lm.encode(FACT), lm.encode(SHORT)
+    ka, kb = a.positions.subject_last, b.positions.subject_last
+    P = max(ka, kb)
+    width = P + max(len(a) - ka, len(b) - kb)
+    ids = torch.zeros(2, width, dtype=torch.long)
+    mask = torch.zeros(2, width, dtype=torch.long)
+    for i, (enc, k) in enumerate(((a, ka), (b, kb))):
+        ids[i, P - k:P - k + len(enc)] = torch.tensor(enc.input_ids)
+        mask[i, P - k:P - k + len(enc)] = 1
+    results = []
+    for prefix in (0, P):
+        value = torch.zeros(lm.d_model, requires_grad=True)
+        batch = prefixed(lm, ids, mask, prefix)
+        rows = [[AddToSublayer("mlp_down", 1, [ka], value)], [AddToSublayer("mlp_down", 1, [kb], value)]]
+        out = batch.run(rows, capture=Capture(mlp_keys=True, layers=[1]), logits_at=[width - 1 - prefix])
+        out.logits.float().log_softmax(-1)[:, 0, 5].sum().backward()
+        results.append((out.logits.detach(), value.grad.clone(), out.captures["mlp_keys", 1][:, P - prefix]))
+    (full, g_full, k_full), (cached, g_cached, k_cached) = results
+    assert (full - cached).abs().max() <= 1e-4
+    assert torch.allclose(g_full, g_cached, atol=1e-4, rtol=1e-3) and g_full.abs().sum() > 0
+    assert torch.allclose(k_full.detach(), k_cached.detach(), atol=1e-5)
+    with pytest.raises(InterventionError, match="inside the cached prefix"):
+        prefixed(lm, ids, mask, P).run([[AddToSublayer("mlp_down", 1, [0], torch.zeros(lm.d_model))], []])
+
+
+def test_capture_outputs_are_the_projections_outputs(lm):
+    enc = lm.encode(FACT)
+    L = lm.num_layers
+    with torch.no_grad():
+        caps = run(lm, enc, capture=Capture(outputs=("layer", "mlp_down", "attn_o"), residual=True, mlp=True,
+                                            attn=True)).captures
+    for layer in range(L):
+        assert torch.equal(caps["layer", layer], caps["residual", layer + 1])
+        if not lm.adapter.post_norms:
+            assert torch.allclose(caps["mlp_down", layer], caps["mlp", layer], atol=1e-6)
+            if lm.adapter.attn_out == lm.adapter.attn_o.rsplit(".", 1)[0]:
+                assert torch.allclose(caps["attn_o", layer], caps["attn", layer], atol=1e-6)
+
+
+def test_second_moments_equal_the_captured_states(lm):
+    from locedit.core.engine import second_moments
+
+    g = torch.Generator().manual_seed(5)
+    batches = [torch.randint(3, 300, (2, 7), generator=g), torch.randint(3, 300, (1, 9), generator=g)]
+    calls = []
+    handle = lm.layers[lm.num_layers - 1].register_forward_hook(lambda *a: calls.append(1))
+    try:
+        moments = second_moments(lm, batches, Capture(mlp_keys=True, heads=True, attn_in=True, layers=[1]))
+    finally:
+        handle.remove()
+    assert calls == [] and moments.tokens == 23
+    for site in ("mlp_keys", "heads", "attn_in"):
+        total = 0
+        for batch in batches:
+            with torch.no_grad():
+                x = run_batch(lm, batch.tolist(), capture=Capture(**{site: True}, layers=[1])).captures[site, 1]
+            x = x.reshape(-1, x.shape[-2] * x.shape[-1]) if site == "heads" else x.reshape(-1, x.shape[-1])
+            total = total + x.double().T @ x.double()
+        assert moments.counts[site, 1] == 23
+        assert torch.allclose(moments.sums[site, 1].double(), total, atol=1e-3, rtol=1e-4)
+
+
+def test_forward_keeps_the_asked_logits(lm):
+    from locedit.core.engine import forward, forward_accepts
+
+    enc = lm.encode(FACT)
+    ids = torch.tensor([enc.input_ids])
+    with torch.no_grad():
+        full = lm.model(input_ids=ids).logits
+        some = forward(lm, ids, logits_at=torch.tensor([1, 3])).logits
+        last = forward(lm, ids, logits_at=1).logits
+    assert isinstance(forward_accepts(lm, "logits_to_keep"), bool)
+    assert some.shape[1] == 2 and (some - full[:, [1, 3]]).abs().max() <= TOL
+    assert (last[:, -1] - full[:, -1]).abs().max() <= TOL
+
+
+def test_projection_hooks_only_when_asked(lm):
+    from locedit.core.engine import AddToSublayer
+    from locedit.core.engine.hooks import attached
+
+    counts = {}
+    for projections in (False, True):
+        with attached(lm, projections):
+            counts[projections] = len(_hook_ids(lm.model))
+    assert counts[True] > counts[False]
+    before = _hook_ids(lm.model)
+    with torch.no_grad():
+        run(lm, lm.encode(FACT), [[AddToSublayer("layer", 0, [0], torch.zeros(lm.d_model))]])
+    assert _hook_ids(lm.model) == before and not registered()
+
+
+def test_prefixed_batch_as_a_context_keeps_one_attachment(lm):
+    from locedit.core.engine import AddToSublayer, prefixed
+    from locedit.errors import InterventionError
+
+    enc = lm.encode(FACT)
+    ids = torch.tensor([enc.input_ids])
+    before = _hook_ids(lm.model)
+    value = torch.randn(lm.d_model, generator=torch.Generator().manual_seed(6))
+    rows = [[AddToSublayer("mlp_down", 1, [enc.positions.subject_last], value)]]
+    with torch.no_grad():
+        alone = prefixed(lm, ids, torch.ones_like(ids), 2).run(rows).logits
+        with prefixed(lm, ids, torch.ones_like(ids), 2) as batch:
+            inside = _hook_ids(lm.model)
+            held = [batch.run(rows).logits for _ in range(2)]
+            with pytest.raises(InterventionError, match="already has locedit interventions"):
+                run(lm, enc)
+    assert inside != before and _hook_ids(lm.model) == before and not registered()
+    assert all(torch.equal(h, alone) for h in held)

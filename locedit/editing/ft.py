@@ -1,8 +1,8 @@
 """FT-L, the ROME paper's constrained fine-tuning baseline: Adam on one layer's MLP output projection, each entry
 of the change kept within ±`norm_constraint`, minimising the NLL of the new target after the bare prompt.
 
-The change D is trained through a hook (the projection's output gets `x Dᵀ` added), so no weight is written while
-training; the result is a dense `WeightDelta`."""
+The change D is trained as an engine `AddLinear` (the projection's output gets `x Dᵀ` added), so no weight is
+written while training; the result is a dense `WeightDelta`."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ from locedit.errors import LoceditError
 from locedit.core.facts import Fact
 from locedit.editing.edit import WeightDelta, tensor_sha256
 from locedit.editing.rank_one import param_name, weight_out_in
-from locedit.editing.values import _output_tensor, _replace_output, build_batch
+from locedit.core.engine import AddLinear, prefixed
+from locedit.editing.values import build_batch
 
 
 @dataclass
@@ -32,19 +33,16 @@ def ft_update(lm, fact: Fact, new_target_text: str, layer: int, hp) -> FTResult:
     D = torch.zeros(W.shape, dtype=torch.float32, device=W.device, requires_grad=True)
     batch = build_batch(lm, fact, new_target_text, ["{}"], "subject_last", None, None)
 
-    def hook(mod, args, output):
-        out = _output_tensor(output)
-        return _replace_output(output, out + (args[0].float() @ D.T).to(out.dtype))
-
-    handle = module.register_forward_hook(hook)
+    rows = [[AddLinear("mlp_down", layer, D)]]
+    run = prefixed(lm, batch.input_ids, batch.attention_mask, 0, batch.position_ids)
     optimizer = torch.optim.Adam([D], lr=hp.lr)
-    positions = torch.tensor(batch.target_positions[0], device=lm.device)
+    positions = torch.tensor(batch.target_positions[0])
     ids = torch.tensor(batch.target_ids, device=lm.device)
     losses: list[float] = []
-    try:
+    with run:  # the engine's hooks stay attached for the whole loop
         for step in range(hp.num_steps):
-            logits = lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-            loss = -torch.log_softmax(logits[0, positions].float(), -1)[torch.arange(len(ids)), ids].mean()
+            logits = run.run(rows, logits_at=positions).logits
+            loss = -torch.log_softmax(logits[0].float(), -1)[torch.arange(len(ids)), ids].mean()
             value = float(loss.detach())
             if value != value:
                 raise LoceditError(f"FT diverged (loss {value}) at step {step}; nothing was changed")
@@ -56,8 +54,6 @@ def ft_update(lm, fact: Fact, new_target_text: str, layer: int, hp) -> FTResult:
             optimizer.step()
             with torch.no_grad():
                 D.clamp_(-hp.norm_constraint, hp.norm_constraint)
-    finally:
-        handle.remove()
     weight = module.weight
     delta = WeightDelta(param_name(lm.model, weight), tensor_sha256(weight), tuple(weight.shape),
                         dense=D.detach().cpu(), transposed=lm.adapter.conv1d)

@@ -51,7 +51,8 @@ def head_update(lm, fact: Fact, new_target_text: str, heads, rule: str, carrier_
             module = lm.adapter.layer_part(lm.model, layer, lm.adapter.attn_o)
             cols = slice(head * lm.head_dim, (head + 1) * lm.head_dim)
             w_oh = weight_out_in(module, lm.adapter.conv1d)[:, cols]
-            sites.append(Site(module, key_columns=cols, reference=lambda x, c=cols, w=w_oh: x[:, c].to(w.dtype) @ w.T))
+            sites.append(Site("attn_o", layer, key_columns=cols,
+                              reference=lambda x, c=cols, w=w_oh: x[:, c].to(w.dtype) @ w.T))
             plan.append((layer, cols, module))
         result = optimize_values(lm, batch, sites, hp)
         merged: dict[int, tuple] = {}
@@ -76,7 +77,7 @@ def head_update(lm, fact: Fact, new_target_text: str, heads, rule: str, carrier_
         for (layer, kv), members in groups.items():
             module = lm.adapter.layer_part(lm.model, layer, lm.adapter.qkv)
             rows = lm.adapter.head_value_rows(lm.model, members[0])
-            sites.append(Site(module, columns=rows))
+            sites.append(Site("qkv", layer, columns=rows))
             plan.append((layer, rows, module))
             if group > 1:
                 shared = list(range(kv * group, (kv + 1) * group))

@@ -27,14 +27,8 @@ from locedit.editing.rank_one import (
     weight_out_in,
 )
 from locedit.editing.templates import context_templates
-from locedit.editing.values import (
-    Site,
-    _output_tensor,
-    build_batch,
-    optimize_values_many,
-    pad_rows,
-    templated_prompts,
-)
+from locedit.core.engine import Capture, run_batch
+from locedit.editing.values import Site, build_batch, optimize_values_many, templated_prompts
 
 _PROJECTORS: dict = {}
 
@@ -51,14 +45,13 @@ def memit_update(lm, facts: Sequence[Fact], new_targets: Sequence[str], layers: 
                  carrier_offsets: Sequence[int | None], hp, stats) -> MemitResult:
     layers = sorted(set(int(l) for l in layers))
     top = layers[-1]
-    top_module = lm.layers[top]
     templates = context_templates(lm, hp.context_template_length_params, hp.seed)
     zs, losses, seconds = [], [], 0.0
     batches = [build_batch(lm, fact, target, templates, rule, offset, hp.kl_prompt)
                for fact, target, offset in zip(facts, new_targets, carrier_offsets)]
     for chunk in range(0, len(batches), hp.batch_facts):  # the z of several facts in one forward per step
         results = optimize_values_many(lm, batches[chunk:chunk + hp.batch_facts],
-                                       [Site(top_module, record_key=False)], hp)
+                                       [Site("layer", top, record_key=False)], hp)
         for result in results:
             zs.append(result.inits[0] + result.deltas[0])
             losses.append(result.losses)
@@ -69,7 +62,7 @@ def memit_update(lm, facts: Sequence[Fact], new_targets: Sequence[str], layers: 
     modules = {l: lm.adapter.layer_part(lm.model, l, lm.adapter.mlp_down) for l in layers}
     with _restoring([modules[l].weight for l in layers]):
         for i, layer in enumerate(layers):
-            K, H = _keys_and_outputs(lm, prompts, modules[layer], top_module)
+            K, H = _keys_and_outputs(lm, prompts, layer, top)
             R = (Z - H) / (len(layers) - i)
             C = stats.get("mlp", layer)
             if hp.nullspace:
@@ -88,34 +81,33 @@ def memit_update(lm, facts: Sequence[Fact], new_targets: Sequence[str], layers: 
     return MemitResult(deltas, keys, losses, seconds)
 
 
-def _keys_and_outputs(lm, prompts, key_module, out_module) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per fact: the template-averaged input of `key_module` at the key position (d_k) and the output of
-    `out_module` at the key position of the bare prompt (template 0). Returns (d_k × n, d_model × n)."""
+KEY_ROWS = 64  # prompts per forward when collecting keys (bounds the captured states' memory)
+
+
+def _keys_and_outputs(lm, prompts, key_layer: int, out_layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per fact: the template-averaged input of `key_layer`'s MLP output projection at the key position (d_k)
+    and the output of decoder layer `out_layer` at the key position of the bare prompt (template 0). Returns
+    (d_k × n, d_model × n)."""
     rows, positions, owner = [], [], []
     for f, (ids, keys, _) in enumerate(prompts):
         rows += ids
         positions += keys
         owner += [f] * len(ids)
-    input_ids, mask = pad_rows(lm, rows)
-    index = torch.arange(len(rows), device=lm.device)
-    pos = torch.tensor(positions, device=lm.device)
-    seen: dict = {}
-    def at_keys(x: torch.Tensor) -> torch.Tensor:
-        return x[index.to(x.device), pos.to(x.device)].float().to(lm.device)
-
-    h1 = key_module.register_forward_pre_hook(lambda m, a: seen.__setitem__("k", at_keys(a[0])))
-    h2 = out_module.register_forward_hook(lambda m, a, o: seen.__setitem__("h", at_keys(_output_tensor(o))))
-    try:
-        with torch.no_grad():
-            lm.model(input_ids=input_ids, attention_mask=mask)
-    finally:
-        h1.remove()
-        h2.remove()
+    capture = Capture(mlp_keys=True, outputs=("layer",), layers=sorted({key_layer, out_layer}))
+    k_rows, h_rows = [], []
+    with torch.no_grad():
+        for start in range(0, len(rows), KEY_ROWS):
+            part = range(start, min(start + KEY_ROWS, len(rows)))
+            caps = run_batch(lm, [rows[i] for i in part], capture=capture, padding_side="right").captures
+            for j, i in enumerate(part):
+                k_rows.append(caps.row("mlp_keys", key_layer, j)[positions[i]].float().to(lm.device))
+                h_rows.append(caps.row("layer", out_layer, j)[positions[i]].float().to(lm.device))
+    keys, outs = torch.stack(k_rows), torch.stack(h_rows)
     owner_t = torch.tensor(owner, device=lm.device)
     n = len(prompts)
-    K = torch.stack([seen["k"][owner_t == f].mean(0) for f in range(n)], dim=1)
+    K = torch.stack([keys[owner_t == f].mean(0) for f in range(n)], dim=1)
     first = [owner.index(f) for f in range(n)]
-    H = seen["h"][first].T
+    H = outs[first].T
     return K, H
 
 

@@ -9,9 +9,9 @@ Kinds (per layer `l`):
 * ``"attn_out"``: the input of the attention output projection (`adapter.attn_o`), the concatenated head outputs;
   (H·hd, H·hd).
 
-How it is computed: forward pre-hooks on those modules accumulate ``x.float().T @ x`` (fp32, on the module's
-device) for every requested (layer, kind) in the same forward; a hook after the highest requested layer stops the
-forward, so later layers and the unembedding cost nothing. Rows are packed with no padding, so every token counts.
+How it is computed: the engine's `second_moments` accumulates ``x.float().T @ x`` (fp32, on the module's device)
+for every requested (layer, kind) in the same forward, and stops the forward after the highest requested layer,
+so later layers and the unembedding cost nothing. Rows are packed with no padding, so every token counts.
 ROME's code (`rome/layer_stats.py`) makes a separate pass per layer instead.
 
 The default corpus differs from ROME's. ROME estimates C on Wikipedia: 100,000 texts (about 44M tokens per
@@ -54,8 +54,8 @@ FINGERPRINT_SAMPLES = 1024
 TOKENS_PER_DIM = 10
 
 
-class _StopForward(Exception):
-    """Raised by a hook after the last needed layer: the rest of the forward is skipped."""
+# the engine capture that records each kind's key
+_CAPTURE = {"mlp": "mlp_keys", "attn_in": "attn_in", "attn_out": "heads"}
 
 
 @dataclass
@@ -202,52 +202,29 @@ def _width(lm, kind: str, layer: int) -> int:
 @torch.no_grad()
 def _accumulate(lm, text: corpus_mod.Corpus, pairs: list[tuple[str, int]], batch_tokens: int,
                 progress: bool) -> dict[tuple[str, int], torch.Tensor]:
-    """One forward per batch over the corpus, hooks on every (kind, layer) in `pairs`, stopped after the highest
-    layer. Returns E[x xᵀ] per pair (float32, CPU)."""
+    """One forward per batch over the corpus (the engine's `second_moments`, stopped after the highest layer),
+    capturing every (kind, layer) in `pairs`. Returns E[x xᵀ] per pair (float32, CPU)."""
     from tqdm.auto import tqdm
 
-    sums: dict[tuple[str, int], torch.Tensor] = {}
-    seen = dict.fromkeys(pairs, 0)
+    from locedit.core.engine import Capture, second_moments
 
-    def hook_for(pair):
-        def hook(module, args, kwargs):
-            x = args[0] if args else next(v for v in kwargs.values() if isinstance(v, torch.Tensor))
-            x = x.detach().reshape(-1, x.shape[-1]).float()
-            if pair in sums:
-                sums[pair].addmm_(x.T, x)
-            else:
-                sums[pair] = x.T @ x
-            seen[pair] += x.shape[0]
-
-        return hook
-
-    def stop(module, args, output):
-        raise _StopForward
-
-    handles = []
-    count = 0
+    kinds = sorted({kind for kind, _ in pairs})
+    capture = Capture(**{_CAPTURE[kind]: True for kind in kinds}, layers=sorted({layer for _, layer in pairs}))
     bar = tqdm(total=text.tokens, unit="tok", desc=f"key statistics ({len(pairs)} layer×kind)",
                disable=not progress)
     try:
-        for pair in pairs:
-            handles.append(_module(lm, *pair).register_forward_pre_hook(hook_for(pair), with_kwargs=True))
-        handles.append(lm.layers[max(layer for _, layer in pairs)].register_forward_hook(stop))
-        for batch in text.batches(batch_tokens):
-            try:
-                lm.model(input_ids=batch.to(lm.device), use_cache=False)
-            except _StopForward:
-                pass
-            count += batch.numel()
-            bar.update(batch.numel())
+        moments = second_moments(lm, (batch.to(lm.device) for batch in text.batches(batch_tokens)), capture,
+                                 on_batch=bar.update)
     finally:
-        for handle in handles:
-            handle.remove()
         bar.close()
+    count = moments.tokens
+    seen = {pair: moments.counts.get((_CAPTURE[pair[0]], pair[1]), 0) for pair in pairs}
     short = [pair for pair, k in seen.items() if k != count]
     if short:
         raise LoceditError(f"the hooked module for {short[0][0]!r} at layer {short[0][1]} saw {seen[short[0]]} of "
                            f"{count} tokens; the adapter does not match {lm.name}")
-    return {pair: sums.pop(pair).div_(count).cpu() for pair in pairs}  # in place: no second copy
+    sums = moments.sums
+    return {pair: sums.pop((_CAPTURE[pair[0]], pair[1])).div_(count).cpu() for pair in pairs}  # in place
 
 
 # --- cache and checks -------------------------------------------------------------------------------------------

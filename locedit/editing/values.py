@@ -10,6 +10,9 @@ so the edited model predicts the new target after every context-templated rewrit
 with ‖δ‖ clamped to `clamp_norm_factor · ‖v_init‖` after each step and an early stop when L < `early_stop_loss`
 (ROME's code; the paper's Eq. 4 has only the first two terms). The same forward also records the key (the module's
 input at the key position) of every rewrite prompt, so the template-averaged key k* costs nothing extra.
+
+Everything that touches the model goes through the engine: δ is an `AddToSublayer` value, the states are a
+`Capture` of the first step, and the columns before the key run once (`prefixed`).
 """
 
 from __future__ import annotations
@@ -54,10 +57,12 @@ class PromptBatch:
 
 @dataclass
 class Site:
-    """Where δ is added: the output of `module` (its columns `columns`, all if None); the key recorded is the
-    module's input (`key_columns` of it) — or nothing when `record_key` is False."""
+    """Where δ is added: the output of projection `kind` of `layer` (an engine `Projection`: "mlp_down",
+    "attn_o", "qkv" or "layer"), its columns `columns` (all if None). The key recorded is that module's input
+    (`key_columns` of it) — or nothing when `record_key` is False."""
 
-    module: nn.Module
+    kind: str
+    layer: int
     columns: slice | None = None
     key_columns: slice | None = None
     record_key: bool = True
@@ -65,6 +70,10 @@ class Site:
     # weight decay and the clamp (default: the module's output columns there); head edits use the head's own
     # contribution W_O,h z_h rather than the whole attention output
     reference: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+
+# the engine capture holding each projection's input
+_INPUT_CAPTURE = {"mlp_down": "mlp_keys", "attn_o": "heads", "qkv": "attn_in", "layer": "residual"}
 
 
 @dataclass
@@ -178,14 +187,6 @@ def _encode_in_context(tokenizer, subject: str, text: str, char_start: int):
                      enc.subject_end, None)
 
 
-def _output_tensor(output):
-    return output[0] if isinstance(output, tuple) else output
-
-
-def _replace_output(output, tensor):
-    return (tensor,) + tuple(output[1:]) if isinstance(output, tuple) else tensor
-
-
 def optimize_values(lm, batch: PromptBatch, sites: Sequence[Site], hp) -> ValueResult:
     """Optimise one δ per site (jointly) for one fact, as described in the module docstring."""
     return optimize_values_many(lm, [batch], sites, hp)[0]
@@ -201,98 +202,64 @@ def optimize_values_many(lm, batches: Sequence[PromptBatch], sites: Sequence[Sit
     projection only where a loss term reads it."""
     import time
 
-    from locedit.core.engine.run import _forward_params, _output_cache
+    from locedit.core.engine import AddToSublayer, Capture, prefixed
 
     start = time.perf_counter()
     merged, row_fact, target_index_cols = _merge(lm, batches)
     F = len(batches)
     P = merged.prefix
     n_rows = merged.rows
-    rows = torch.arange(n_rows, device=lm.device)
-    local = torch.zeros(n_rows, dtype=torch.long, device=lm.device)  # key column inside the recomputed part
-    fact_of_row = torch.tensor(row_fact, device=lm.device)
     rewrite = [[r for r in range(n_rows) if row_fact[r] == f and target_index_cols[r]] for f in range(F)]
     kl_rows = [[r for r in range(n_rows) if row_fact[r] == f and not target_index_cols[r]] for f in range(F)]
-    deltas: list[list] = [[None] * len(sites) for _ in range(F)]
     inits: list[list] = [[None] * len(sites) for _ in range(F)]
     outputs: list[list] = [[None] * len(sites) for _ in range(F)]
     keys: list[list] = [[None] * len(sites) for _ in range(F)]
-    recording = {"on": True}
-    params = _forward_params(lm.model)
-    cache_name = "cache" if "cache" in params else "past_key_values"
+    # one δ per fact and site, added at each row's key column (column P of the padded batch: the columns before
+    # it run once, their keys and values cached, since δ cannot reach them)
+    deltas = [[torch.zeros(_width(lm, site), dtype=torch.float32, device=_device(lm, site), requires_grad=True)
+               for site in sites] for _ in range(F)]
+    batch = prefixed(lm, merged.input_ids, merged.attention_mask, P, merged.position_ids)
+    key_pos = [P - left for left in batch.pad_left]  # each row's own index of its key column
 
-    prefix_kv = None
-    if P > 0:  # columns [0, P): once, without hooks
-        with torch.no_grad():
-            out = lm.model(input_ids=merged.input_ids[:, :P], attention_mask=merged.attention_mask[:, :P],
-                           position_ids=merged.position_ids[:, :P], use_cache=True,
-                           **({"logits_to_keep": 1} if "logits_to_keep" in params else {}))
-        prefix_kv = [(layer.keys, layer.values) for layer in _output_cache(out).layers]
+    # built once: Adam updates the δs in place, and each run reads their current values
+    rows = [[AddToSublayer(site.kind, site.layer, [key_pos[r]], deltas[row_fact[r]][i],
+                           None if site.columns is None else (site.columns.start, site.columns.stop))
+             for i, site in enumerate(sites)] for r in range(n_rows)]
+
+    capture = Capture(**{_INPUT_CAPTURE[s.kind]: True for s in sites if s.record_key or s.reference is not None},
+                      outputs=tuple(sorted({s.kind for s in sites})), layers=sorted({s.layer for s in sites}))
     wanted = sorted({c - P for cols in target_index_cols for c in cols} | {0})
     column = {c: i for i, c in enumerate(wanted)}
-    keep = torch.tensor(wanted, dtype=torch.long, device=lm.device)
 
-    def make_hooks(i: int, site: Site):
-        def pre(module, args):
-            if not recording["on"]:
-                return
-            x = args[0][rows.to(args[0].device), local.to(args[0].device)].detach()
+    def record(captures) -> None:
+        """The step-0 states at the key column: keys, reference/initial values, template-averaged outputs."""
+        for i, site in enumerate(sites):
+            cols = site.columns or slice(None)
+            here = captures[site.kind, site.layer][:, 0][:, cols].detach().float()
+            x = None
+            if site.record_key or site.reference is not None:
+                x = captures[_INPUT_CAPTURE[site.kind], site.layer][:, 0].detach()
+                x = x.reshape(x.shape[0], -1)  # heads: (rows, H, hd) -> the projection's input (rows, H·hd)
             ref = site.reference(x).float() if site.reference is not None else None
             for f in range(F):
-                if ref is not None:
-                    inits[f][i] = ref[rewrite[f][0]].clone()
+                inits[f][i] = (ref if ref is not None else here)[rewrite[f][0]].clone()
+                outputs[f][i] = here[rewrite[f]].mean(0)
                 if site.record_key:
                     xf = x[rewrite[f]]
                     keys[f][i] = (xf if site.key_columns is None else xf[:, site.key_columns]).float().mean(0)
 
-        def post(module, args, output):
-            out = _output_tensor(output)
-            cols = site.columns or slice(None)
-            if recording["on"]:
-                here = out[rows.to(out.device), local.to(out.device)][:, cols].detach().float()
-                for f in range(F):
-                    if site.reference is None:
-                        inits[f][i] = here[rewrite[f][0]].clone()
-                    outputs[f][i] = here[rewrite[f]].mean(0)
-                    deltas[f][i] = torch.zeros_like(here[0], requires_grad=True)
-            index = torch.arange(out.shape[-1], device=out.device)[cols]
-            values = torch.stack([deltas[f][i] for f in range(F)])[fact_of_row].to(out.device, out.dtype)
-            r, c = rows.to(out.device), local.to(out.device)
-            add = torch.zeros_like(out).index_put((r[:, None], c[:, None], index[None, :]), values)
-            return _replace_output(output, out + add)
-
-        return pre, post
-
-    def forward() -> torch.Tensor:
-        kwargs = dict(input_ids=merged.input_ids[:, P:], attention_mask=merged.attention_mask,
-                      position_ids=merged.position_ids[:, P:])
-        if prefix_kv is not None:
-            from transformers import DynamicCache
-
-            kwargs[cache_name] = DynamicCache(ddp_cache_data=prefix_kv, config=lm.model.config)
-            kwargs["use_cache"] = True
-        if "logits_to_keep" in params:
-            return lm.model(**kwargs, logits_to_keep=keep).logits
-        return lm.model(**kwargs).logits[:, keep]
-
-    handles = []
-    for i, site in enumerate(sites):
-        pre, post = make_hooks(i, site)
-        handles.append(site.module.register_forward_pre_hook(pre))
-        handles.append(site.module.register_forward_hook(post))
     target_index = [torch.tensor([column[c - P] for c in cols], device=lm.device) for cols in target_index_cols]
     row_targets = [torch.tensor(ids, device=lm.device) for ids in merged.row_target_ids]
     losses: list[list[float]] = [[] for _ in range(F)]
+    optimizer = torch.optim.Adam([d for per_fact in deltas for d in per_fact], lr=hp.v_lr)
     active = [True] * F
-    try:
-        kl_init: list = [None] * F
-        optimizer = None
+    kl_init: list = [None] * F
+    with batch:  # the engine's hooks stay attached for the whole loop
         for step in range(hp.v_num_grad_steps):
-            logits = forward()
-            if recording["on"]:
-                recording["on"] = False
-                optimizer = torch.optim.Adam([d for per_fact in deltas for d in per_fact], lr=hp.v_lr)
-            log_probs = torch.log_softmax(logits.float(), dim=-1)
+            out = batch.run(rows, capture=capture if step == 0 else None, logits_at=wanted)
+            if step == 0:
+                record(out.captures)
+            log_probs = torch.log_softmax(out.logits.float(), dim=-1)
             total = 0.0
             last = step == hp.v_num_grad_steps - 1
             for f in range(F):
@@ -332,12 +299,29 @@ def optimize_values_many(lm, batches: Sequence[PromptBatch], sites: Sequence[Sit
                         limit = hp.clamp_norm_factor * init.norm()
                         if delta.norm() > limit:
                             delta.mul_(limit / delta.norm())
-    finally:
-        for h in handles:
-            h.remove()
     seconds = (time.perf_counter() - start) / F
     return [ValueResult([d.detach() for d in deltas[f]], list(inits[f]), list(keys[f]), list(outputs[f]),
                         losses[f], seconds) for f in range(F)]
+
+
+def site_module(lm, site: Site) -> nn.Module:
+    """The module whose output a site changes."""
+    if site.kind == "layer":
+        return lm.layers[site.layer]
+    return lm.adapter.layer_part(lm.model, site.layer, getattr(lm.adapter, site.kind))
+
+
+def _device(lm, site: Site) -> torch.device:
+    return next(site_module(lm, site).parameters()).device
+
+
+def _width(lm, site: Site) -> int:
+    if site.columns is not None:
+        return len(range(site.columns.start, site.columns.stop))
+    if site.kind == "layer":
+        return lm.d_model
+    weight = site_module(lm, site).weight
+    return int(weight.shape[1] if lm.adapter.conv1d else weight.shape[0])
 
 
 def _merge(lm, batches: Sequence[PromptBatch]) -> tuple[PromptBatch, list[int], list[list[int]]]:

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from locedit.editing.values import pad_rows
-from locedit.core.engine.run import _forward_params, _output_cache
+from locedit.core.engine import forward_accepts, output_cache
 from locedit.errors import FactError
 
 # A fixed, neutral text sample for the perplexity drift (no facts that edits in the curated set touch).
@@ -109,7 +109,7 @@ def _batches(lengths: Sequence[int], batch_tokens: int) -> Iterable[list[int]]:
 def _logits(lm, input_ids: torch.Tensor, mask: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
     """Logits at positions [lo, hi) of a padded batch: only those are projected to the vocabulary when the model
     takes `logits_to_keep` (the projection dominates the cost of short prompts with a large vocabulary)."""
-    if "logits_to_keep" in _forward_params(lm.model) and (lo > 0 or hi < input_ids.shape[1]):
+    if forward_accepts(lm, "logits_to_keep") and (lo > 0 or hi < input_ids.shape[1]):
         keep = torch.arange(lo, hi, device=input_ids.device)
         return lm.model(input_ids=input_ids, attention_mask=mask, logits_to_keep=keep).logits
     return lm.model(input_ids=input_ids, attention_mask=mask).logits[:, lo:hi]
@@ -223,7 +223,7 @@ def greedy_generate_ids(lm, prompts: Sequence[str], max_new_tokens: int = 20, *,
         input_ids, mask = input_ids.to(lm.device), mask.to(lm.device)
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
         out = lm.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=True)
-        cache_kw = "cache" if "cache" in _forward_params(lm.model) else "past_key_values"
+        cache_kw = "cache" if forward_accepts(lm, "cache") else "past_key_values"
         generated = []
         for step in range(max_new_tokens):
             nxt = out.logits[:, -1].float().argmax(-1)
@@ -234,7 +234,7 @@ def greedy_generate_ids(lm, prompts: Sequence[str], max_new_tokens: int = 20, *,
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
             position_ids = position_ids[:, -1:] + 1
             out = lm.model(input_ids=nxt[:, None], attention_mask=mask, position_ids=position_ids,
-                           use_cache=True, **{cache_kw: _output_cache(out)})
+                           use_cache=True, **{cache_kw: output_cache(out)})
         new = torch.stack(generated, dim=1).cpu().tolist()
         for row, i in enumerate(idx):
             ids = new[row]

@@ -2,7 +2,10 @@
 
 from locedit.core.engine.hooks import registered
 from locedit.core.engine.interventions import (
+    PROJECTIONS,
     AddEmbeddingNoise,
+    AddLinear,
+    AddToSublayer,
     BlockAttention,
     Capture,
     Intervention,
@@ -11,9 +14,23 @@ from locedit.core.engine.interventions import (
     SetSublayer,
     UniformAttention,
 )
-from locedit.core.engine.run import Captures, RunResult, intervene, run, run_batch, run_packed
+from locedit.core.engine.moments import Moments, second_moments
+from locedit.core.engine.prefixed import PrefixedBatch, PrefixedResult, prefixed
+from locedit.core.engine.run import (
+    Captures,
+    RunResult,
+    forward,
+    forward_accepts,
+    intervene,
+    output_cache,
+    run,
+    run_batch,
+    run_packed,
+)
 
 __all__ = [
-    "AddEmbeddingNoise", "BlockAttention", "Capture", "Captures", "Intervention", "RunResult", "SetHeads",
-    "SetResidual", "SetSublayer", "UniformAttention", "intervene", "registered", "run", "run_batch", "run_packed",
+    "PROJECTIONS", "AddEmbeddingNoise", "AddLinear", "AddToSublayer", "BlockAttention", "Capture", "Captures",
+    "Intervention", "Moments", "PrefixedBatch", "PrefixedResult", "RunResult", "SetHeads", "SetResidual",
+    "SetSublayer", "UniformAttention", "forward", "forward_accepts", "intervene", "output_cache", "prefixed",
+    "registered", "run", "run_batch", "run_packed", "second_moments",
 ]

@@ -10,16 +10,19 @@ from __future__ import annotations
 import sys
 import threading
 from contextlib import contextmanager
+from functools import partial
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
 
-from locedit.core.adapters import _get
 from locedit.errors import InterventionError
 from locedit.core.engine.interventions import (
+    PROJECTIONS,
     AddEmbeddingNoise,
+    AddLinear,
+    AddToSublayer,
     BlockAttention,
     Capture,
     Intervention,
@@ -93,12 +96,38 @@ class Layout:
             self._cache[key] = self._build_writes(site, layer)
         return self._cache[key]
 
-    def _build_writes(self, site: str, layer: int) -> "Writes | None":
+    def adds(self, kind: str, layer: int) -> "list[Writes]":
+        """The `AddToSublayer` writes at projection `kind` of `layer`, one `Writes` per distinct column range."""
+        key = ("a", kind, layer)
+        if key not in self._cache:
+            ranges = sorted({iv.columns for ivs in self.interventions for iv in ivs
+                             if isinstance(iv, AddToSublayer) and iv.kind == kind and iv.layer == layer},
+                            key=lambda c: (-1, -1) if c is None else c)
+            built = [self._build_writes(kind, layer, columns) for columns in ranges]
+            self._cache[key] = [w for w in built if w is not None]
+        return self._cache[key]
+
+    def linear(self, kind: str, layer: int) -> "list[tuple[torch.Tensor | None, torch.Tensor]]":
+        """The `AddLinear` deltas at projection `kind` of `layer`: [(rows or None for every row, delta)]."""
+        key = ("l", kind, layer)
+        if key not in self._cache:
+            groups: dict[int, tuple[list[int], torch.Tensor]] = {}
+            for row, ivs in enumerate(self.interventions):
+                for iv in ivs:
+                    if isinstance(iv, AddLinear) and iv.kind == kind and iv.layer == layer:
+                        groups.setdefault(id(iv.delta), ([], iv.delta))[0].append(row)
+            self._cache[key] = [
+                (None if rows == list(range(self.batch)) else torch.tensor(rows, dtype=torch.long,
+                                                                           device=self.device), delta)
+                for rows, delta in groups.values()]
+        return self._cache[key]
+
+    def _build_writes(self, site: str, layer: int, columns: tuple[int, int] | None = None) -> "Writes | None":
         entries: dict[tuple, torch.Tensor | None] = {}
-        additive = site == "embed"
+        additive = site == "embed" or site in PROJECTIONS
         for row, ivs in enumerate(self.interventions):
             for iv in ivs:
-                for pos_list, heads, value in _writes_of(iv, site, layer, self):
+                for pos_list, heads, value in _writes_of(iv, site, layer, self, columns):
                     for k, pos in enumerate(pos_list):
                         absolute = self.absolute(row, pos)
                         if not self.t0 <= absolute < self.t1:
@@ -125,7 +154,8 @@ class Layout:
             # the model's device once, here, instead of once per forward
             values = torch.stack([torch.zeros_like(ref) if v is None else v.to(device=device, dtype=ref.dtype)
                                   for v in values])
-        return Writes(index=index, values=None if zero else values, additive=additive)
+        cols = None if columns is None else torch.arange(*columns, dtype=torch.long, device=self.device)
+        return Writes(index=index, values=None if zero else values, additive=additive, columns=cols)
 
     # --- attention edits --------------------------------------------------------------------------------------
     def blocked(self, layer: int) -> torch.Tensor | None:
@@ -173,6 +203,8 @@ class Layout:
                     self._check_layers([iv.layer], allow_final=True)
                 elif not isinstance(iv, AddEmbeddingNoise):
                     self._check_layers(iv.layers)
+                if isinstance(iv, AddLinear):
+                    continue
                 if isinstance(iv, (SetHeads,)) or (isinstance(iv, BlockAttention) and iv.heads is not None):
                     self._check_heads(iv.heads)
                 positions = iv.queries + iv.keys if isinstance(iv, BlockAttention) else (
@@ -186,9 +218,14 @@ class Writes:
     index: tuple[torch.Tensor, ...]
     values: torch.Tensor | None  # None: zeros
     additive: bool
+    columns: torch.Tensor | None = None  # output features written (all when None)
 
     def apply(self, h: torch.Tensor) -> torch.Tensor:
         index = tuple(i.to(h.device) for i in self.index)
+        if self.columns is not None:
+            index = tuple(i[:, None] for i in index) + (self.columns.to(h.device)[None, :],)
+            values = self.values.to(device=h.device, dtype=h.dtype)
+            return h.index_put(index, values, accumulate=self.additive)
         if self.values is None:
             values = torch.zeros((), dtype=h.dtype, device=h.device).expand(len(index[0]), *h.shape[len(index):])
         else:
@@ -210,9 +247,12 @@ def _broadcast(value: torch.Tensor | None, n: int, width: int | None, what: str)
         ) from None
 
 
-def _writes_of(iv: Intervention, site: str, layer: int, layout: Layout):
+def _writes_of(iv: Intervention, site: str, layer: int, layout: Layout, columns: tuple[int, int] | None = None):
     """Yield (positions, heads, values) of `iv` at `site`/`layer`; values row k belongs to positions[k]."""
-    if site == "embed" and isinstance(iv, AddEmbeddingNoise):
+    if site in PROJECTIONS:
+        if isinstance(iv, AddToSublayer) and iv.kind == site and iv.layer == layer and iv.columns == columns:
+            yield iv.positions, (None,), _broadcast(iv.value, len(iv.positions), None, "AddToSublayer")
+    elif site == "embed" and isinstance(iv, AddEmbeddingNoise):
         yield iv.positions, (None,), _broadcast(iv.noise, len(iv.positions), None, "AddEmbeddingNoise")
     elif site == "residual" and isinstance(iv, SetResidual) and iv.layer == layer:
         yield iv.positions, (None,), _broadcast(iv.value, len(iv.positions), None, "SetResidual")
@@ -236,6 +276,7 @@ class Pass:
     expand_index: torch.Tensor | None = None
     capture: Capture | None = None
     captured: dict = field(default_factory=dict)
+    counts: dict = field(default_factory=dict)  # with `Capture(moments=True)`: vectors summed per (site, layer)
     # True when the engine built the forward itself (`run`, `run_batch`): the attention mask it receives is then
     # exactly causal (plus its layouts' padding), so layers without edge knockouts may use the kernel's own
     # causal path. False for `intervene`, where the caller's mask may hold anything.
@@ -248,6 +289,17 @@ class Pass:
         return self.capture is not None and self.capture.wants(site, layer)
 
     def record(self, site: str, layer: int, value: torch.Tensor) -> None:
+        if self.capture is not None and self.capture.moments:
+            x = value.detach()
+            x = x.reshape(-1, x.shape[-2] * x.shape[-1]) if site == "heads" else x.reshape(-1, x.shape[-1])
+            x = x.float()
+            key = (site, layer)
+            if key in self.captured:
+                self.captured[key].addmm_(x.T, x)
+            else:
+                self.captured[key] = x.T @ x
+            self.counts[key] = self.counts.get(key, 0) + x.shape[0]
+            return
         self.captured[(site, layer)] = value
 
 
@@ -380,10 +432,12 @@ def _eager_kernel_for(module: nn.Module) -> Callable:
 
 
 @contextmanager
-def attached(lm) -> Iterator[_PassState]:
+def attached(lm, projections: bool = False) -> Iterator[_PassState]:
     """Attach locedit's hooks and attention function to `lm.model` for the duration of the block.
 
-    Set `state.pass_` before each forward. Everything is undone on exit, also through an exception."""
+    Set `state.pass_` before each forward. `projections`: also hook the projections and layer outputs that
+    `AddToSublayer`, `AddLinear`, `Capture(outputs=..., attn_in=...)` use (off by default: fewer hooks, faster
+    forwards). Everything is undone on exit, also through an exception."""
     from transformers import AttentionInterface
 
     model, adapter = lm.model, lm.adapter
@@ -412,7 +466,7 @@ def attached(lm) -> Iterator[_PassState]:
             cfg._attn_implementation = ATTN_NAME
         for layer, module in enumerate(attn_modules):
             _ACTIVE_MODULES[id(module)] = (state, layer)
-        handles += _install_hooks(lm, state)
+        handles += _install_hooks(lm, state, projections)
         yield state
     finally:
         for h in handles:
@@ -437,7 +491,7 @@ def _configs_of(model: nn.Module) -> list:
     return configs
 
 
-def _install_hooks(lm, state: _PassState) -> list:
+def _install_hooks(lm, state: _PassState, projections: bool = False) -> list:
     model, adapter, n_layers = lm.model, lm.adapter, lm.num_layers
     handles = []
 
@@ -447,12 +501,24 @@ def _install_hooks(lm, state: _PassState) -> list:
 
     handles.append(adapter.embed_module(model).register_forward_hook(embed_hook))
 
+    def layer_output(p: Pass, layer: int, h: torch.Tensor) -> torch.Tensor:
+        """What decoder layer `layer` outputs, after its `AddToSublayer("layer", ...)` writes."""
+        if not projections:
+            return h
+        for w in p.layout(layer).adds("layer", layer):
+            h = w.apply(h)
+        if p.wants("layer", layer):
+            p.record("layer", layer, h)
+        return h
+
     for layer in range(n_layers):
         block = adapter.get_layers(model)[layer]
 
         def pre_layer(module, args, kwargs, layer=layer):
             p = state.pass_
             h, rebuild = _first_tensor(args, kwargs)
+            if layer > 0:
+                h = layer_output(p, layer - 1, h)
             if p.lower is not None and layer == p.split:
                 h = h.index_select(0, p.expand_index.to(h.device))
             w = p.layout(layer).writes("residual", layer)
@@ -468,6 +534,7 @@ def _install_hooks(lm, state: _PassState) -> list:
             def post_last(module, args, output, layer=layer):
                 p = state.pass_
                 h, rebuild = _output_tensor(output)
+                h = layer_output(p, layer, h)
                 w = p.layout(layer).writes("residual", n_layers)
                 if w is not None:
                     h = w.apply(h)
@@ -488,7 +555,7 @@ def _install_hooks(lm, state: _PassState) -> list:
                     p.record(site, layer, h)
                 return rebuild(h)
 
-            handles.append(_get(block, path).register_forward_hook(sublayer_hook))
+            handles.append(adapter.layer_part(model, layer, path).register_forward_hook(sublayer_hook))
 
         def heads_hook(module, args, kwargs, layer=layer):
             p = state.pass_
@@ -503,15 +570,53 @@ def _install_hooks(lm, state: _PassState) -> list:
                 p.record("heads", layer, shaped)
             return rebuild(shaped.reshape(z.shape))
 
-        handles.append(_get(block, adapter.attn_o).register_forward_pre_hook(heads_hook, with_kwargs=True))
+        handles.append(adapter.layer_part(model, layer, adapter.attn_o).register_forward_pre_hook(
+            heads_hook, with_kwargs=True))
 
-        def keys_hook(module, args, kwargs, layer=layer):
+        def input_hook(module, args, kwargs, layer=layer, site="mlp_keys"):
             p = state.pass_
-            if p.wants("mlp_keys", layer):
-                k, _ = _first_tensor(args, kwargs, "input")
-                p.record("mlp_keys", layer, k)
+            if p.wants(site, layer):
+                x, _ = _first_tensor(args, kwargs, "input")
+                p.record(site, layer, x)
             return None
 
-        handles.append(_get(block, adapter.mlp_down).register_forward_pre_hook(keys_hook, with_kwargs=True))
+        handles.append(adapter.layer_part(model, layer, adapter.mlp_down).register_forward_pre_hook(
+            input_hook, with_kwargs=True))
+        if not projections:
+            continue
+        qkv = adapter.layer_part(model, layer, adapter.qkv)
+        handles.append(qkv.register_forward_pre_hook(partial(input_hook, layer=layer, site="attn_in"),
+                                                     with_kwargs=True))
+
+        for kind in ("mlp_down", "attn_o", "qkv"):
+            def projection_hook(module, args, kwargs, output, layer=layer, kind=kind):
+                p = state.pass_
+                layout = p.layout(layer)
+                linear, adds = layout.linear(kind, layer), layout.adds(kind, layer)
+                if not linear and not adds and not p.wants(kind, layer):
+                    return None
+                h, rebuild = _output_tensor(output)
+                if linear:
+                    x, _ = _first_tensor(args, kwargs, "input")
+                    for rows, delta in linear:
+                        if rows is None:  # every row: FT-L's own arithmetic, bit for bit
+                            h = h + (x.float() @ delta.to(x.device).T).to(h.dtype)
+                        else:
+                            r = rows.to(h.device)
+                            h = h.index_add(0, r, (x[r].float() @ delta.to(x.device).T).to(h.dtype))
+                for w in adds:
+                    h = w.apply(h)
+                if p.wants(kind, layer):
+                    p.record(kind, layer, h)
+                return rebuild(h)
+
+            handles.append(adapter.layer_part(model, layer, getattr(adapter, kind)).register_forward_hook(
+                projection_hook, with_kwargs=True))
     return handles
 
+
+def needs_projections(rows: Sequence[Sequence[Intervention]], capture: Capture | None) -> bool:
+    """Whether a run needs the projection hooks (`attached(lm, projections=True)`)."""
+    if capture is not None and (capture.outputs or capture.attn_in):
+        return True
+    return any(isinstance(iv, (AddToSublayer, AddLinear)) for ivs in rows for iv in ivs)

@@ -12,6 +12,19 @@ from typing import Literal, Sequence, Union
 import torch
 
 Sublayer = Literal["attn", "mlp"]
+# The modules of a layer whose output `AddToSublayer` / `AddLinear` change and `Capture(outputs=...)` records:
+# the MLP output projection, the attention output projection, the value-producing projection (v_proj, qkv_proj,
+# c_attn or query_key_value) and the whole decoder layer (its output is the residual entering the next layer).
+Projection = Literal["mlp_down", "attn_o", "qkv", "layer"]
+PROJECTIONS: tuple[str, ...] = ("mlp_down", "attn_o", "qkv", "layer")
+
+
+def _projection(kind: str, what: str) -> str:
+    if kind not in PROJECTIONS:
+        from locedit.errors import InterventionError
+
+        raise InterventionError(f"{what}: unknown kind {kind!r}; use one of {', '.join(PROJECTIONS)}")
+    return kind
 
 
 def _tuple(values) -> tuple[int, ...]:
@@ -110,7 +123,59 @@ class AddEmbeddingNoise:
         object.__setattr__(self, "positions", _tuple(self.positions))
 
 
-Intervention = Union[BlockAttention, UniformAttention, SetSublayer, SetHeads, SetResidual, AddEmbeddingNoise]
+@dataclass(frozen=True, eq=False)
+class AddToSublayer:
+    """Add `value` to what module `kind` of `layer` outputs, at `positions` (its output features `columns`, a
+    (start, stop) pair, or all of them). `value` broadcasts to (len(positions), width); it may require grad:
+    gradients flow into it, which is how editing optimises ROME's v* / MEMIT's z (δ = 0 leaves every number as
+    it was). kind: "mlp_down" (the MLP output projection), "attn_o" (the attention output projection), "qkv"
+    (the value-producing projection) or "layer" (the decoder layer: the residual entering layer + 1)."""
+
+    kind: Projection
+    layer: int
+    positions: Sequence[int]
+    value: torch.Tensor
+    columns: tuple[int, int] | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "kind", _projection(self.kind, "AddToSublayer"))
+        object.__setattr__(self, "layer", int(self.layer))
+        object.__setattr__(self, "positions", _tuple(self.positions))
+        if self.columns is not None:
+            start, stop = (int(c) for c in self.columns)
+            object.__setattr__(self, "columns", (start, stop))
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        return (self.layer,)
+
+
+@dataclass(frozen=True, eq=False)
+class AddLinear:
+    """Add `x @ delta.T` (in float32, cast to the output's dtype) to what projection `kind` of `layer` outputs,
+    x being its input, at every position: a weight change (out, in) applied without writing any weight.
+    `delta` may require grad (FT-L trains it). kind: "mlp_down", "attn_o" or "qkv"."""
+
+    kind: Projection
+    layer: int
+    delta: torch.Tensor
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "kind", _projection(self.kind, "AddLinear"))
+        if self.kind == "layer":
+            from locedit.errors import InterventionError
+
+            raise InterventionError("AddLinear: a decoder layer is not a linear projection; use mlp_down, attn_o "
+                                    "or qkv")
+        object.__setattr__(self, "layer", int(self.layer))
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        return (self.layer,)
+
+
+Intervention = Union[BlockAttention, UniformAttention, SetSublayer, SetHeads, SetResidual, AddEmbeddingNoise,
+                     AddToSublayer, AddLinear]
 
 
 @dataclass(frozen=True)
@@ -131,11 +196,27 @@ class Capture:
     heads: bool = False
     mlp_keys: bool = False
     attn_weights: bool = False
+    attn_in: bool = False
+    outputs: tuple[str, ...] = ()
     layers: Sequence[int] | None = None
     last_only: bool = False
+    moments: bool = False
+
+    def __post_init__(self) -> None:
+        outputs = (self.outputs,) if isinstance(self.outputs, str) else tuple(self.outputs)
+        for kind in outputs:
+            _projection(kind, "Capture(outputs=...)")
+        object.__setattr__(self, "outputs", outputs)
 
     def wants(self, site: str, layer: int) -> bool:
-        return bool(getattr(self, site)) and (self.layers is None or layer in self.layers)
+        on = site in self.outputs if site in PROJECTIONS else bool(getattr(self, site))
+        return on and (self.layers is None or layer in self.layers)
+
+    def highest_layer(self, num_layers: int) -> int:
+        """The highest layer any captured site reads (for stopping a forward early)."""
+        if self.layers is not None and self.layers:
+            return max(self.layers)
+        return num_layers - 1
 
 
 def first_layer(interventions: Sequence[Intervention]) -> int:
@@ -155,4 +236,6 @@ def written_positions(iv: Intervention) -> tuple[int, ...]:
     """The positions whose states an intervention changes directly (queries for attention edits)."""
     if isinstance(iv, (BlockAttention, UniformAttention)):
         return iv.queries
+    if isinstance(iv, AddLinear):
+        return (0,)
     return iv.positions

@@ -13,8 +13,16 @@ import torch
 
 from locedit.errors import FactError, InterventionError
 from locedit.core.facts import EncodedFact, Fact
-from locedit.core.engine.hooks import Layout, Pass, attached
-from locedit.core.engine.interventions import AddEmbeddingNoise, Capture, Intervention, SetHeads, first_layer, written_positions
+from locedit.core.engine.hooks import Layout, Pass, attached, needs_projections
+from locedit.core.engine.interventions import (
+    AddEmbeddingNoise,
+    AddToSublayer,
+    Capture,
+    Intervention,
+    SetHeads,
+    first_layer,
+    written_positions,
+)
 
 Rows = Sequence[Sequence[Intervention]]
 
@@ -85,19 +93,50 @@ def _token_ids(lm, prompt) -> list[int]:
     return ids
 
 
-def _forward(lm, input_ids: torch.Tensor, *, position_ids, attention_mask=None, cache=None, use_cache=False,
-             last_only_logits=True, logits_to_keep: torch.Tensor | None = None):
-    kwargs = dict(input_ids=input_ids.to(lm.device), position_ids=position_ids.to(lm.device), use_cache=use_cache)
+def forward(lm, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
+            position_ids: torch.Tensor | None = None, cache=None, use_cache: bool = False,
+            logits_at: int | torch.Tensor | None = None):
+    """One forward of `lm.model`, the same whatever the model's signature: `cache` goes to its `cache` or
+    `past_key_values` argument; `logits_at` keeps only the logits of the last N positions (an int) or of the
+    given column indices (a 1-D tensor) — through `logits_to_keep` where the model takes it (then only those are
+    projected to the vocabulary), by slicing otherwise. Returns the model's output."""
+    kwargs = dict(input_ids=input_ids.to(lm.device), use_cache=use_cache)
+    if position_ids is not None:
+        kwargs["position_ids"] = position_ids.to(lm.device)
     if attention_mask is not None:
         kwargs["attention_mask"] = attention_mask.to(lm.device)
     params = _forward_params(lm.model)
     if cache is not None:
         kwargs["cache" if "cache" in params else "past_key_values"] = cache
-    if last_only_logits and "logits_to_keep" in params:
-        kwargs["logits_to_keep"] = 1
-    elif logits_to_keep is not None and "logits_to_keep" in params:
-        kwargs["logits_to_keep"] = logits_to_keep.to(lm.device)
-    return lm.model(**kwargs)
+    keep = logits_at.to(lm.device) if isinstance(logits_at, torch.Tensor) else logits_at
+    if keep is not None and "logits_to_keep" in params:
+        return lm.model(**kwargs, logits_to_keep=keep)
+    out = lm.model(**kwargs)
+    if keep is not None:
+        out.logits = out.logits[:, -keep:] if isinstance(keep, int) else out.logits[:, keep]
+    return out
+
+
+def forward_accepts(lm, argument: str) -> bool:
+    """Whether `lm.model.forward` takes the keyword `argument` (e.g. "logits_to_keep")."""
+    return argument in _forward_params(lm.model)
+
+
+def output_cache(output):
+    """The key/value cache a forward with `use_cache=True` returned (`cache` or `past_key_values`)."""
+    return getattr(output, "cache", None) if getattr(output, "cache", None) is not None else output.past_key_values
+
+
+def _forward(lm, input_ids: torch.Tensor, *, position_ids, attention_mask=None, cache=None, use_cache=False,
+             last_only_logits=True, logits_to_keep: torch.Tensor | None = None):
+    if last_only_logits and forward_accepts(lm, "logits_to_keep"):
+        keep = 1
+    elif logits_to_keep is not None and forward_accepts(lm, "logits_to_keep"):
+        keep = logits_to_keep
+    else:
+        keep = None
+    return forward(lm, input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
+                   use_cache=use_cache, logits_at=keep)
 
 
 _PARAMS: dict[type, set] = {}
@@ -109,8 +148,7 @@ def _forward_params(model) -> set:
     return _PARAMS[type(model)]
 
 
-def _output_cache(output):
-    return getattr(output, "cache", None) if getattr(output, "cache", None) is not None else output.past_key_values
+_output_cache = output_cache  # the old private names, until every caller uses the public ones
 
 
 def run(lm, prompt, rows: Rows | None = None, *, capture: Capture | None = None,
@@ -149,9 +187,10 @@ def run(lm, prompt, rows: Rows | None = None, *, capture: Capture | None = None,
     capture = capture or Capture()
     all_ids = torch.tensor([ids], dtype=torch.long)
 
+    projections = needs_projections(full, capture)
     if not reuse_prefix:
         layout = Layout(full, [n] * n_rows, [0] * n_rows, 0, n, lm.num_layers, lm.num_heads, lm.device)
-        with attached(lm) as state:
+        with attached(lm, projections) as state:
             state.pass_ = p = Pass(upper=layout, capture=capture, engine_mask=True)
             out = _forward(lm, all_ids.expand(n_rows, n), position_ids=torch.arange(n)[None])
         return RunResult(out.logits[:, -1], _assemble_full(p.captured, capture, n_rows, n))
@@ -160,7 +199,7 @@ def run(lm, prompt, rows: Rows | None = None, *, capture: Capture | None = None,
     chunks = plan_chunks(points, n, lm.num_layers, n_bases, max_rows=max_rows)
     logits = [None] * n_rows
     pieces: dict = {}
-    with attached(lm) as state:
+    with attached(lm, projections) as state:
         # 1. every base once over the whole prompt, keeping its keys and values
         base_layout = Layout(bases, [n] * n_bases, [0] * n_bases, 0, n, lm.num_layers, lm.num_heads, lm.device)
         state.pass_ = base = Pass(upper=base_layout, capture=None if capture.last_only else capture,
@@ -249,7 +288,12 @@ def _validate(lm, rows: list[list[Intervention]], lengths: list[int]) -> None:
             value = getattr(iv, "noise", None) if isinstance(iv, AddEmbeddingNoise) else getattr(iv, "value", None)
             if value is None:
                 continue
-            width = lm.head_dim if isinstance(iv, SetHeads) else lm.d_model
+            if isinstance(iv, AddToSublayer):
+                if iv.columns is None and iv.kind == "qkv":
+                    continue  # the fused projections' widths differ; the add itself checks the shape
+                width = iv.columns[1] - iv.columns[0] if iv.columns is not None else lm.d_model
+            else:
+                width = lm.head_dim if isinstance(iv, SetHeads) else lm.d_model
             if value.shape[-1] != width:
                 raise InterventionError(f"{type(iv).__name__}: value of width {value.shape[-1]}, expected {width}")
 
@@ -367,7 +411,7 @@ def run_packed(lm, prompts: Sequence, rows: Rows, *, row_prompt: Sequence[int] |
     def layout(ivs, lengths, t0, t1):
         return Layout(ivs, lengths, [0] * len(ivs), t0, t1, L, H, lm.device, causal_only=True)
 
-    with attached(lm) as state:
+    with attached(lm, needs_projections(bases + full, None)) as state:
         state.pass_ = Pass(upper=layout(bases, base_len, 0, width), engine_mask=True)
         base_cache = _output_cache(_forward(lm, base_ids, position_ids=torch.arange(width)[None], use_cache=True,
                                             last_only_logits=False, logits_to_keep=torch.tensor([width - 1])))
@@ -439,7 +483,7 @@ def run_batch(lm, prompts: Sequence, rows: Rows | None = None, *, capture: Captu
     capture = capture or Capture()
     layout = Layout(rows, lengths, pad_left, 0, width, lm.num_layers, lm.num_heads, lm.device)
     _validate(lm, rows, lengths)
-    with attached(lm) as state:
+    with attached(lm, needs_projections(rows, capture)) as state:
         state.pass_ = p = Pass(upper=layout, capture=capture, engine_mask=True)
         out = _forward(lm, input_ids, position_ids=position_ids, attention_mask=mask, last_only_logits=False)
     last = torch.tensor([pl + n - 1 for pl, n in zip(pad_left, lengths)], device=out.logits.device)
@@ -470,7 +514,7 @@ def intervene(lm, rows: Rows, *, seq_len: int, capture: Capture | None = None,
     layout = Layout(rows, lengths, pad_left, 0, seq_len, lm.num_layers, lm.num_heads, lm.device)
     layout.validate()
     captures = Captures({}, lengths, pad_left, False)
-    with attached(lm) as state:
+    with attached(lm, needs_projections(rows, capture)) as state:
         state.pass_ = p = Pass(upper=layout, capture=capture)
         p.captured = captures.data
         yield captures
