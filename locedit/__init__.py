@@ -3,6 +3,8 @@
 from locedit.core.adapters import Adapter, supported_model_types
 from locedit.core.engine import (
     AddEmbeddingNoise,
+    AddLinear,
+    AddToSublayer,
     BlockAttention,
     Capture,
     RunResult,
@@ -34,7 +36,7 @@ from locedit.verification import Verification, verify
 __version__ = "0.1.0"
 
 __all__ = [
-    "Adapter", "AddEmbeddingNoise", "EditRequest", "Head", "Edit", "EditError", "SiteMap", "edit", "load_edit", "locate",
+    "Adapter", "AddEmbeddingNoise", "AddLinear", "AddToSublayer", "EditRequest", "Head", "Edit", "EditError", "SiteMap", "edit", "load_edit", "locate",
     "save_model", "BlockAttention", "Capture", "DEFAULT_MODEL", "DatasetError", "EncodedFact",
     "Verification", "verify",
     "Fact", "FactError", "InterventionError", "LM", "LoceditError", "ModelLoadError", "PositionGroups",

@@ -77,8 +77,8 @@ class Adapter:
     def head_value_rows(self, model: nn.Module, head: int) -> slice:
         """The output rows of the value-producing projection (`qkv`) that hold query head `head`'s values (its kv
         head's, with grouped-query attention)."""
-        cfg = _text_config(model)
-        n_heads, n_kv, head_dim, d = _head_geometry(cfg)
+        cfg = text_config(model)
+        n_heads, n_kv, head_dim, d = head_geometry(cfg)
         kv_head = head // (n_heads // n_kv)
         if self.qkv_layout == "separate":
             rows = slice(kv_head * head_dim, (kv_head + 1) * head_dim)
@@ -97,7 +97,7 @@ class Adapter:
 
     def head_output_weight(self, model: nn.Module, layer: int, head: int) -> torch.Tensor:
         """W_O slice of one head, shape (d_model, head_dim): the head writes W_O @ z_h to the residual."""
-        _, _, head_dim, _ = _head_geometry(_text_config(model))
+        _, _, head_dim, _ = head_geometry(text_config(model))
         proj = self.layer_part(model, layer, self.attn_o)
         weight = proj.weight.T if self.conv1d else proj.weight  # (out=d_model, in=n_heads*head_dim)
         return weight[:, head * head_dim : (head + 1) * head_dim]
@@ -121,12 +121,13 @@ def _get(root: nn.Module, path: str) -> nn.Module:
     return obj
 
 
-def _text_config(model: nn.Module):
+def text_config(model: nn.Module):
+    """The decoder's text config (multimodal configs nest it)."""
     cfg = model.config
     return cfg.get_text_config(decoder=True) if hasattr(cfg, "get_text_config") else cfg
 
 
-def _head_geometry(cfg) -> tuple[int, int, int, int]:
+def head_geometry(cfg) -> tuple[int, int, int, int]:
     n_heads = cfg.num_attention_heads
     n_kv = getattr(cfg, "num_key_value_heads", None) or n_heads
     d = cfg.hidden_size
@@ -197,7 +198,7 @@ def supported_model_types() -> list[str]:
 
 def adapter_for(model: nn.Module) -> Adapter:
     """The adapter of `model`'s family, or UnsupportedModelError naming the supported families."""
-    model_type = getattr(_text_config(model), "model_type", None) or getattr(model.config, "model_type", None)
+    model_type = getattr(text_config(model), "model_type", None) or getattr(model.config, "model_type", None)
     for adapter in ADAPTERS:
         if model_type in adapter.model_types:
             try:

@@ -10,7 +10,7 @@ from typing import Iterator, Literal
 import torch
 from torch import nn
 
-from locedit.core.adapters import Adapter, _head_geometry, _text_config, adapter_for
+from locedit.core.adapters import Adapter, head_geometry, text_config, adapter_for
 from locedit.errors import FactError, LoceditError
 from locedit.core.facts import EncodedFact, Fact, encode_fact
 
@@ -51,8 +51,8 @@ class LM:
         self.tokenizer = tokenizer
         self.adapter = adapter or adapter_for(model)
         self.name = name or getattr(model.config, "_name_or_path", None) or type(model).__name__
-        cfg = _text_config(model)
-        self.num_heads, self.num_kv_heads, self.head_dim, self.d_model = _head_geometry(cfg)
+        cfg = text_config(model)
+        self.num_heads, self.num_kv_heads, self.head_dim, self.d_model = head_geometry(cfg)
         self.num_layers = len(self.adapter.get_layers(model))
         self.vocab_size = self.adapter.unembed_module(model).weight.shape[0]
         self.logit_softcap = getattr(cfg, "final_logit_softcapping", None)

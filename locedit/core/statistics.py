@@ -78,9 +78,11 @@ def mean_ci(values: Sequence[float] | np.ndarray, axis: int = 0, confidence: flo
     from scipy import stats
 
     arr = np.asarray(values, dtype=float)
-    mean = np.nanmean(arr, axis=axis)
+    with warnings.catch_warnings():  # all-NaN columns (e.g. one fact's missing layer) give NaN, not a warning
+        warnings.simplefilter("ignore", RuntimeWarning)
+        mean = np.nanmean(arr, axis=axis)
+        std = np.nanstd(arr, axis=axis, ddof=1) if arr.shape[axis] > 1 else np.zeros_like(mean)
     count = np.sum(~np.isnan(arr), axis=axis)
-    std = np.nanstd(arr, axis=axis, ddof=1) if arr.shape[axis] > 1 else np.zeros_like(mean)
     with np.errstate(invalid="ignore", divide="ignore"):
         half = stats.t.ppf((1 + confidence) / 2, np.maximum(count - 1, 1)) * std / np.sqrt(np.maximum(count, 1))
     return mean, np.where(count > 1, half, np.nan)

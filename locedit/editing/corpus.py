@@ -32,6 +32,8 @@ from pathlib import Path
 
 import torch
 
+from locedit.core.adapters import text_config
+from locedit.core.engine.run import output_cache
 from locedit.errors import DatasetError
 
 log = logging.getLogger(__name__)
@@ -77,8 +79,7 @@ class Corpus:
 
 def seq_len_for(lm, batch_tokens: int) -> int:
     """Row length: min(the model's context, 256, batch_tokens)."""
-    cfg = lm.model.config
-    cfg = cfg.get_text_config(decoder=True) if hasattr(cfg, "get_text_config") else cfg
+    cfg = text_config(lm.model)
     limit = None
     for name in ("max_position_embeddings", "n_positions", "n_ctx", "seq_length"):
         value = getattr(cfg, name, None)
@@ -245,7 +246,7 @@ def sample_ids(lm, starts: list[list[int]], tokens: int, seed: int, seq_len: int
                     pieces.append(nxt)
                     bar.update(len(index))
                     if step + 1 < seq_len - length:
-                        out = _step(lm, nxt, _output_cache(out))
+                        out = _step(lm, nxt, output_cache(out))
                 for i, row in zip(index, torch.cat(pieces, dim=1)):
                     rows[i] = row
     finally:
@@ -262,11 +263,6 @@ def _step(lm, ids: torch.Tensor, cache):
     if "logits_to_keep" in params:
         kwargs["logits_to_keep"] = 1
     return lm.model(**kwargs)
-
-
-def _output_cache(out):
-    cache = getattr(out, "cache", None)
-    return cache if cache is not None else out.past_key_values
 
 
 def _sample(logits: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

@@ -12,7 +12,6 @@ final norm (which the paper never uses; HF's `hidden_states[L]` is normalised in
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
@@ -164,12 +163,6 @@ def embedding_baseline(lm: LM, enc: EncodedFact, attributes: AttributeSet, proje
     rates, tops = state_rates(lm, mean, attributes, projection, k, m)
     return rates[0], tops[0]
 
-
-def mean_ci(values: np.ndarray):
-    """`common.mean_ci` without numpy's warning for a single fact (its CI is NaN)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        return mean_ci(values)
 
 
 def aggregate(results: Sequence) -> dict:

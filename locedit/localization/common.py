@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Sequence
 
-import numpy as np
 import torch
 
 from locedit.errors import FactError
@@ -54,9 +53,9 @@ class Target:
 def resolve_target(lm: LM, enc: EncodedFact) -> Target:
     """The fact's given target if it has one, else the model's top-1 prediction. Probabilities in float32.
     Analyses take `target=` to reuse one resolved target (see `locate`)."""
-    from locedit.core.engine.run import _forward_params
+    from locedit.core.engine.run import forward_accepts
 
-    kwargs = {"logits_to_keep": 1} if "logits_to_keep" in _forward_params(lm.model) else {}
+    kwargs = {"logits_to_keep": 1} if forward_accepts(lm, "logits_to_keep") else {}
     with torch.no_grad():
         logits = lm.model(input_ids=torch.tensor([enc.input_ids], device=lm.device), **kwargs).logits[0, -1]
     return _target_from_logits(lm, enc, logits)

@@ -12,7 +12,6 @@ measured layer itself is never knocked out). The official code uses `range(s, mi
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 from typing import Literal, Mapping, Sequence
 
@@ -157,12 +156,6 @@ def sublayer_knockout(lm: LM, fact: Fact | EncodedFact, *, attributes: Attribute
         mode, window, measure_layer, position, projection, attributes.source, len(attributes), k, m,
         tops[0][:20], fact_summary(enc), **target.fields())
 
-
-def mean_ci(values: np.ndarray):
-    """`common.mean_ci` without numpy's warning for a single fact (its CI is NaN)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        return mean_ci(values)
 
 
 def aggregate(results: Sequence) -> dict:

@@ -148,7 +148,6 @@ def _forward_params(model) -> set:
     return _PARAMS[type(model)]
 
 
-_output_cache = output_cache  # the old private names, until every caller uses the public ones
 
 
 def run(lm, prompt, rows: Rows | None = None, *, capture: Capture | None = None,
@@ -205,7 +204,7 @@ def run(lm, prompt, rows: Rows | None = None, *, capture: Capture | None = None,
         state.pass_ = base = Pass(upper=base_layout, capture=None if capture.last_only else capture,
                                  engine_mask=True)
         base_out = _forward(lm, all_ids.expand(n_bases, n), position_ids=torch.arange(n)[None], use_cache=True)
-        base_cache = _output_cache(base_out)
+        base_cache = output_cache(base_out)
         # 2. each chunk of rows: positions [p0, n) only, per base below its first layer l0, per row from l0 on
         for members, p0, l0 in chunks:
             chunk_rows = [full[i] for i in members]
@@ -413,7 +412,7 @@ def run_packed(lm, prompts: Sequence, rows: Rows, *, row_prompt: Sequence[int] |
 
     with attached(lm, needs_projections(bases + full, None)) as state:
         state.pass_ = Pass(upper=layout(bases, base_len, 0, width), engine_mask=True)
-        base_cache = _output_cache(_forward(lm, base_ids, position_ids=torch.arange(width)[None], use_cache=True,
+        base_cache = output_cache(_forward(lm, base_ids, position_ids=torch.arange(width)[None], use_cache=True,
                                             last_only_logits=False, logits_to_keep=torch.tensor([width - 1])))
         for members, p0, l0 in chunks:
             t1 = max(row_len[i] for i in members)
