@@ -343,7 +343,8 @@ class Counting:
     def __init__(self, fail_at=None):
         self.calls, self.edits, self.fail_at = [], [], fail_at
 
-    def __call__(self, lm, fact, new_target, **options):
+    def __call__(self, lm, request, **options):  # evaluate's edit_fn: (lm, EditRequest, **options) -> Edit
+        fact, new_target = request.fact, request.new_target
         self.calls.append(fact.meta["id"])
         self.edits.append((fact, new_target))
         if self.fail_at is not None and len(self.calls) == self.fail_at:

@@ -56,6 +56,7 @@ def check_method_flags(args: argparse.Namespace, method: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from locedit.core.datasets import edit_request
     from locedit.core.facts import EditRequest
 
     single = args.facts is None
@@ -70,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
         if args.new_target is not None:
             raise common.UsageError("--new-target is for one fact; with --facts each fact's target_new is used")
         facts = common.facts_from_args(args)
-        missing = [f.meta.get("id", i) for i, f in enumerate(facts) if not f.meta.get("target_new")]
+        missing = [f.meta.get("id", i) for i, f in enumerate(facts) if edit_request(f) is None]
         if missing:
             raise common.UsageError(f"facts without target_new (needed to edit a fact file): {missing[:5]}")
         if method != "memit" and len(facts) > 1:
@@ -86,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
         lm = common.load_model(args)
         if not single:
             facts = common.keep_known(lm, facts, args)
-            requests = [EditRequest(f, f.meta["target_new"]) for f in facts]
+            requests = [edit_request(f) for f in facts]
         return _edit_and_write(lm, requests, method, hparams, args)
 
 

@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 
 from locedit.errors import DatasetError, FactError, LoceditError
-from locedit.core.facts import Fact
+from locedit.core.facts import EditRequest, Fact
 
 logger = logging.getLogger("locedit")
 
@@ -394,6 +394,12 @@ def curated_facts_path() -> Path:
 def curated_facts() -> FactFile:
     """The curated fact set, read."""
     return read_facts(curated_facts_path())
+
+
+def edit_request(fact: Fact) -> EditRequest | None:
+    """The edit request a fact-file row carries (its fact and `target_new`), or None when it has no `target_new`."""
+    new = fact.meta.get("target_new") if isinstance(fact.meta, dict) else None
+    return EditRequest(fact, new) if isinstance(new, str) and new.strip() else None
 
 
 def known_facts(lm, facts: Iterable[Fact] | FactFile, *, top_k: int = 1, batch: int = 32,

@@ -27,7 +27,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from locedit.core.facts import Fact
+from locedit.core.datasets import edit_request
+from locedit.core.facts import EditRequest, Fact
 from locedit.core.results import Result, jsonable, write_atomic
 from locedit.core.statistics import bootstrap_mean, paired_difference
 from locedit.core.store import RunStore
@@ -157,14 +158,13 @@ def _num(v) -> str:
 
 
 # --- the per-fact run ------------------------------------------------------------------------------------------------
-def _default_edit(lm, fact, new_target, **options):
-    from locedit.core.facts import EditRequest
+def _default_edit(lm, request: EditRequest, **options):
     from locedit.editing import edit
 
-    return edit(lm, EditRequest(fact, new_target), **options)
+    return edit(lm, request, **options)
 
 
-def evaluate_one(lm, fact: Fact, new_target: str, *, edit_options: dict, verify_options: dict,
+def evaluate_one(lm, request: EditRequest, *, edit_options: dict, verify_options: dict,
                  edit_fn: Callable | None = None) -> dict:
     """Edit one fact, verify, revert. A `LoceditError` (e.g. the model already predicts the new target) becomes
     `{"error": ...}`."""
@@ -173,7 +173,7 @@ def evaluate_one(lm, fact: Fact, new_target: str, *, edit_options: dict, verify_
     edit_fn = edit_fn or _default_edit
     start = time.perf_counter()
     try:
-        edit = edit_fn(lm, fact, new_target, **edit_options)
+        edit = edit_fn(lm, request, **edit_options)
     except LoceditError as e:
         return {"error": f"{type(e).__name__}: {e}"}
     try:
@@ -189,17 +189,18 @@ def evaluate_one(lm, fact: Fact, new_target: str, *, edit_options: dict, verify_
     return {"result": result}
 
 
-def _run_facts(lm, todo: Sequence[tuple[str, Fact, str]], store: RunStore, options: dict, edit_options: dict,
+def _run_facts(lm, todo: Sequence[tuple[str, EditRequest]], store: RunStore, options: dict, edit_options: dict,
                verify_options: dict, edit_fn, progress: bool, label: str = "evaluate") -> int:
     from tqdm.auto import tqdm
 
     done = 0
     bar = tqdm(total=len(todo), desc=label, unit="fact", disable=None if progress else True, file=sys.stderr)
     with store.writer() as f, bar:
-        for ident, fact, new in todo:
-            outcome = evaluate_one(lm, fact, new, edit_options=edit_options, verify_options=verify_options,
+        for ident, request in todo:
+            outcome = evaluate_one(lm, request, edit_options=edit_options, verify_options=verify_options,
                                    edit_fn=edit_fn)
-            f.add({"id": ident, "fact": fact_record(fact), "new_target": new, "options": options, **outcome})
+            f.add({"id": ident, "fact": fact_record(request.fact), "new_target": request.new_target,
+                   "options": options, **outcome})
             done += 1
             bar.update(1)
     return done
@@ -213,7 +214,7 @@ def _worker(spec: str, rank: int, todo: list, path: str, options: dict, edit_opt
 
     torch.set_num_threads(max(1, threads))
     lm = load(spec, dtype=dtype, device=device)
-    todo = [(ident, _fact_from(record), new) for ident, record, new in todo]
+    todo = [(ident, EditRequest(_fact_from(record), new)) for ident, record, new in todo]
     _run_facts(lm, todo, RunStore(path, key="id"), options, edit_options, verify_options, None, progress=rank == 0,
                label=f"evaluate (worker {rank})")
 
@@ -285,13 +286,13 @@ class Evaluation(Result):
         return fig
 
 
-def prepare_facts(lm, facts, *, n: int | None, only_known: bool, progress: bool) -> tuple[list, dict]:
-    """(fact, new target) pairs to edit, and the counts of what was skipped."""
+def prepare_facts(lm, facts, *, n: int | None, only_known: bool, progress: bool) -> tuple[list[EditRequest], dict]:
+    """The edit requests to evaluate (facts with a `target_new`), and the counts of what was skipped."""
     from locedit.core.datasets import known_facts
 
     facts = list(getattr(facts, "facts", facts))
     counts = {"given": len(facts)}
-    with_new = [f for f in facts if isinstance(f.meta, dict) and f.meta.get("target_new")]
+    with_new = [f for f in facts if edit_request(f) is not None]
     counts["no_target_new"] = len(facts) - len(with_new)
     if only_known:
         resolved = [f for f in with_new if f.target is not None]
@@ -305,7 +306,7 @@ def prepare_facts(lm, facts, *, n: int | None, only_known: bool, progress: bool)
     if n is not None:
         counts["beyond_n"] = max(0, len(kept) - n)
         kept = spread(kept, n)
-    return [(f, f.meta["target_new"]) for f in kept], counts
+    return [edit_request(f) for f in kept], counts
 
 
 def spread(facts: Sequence[Fact], n: int) -> list[Fact]:
@@ -333,8 +334,8 @@ def evaluate(model, facts, out_dir: str | Path, *, method: str = "rome", layers:
     `model`: an LM or a spec for `locedit.load`; `jobs > 1` needs a spec each worker loads (`model` itself or
     `model_spec`). `n`: at most n (spread round-robin over relations)
     (known) facts. `edit_options`: more keyword arguments for `locedit.edit` (hparams, key_position, ...);
-    `verify_options`: for `verify` (generation_tokens, fluency_tokens, ...). `edit_fn(lm, fact, new_target,
-    **options) -> Edit` replaces `locedit.edit` (tests; not with jobs > 1)."""
+    `verify_options`: for `verify` (generation_tokens, fluency_tokens, ...). `edit_fn(lm, request, **options) ->
+    Edit` replaces `locedit.edit` (tests; not with jobs > 1)."""
     from locedit.core.loading import load
 
     lm = model if hasattr(model, "model") and hasattr(model, "tokenizer") else load(model, dtype=dtype, device=device)
@@ -347,7 +348,7 @@ def evaluate(model, facts, out_dir: str | Path, *, method: str = "rome", layers:
         return _sequential(lm, todo_all, facts, out, every=every, probes=probes, edit_options=edit_options,
                            edit_fn=edit_fn, counts=counts, progress=progress)
     options = normalize_options({"edit": edit_options, "verify": verify_options})
-    ids = [fact_id(f) for f, _ in todo_all]
+    ids = [fact_id(r.fact) for r in todo_all]
     if len(set(ids)) != len(ids):
         raise DatasetError("two facts share an id; ids must be unique to resume an evaluation")
     store = results_store(out)
@@ -359,7 +360,7 @@ def evaluate(model, facts, out_dir: str | Path, *, method: str = "rome", layers:
             raise DatasetError(f"{str(path)!r} holds results of other options ({line.get('options')}); use "
                                "another output directory")
     done = {l["id"] for l in lines}
-    todo = [(i, f, t) for i, (f, t) in zip(ids, todo_all) if i not in done]
+    todo = [(i, r) for i, r in zip(ids, todo_all) if i not in done]
     counts.update({"already_done": len(todo_all) - len(todo), "repaired_last_line": repaired})
     if jobs > 1 and len(todo) > 1:
         spec = model_spec or (model if isinstance(model, (str, os.PathLike)) else None)
@@ -387,7 +388,7 @@ def _parallel(spec: str, todo: list, out: Path, jobs: int, options, edit_options
     ctx = mp.get_context("spawn")
     procs = []
     for rank in range(jobs):
-        shard = [(i, fact_record(f), t) for i, f, t in todo[rank::jobs]]
+        shard = [(i, fact_record(r.fact), r.new_target) for i, r in todo[rank::jobs]]
         if not shard:
             continue
         p = ctx.Process(target=_worker, args=(spec, rank, shard, str(results_store(out).shard(rank).path), options,
@@ -409,40 +410,39 @@ def _parallel(spec: str, todo: list, out: Path, jobs: int, options, edit_options
 
 
 # --- sequential editing ----------------------------------------------------------------------------------------------
-def _probe_set(lm, all_facts, edited: list, probes: int) -> list[tuple[Fact, str]]:
+def _probe_set(lm, all_facts, edited: list[EditRequest], probes: int) -> list[EditRequest]:
     """Known facts with a target_new that are not edited (the last `probes` of the fact file)."""
-    edited_ids = {fact_id(f) for f, _ in edited}
+    edited_ids = {fact_id(r.fact) for r in edited}
     pool = [f for f in getattr(all_facts, "facts", all_facts)
-            if fact_id(f) not in edited_ids and f.target is not None and isinstance(f.meta, dict)
-            and f.meta.get("target_new")]
+            if fact_id(f) not in edited_ids and f.target is not None and edit_request(f) is not None]
     from locedit.core.datasets import known_facts
 
     pool = known_facts(lm, pool[-4 * probes:], progress=False)[-probes:] if pool else []
-    return [(f, f.meta["target_new"]) for f in pool]
+    return [edit_request(f) for f in pool]
 
 
-def _sequential_point(lm, edited: list, probe: list, count: int) -> dict:
+def _sequential_point(lm, edited: list[EditRequest], probe: list[EditRequest], count: int) -> dict:
     import torch
 
     from locedit.verification.metrics import continuation, perplexity, target_probs
 
     point: dict[str, Any] = {"edits": count}
     if edited:
-        pairs = [(f.prompt, continuation(f.prompt, t)) for f, t in edited] + \
-                [(f.prompt, f.target_text()) for f, _ in edited]
+        pairs = [(r.fact.prompt, continuation(r.fact.prompt, r.new_target)) for r in edited] + \
+                [(r.fact.prompt, r.fact.target_text()) for r in edited]
         p = target_probs(lm, pairs)
         k = len(edited)
         point["edit_efficacy"] = float(np.mean(p[:k] > p[k:]))
     else:
         point["edit_efficacy"] = None
     if probe:
-        pairs = [(f.prompt, f.target_text()) for f, _ in probe] + [(f.prompt, continuation(f.prompt, t))
-                                                                    for f, t in probe]
+        pairs = [(r.fact.prompt, r.fact.target_text()) for r in probe] + \
+                [(r.fact.prompt, continuation(r.fact.prompt, r.new_target)) for r in probe]
         p = target_probs(lm, pairs)
         k = len(probe)
         point["probe_accuracy"] = float(np.mean(p[:k] > p[k:]))
         with torch.no_grad():
-            hits = [lm.predict(f)[0].token_id == lm.encode(f).target_id for f, _ in probe]
+            hits = [lm.predict(r.fact)[0].token_id == lm.encode(r.fact).target_id for r in probe]
         point["probe_top1"] = float(np.mean(hits))
     else:
         point["probe_accuracy"] = point["probe_top1"] = None
@@ -472,13 +472,14 @@ def _sequential(lm, todo: list, all_facts, out: Path, *, every: int, probes: int
             point = _sequential_point(lm, edited, probe, 0)
             points.append(point)
             f.add({"id": "0", **point})
-            for i, (fact, new) in enumerate(todo):
+            for i, request in enumerate(todo):
                 try:
-                    e = edit_fn(lm, fact, new, **edit_options)
+                    e = edit_fn(lm, request, **edit_options)
                     applied.append(e)
-                    edited.append((e.facts[0] if getattr(e, "facts", None) else fact, new))
+                    fact = e.facts[0] if getattr(e, "facts", None) else request.fact  # with the resolved target
+                    edited.append(EditRequest(fact, request.new_target))
                 except LoceditError as err:
-                    errors.append({"id": fact_id(fact), "error": f"{type(err).__name__}: {err}"})
+                    errors.append({"id": fact_id(request.fact), "error": f"{type(err).__name__}: {err}"})
                 bar.update(1)
                 if edited and (len(edited) % every == 0 or i == len(todo) - 1) and \
                         points[-1]["edits"] != len(edited):
