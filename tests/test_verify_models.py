@@ -161,7 +161,7 @@ def test_describe_parameter_in_words(base_dir):
     assert describe_parameter(lm, "model.embed_tokens.weight")["part"] == "token embedding"
 
 
-# --- the verdict -------------------------------------------------------------------------------------------------------
+# --- the verdict ------------------------------------------------------------------------------------------------------
 def behaviour(es=1.0, gen=True, ps=1.0, ns=1.0, ns_before=1.0, pre=0.4, nkl=0.3, passed=True):
     return {"efficacy_score": es, "generation_efficacy_prompt": gen, "paraphrase_score": ps,
             "neighborhood_score": ns, "neighborhood_score_prefixed": pre, "neighborhood_kl": nkl, "passed": passed,
@@ -211,7 +211,8 @@ def test_cli_verify_base_and_edited(base_dir, rome_dir, tmp_path, capsys):
     assert code == (0 if d["passed"] else 1) and code == d["verdict"]["exit_status"], printed
     assert d["weight_diff"][0]["where"] == "layer 1 MLP output projection" and d["weight_diff"][0]["rank"] == 1
     assert "layer 1 MLP output projection" in printed and "verdict (behaviour)" in printed
-    assert (out / "report.html").is_file()
+    html = (out / "report.html").read_text()
+    assert "Where was it edited" in html and "layer 1 MLP output projection" in html and "Verdict, with scores" in html
 
 
 def test_cli_verify_exit_status_follows_the_verdict(base_dir, tmp_path, capsys):

@@ -98,7 +98,8 @@ def verdict_lines(v: Mapping[str, Any]) -> list[str]:
     m = v.get("mechanism")
     if m is not None:
         parts = [f"{name} {'n/a' if not c['applicable'] else ('pass' if c['passed'] else 'FAIL')} "
-                 f"({c['score_name']} {_fmt(c['score'])})" for name, c in m["checks"].items()]
+                 f"({c['score_name']} {_fmt(c['score'], '.0f' if 'rank' in c['score_name'] else '.2f')})"
+                 for name, c in m["checks"].items()]
         lines.append(f"verdict (mechanism): {'PASSED' if m['passed'] else 'FAILED'}: " + "; ".join(parts))
     return lines
 

@@ -422,7 +422,7 @@ def fact_rows(inputs: Sequence[FactInputs]) -> list[dict]:
              "id": x.fact.meta.get("id") if isinstance(x.fact.meta, dict) else None} for x in inputs]
 
 
-# --- verify_models: an edit made by another tool -----------------------------------------------------------------------
+# --- verify_models: an edit made by another tool ----------------------------------------------------------------------
 def verify_models(base_lm, edited_lm, request, *, paraphrases=None, neighborhood=None, generation_prompts=None,
                   mechanism: bool = True, sites=None, generation_tokens: int = 10, fluency_tokens: int = 30,
                   perplexity_text: Sequence[str] = PERPLEXITY_TEXT) -> Verification:
