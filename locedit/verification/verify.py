@@ -8,7 +8,11 @@ reverted afterwards.
 **Behaviour pass rule** (`BEHAVIOUR_RULE`): efficacy ES = 1 on the rewrite prompt, greedy generation from the
 rewrite prompt contains the new target, paraphrase score PS >= 0.5 when there are paraphrases, and neighbourhood
 score NS after >= NS before - 0.1 when there are neighbourhood prompts. `Verification.passed` = behaviour passed and
-(when computed) every applicable mechanistic check passed.
+(when computed) every applicable mechanistic check passed. `Verification.verdict` gives the two verdicts
+separately with each check's score (NS+ and NKL reported beside the rule, not in it), and `exit_status` (0/1).
+
+`verify_models(base_lm, edited_lm, request)` verifies a model edited by another tool: the weight diff says where it
+was edited, then the same measurements (`verify_states`) run with the base model as "before".
 """
 
 from __future__ import annotations
