@@ -257,3 +257,30 @@ def test_help_documents_the_exit_status(capsys):
         assert main([verb, "--help"]) == 0
         text = " ".join(capsys.readouterr().out.split())
         assert "exit status: 0" in text and "1" in text and "2 for a user error" in text
+
+
+# --- SmolLM2 -------------------------------------------------------------------------------------------------------
+@pytest.mark.slow  # the real model, loaded twice (base and the saved edited copy)
+def test_smollm2_rome_edit_saved_and_verified_against_its_base(smollm2, eiffel, tmp_path):
+    before = snapshot(smollm2)
+    request = EditRequest(eiffel, " Rome")
+    edit = locedit.edit(smollm2, request)  # the measured default layer and key position
+    try:
+        locedit.save_model(smollm2, tmp_path / "edited")
+    finally:
+        edit.revert()
+    assert unchanged(smollm2, before)
+    edited = locedit.load(str(tmp_path / "edited"))
+    ver = verify_models(smollm2, edited, request, neighborhood=["The Louvre is located in the city of"],
+                        paraphrases=["The Eiffel Tower can be found in the city of"], fluency_tokens=10)
+    assert unchanged(smollm2, before)
+    (d,) = ver.weight_diff
+    assert d["rank"] == 1 and d["where"] == f"layer {edit.layers[0]} MLP output projection"
+    assert ver.sites["layers"] == edit.layers and ver.mechanism["enrichment"]["layer"] == edit.layers[0]
+    b = ver.behaviour
+    assert b["before"]["efficacy_score"] == 0.0 and b["efficacy_score"] == 1.0
+    for name in ("knockout", "extraction", "enrichment", "locality"):
+        assert ver.mechanism[name]["passed"] is not None, name
+        assert ver.verdict["mechanism"]["checks"][name]["score"] is not None, name
+    assert ver.exit_status == (0 if ver.passed else 1)
+    assert f"layer {edit.layers[0]} MLP output projection" in ver.summary()
