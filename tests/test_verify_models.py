@@ -159,6 +159,11 @@ def test_describe_parameter_in_words(base_dir):
     assert describe_parameter(lm, "model.layers.0.self_attn.v_proj.weight")["where"] == \
         "layer 0 attention value projection"
     assert describe_parameter(lm, "model.embed_tokens.weight")["part"] == "token embedding"
+    gpt2 = tiny.lm("gpt2", "bytelevel")  # Conv1D names, fused QKV
+    assert describe_parameter(gpt2, "transformer.h.2.mlp.c_proj.weight") == {
+        "layer": 2, "part": "MLP output projection", "where": "layer 2 MLP output projection"}
+    assert describe_parameter(gpt2, "transformer.h.0.attn.c_attn.weight")["part"] == \
+        "attention query/key/value projection"
 
 
 # --- the verdict ------------------------------------------------------------------------------------------------------
