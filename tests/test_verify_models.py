@@ -289,3 +289,13 @@ def test_smollm2_rome_edit_saved_and_verified_against_its_base(smollm2, eiffel, 
         assert ver.verdict["mechanism"]["checks"][name]["score"] is not None, name
     assert ver.exit_status == (0 if ver.passed else 1)
     assert f"layer {edit.layers[0]} MLP output projection" in ver.summary()
+
+
+def test_cli_verify_needs_an_edit_or_two_models(base_dir, capsys):
+    assert main(["verify"]) == 2
+    assert "give --edit DIR" in capsys.readouterr().err
+    assert main(["verify", "--edited", str(base_dir), "--subject", "Eiffel Tower", "--prompt", PROMPT,
+                 "--new-target", " Rome"]) == 2
+    assert "give --base" in capsys.readouterr().err
+    assert main(["verify", "--base", str(base_dir), "--edited", str(base_dir), "--model", str(base_dir)]) == 2
+    assert "--model is for --edit" in capsys.readouterr().err
