@@ -23,6 +23,7 @@ from locedit.errors import (
     InterventionError,
     LoceditError,
     ModelLoadError,
+    ModelMismatchError,
     UnsupportedModelError,
 )
 from locedit.core.facts import EditRequest, EncodedFact, Fact, PositionGroups
@@ -31,14 +32,14 @@ from locedit.core.lm import LM
 from locedit.core.loading import DEFAULT_MODEL, load
 from locedit.localization.sites import SiteMap, locate
 from locedit.editing import Edit, edit, load_edit, save_model
-from locedit.verification import Verification, verify
+from locedit.verification import Verification, verify, verify_models
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Adapter", "AddEmbeddingNoise", "AddLinear", "AddToSublayer", "EditRequest", "Head", "Edit", "EditError", "SiteMap", "edit", "load_edit", "locate",
     "save_model", "BlockAttention", "Capture", "DEFAULT_MODEL", "DatasetError", "EncodedFact",
-    "Verification", "verify",
+    "Verification", "verify", "verify_models", "ModelMismatchError",
     "Fact", "FactError", "InterventionError", "LM", "LoceditError", "ModelLoadError", "PositionGroups",
     "RunResult", "SetHeads", "SetResidual", "SetSublayer", "UniformAttention", "UnsupportedModelError",
     "intervene", "load", "run", "run_batch", "supported_model_types",

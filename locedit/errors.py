@@ -38,3 +38,7 @@ class HeadSpecError(LoceditError, ValueError):
 
 class EditError(LoceditError):
     """An edit cannot be made, applied, reverted or read (wrong model, applied twice, corrupt file, ...)."""
+
+
+class ModelMismatchError(LoceditError):
+    """Two models that should share an architecture and tokenizer (a base and its edited copy) do not."""

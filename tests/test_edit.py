@@ -339,7 +339,9 @@ def test_cli_edit_writes_the_edit_and_rejects_bad_input(tmp_path, capsys):
                  "--target", FACT.target, "--new-target", NEW, "--layers", "1", "--key-position", "subject_last",
                  "--hparams", str(hp), "--out", str(verified), "--verify"])
     printed = capsys.readouterr().out
-    assert code == 0 and (verified / "report.html").is_file() and (verified / "edit.json").is_file(), printed
+    assert (verified / "report.html").is_file() and (verified / "edit.json").is_file(), printed
+    passed = json.loads((verified / "verification.json").read_text())["passed"]
+    assert code == (0 if passed else 1), printed  # with --verify the status follows the verification
     for bad in (["--new-target", " "], ["--new-target", NEW, "--layers", "99"],
                 ["--new-target", NEW, "--method", "head", "--heads", "x"]):
         target = tmp_path / "bad"

@@ -59,10 +59,11 @@ def test_verify_writes_summary_json_and_report(tmp_path, model_dir, saved_edit, 
     out = tmp_path / "verified"
     code = main(["verify", "--edit", str(saved_edit), "--model", str(model_dir), "--out", str(out),
                  "--neighbor", "The Louvre is in", "--paraphrase", "Eiffel Tower is in the city of"])
-    assert code == 0
     printed = capsys.readouterr().out
     assert "behaviour (before -> after)" in printed and "mechanism:" in printed and "report:" in printed
     d = json.loads((out / "verification.json").read_text())
+    assert code == (0 if d["passed"] else 1) == d["verdict"]["exit_status"]  # the status follows the verdict
+    assert "verdict (behaviour)" in printed and "verdict (mechanism)" in printed
     assert d["behaviour"]["per_fact"][0]["neighborhood"] == [["The Louvre is in", d["facts"][0]["true_target"]]]
     assert set(d["mechanism"]) >= {"knockout", "extraction", "enrichment", "locality"}
     assert (out / "figures" / "verification.png").exists()

@@ -24,7 +24,9 @@ def add_parser(sub) -> None:
     p = sub.add_parser("edit", help="edit a fact where it is retrieved (ROME, MEMIT, AlphaEdit, head edits, FT-L)",
                        description="Edit a fact so the model gives --new-target, at the sites `locate` finds (or "
                                    "--layers / --heads). Prints the sites, p(old)/p(new) and the greedy continuation "
-                                   "before and after, and writes the edit (edit.json + edit.safetensors) to --out.")
+                                   "before and after, and writes the edit (edit.json + edit.safetensors) to --out.",
+                       epilog="exit status: 0 when the edit was written (with --verify: and the verification "
+                              "passed), 1 with --verify when the verification failed, 2 for a user error.")
     common.add_model_args(p)
     common.add_fact_args(p)
     p.add_argument("--new-target", default=None,
@@ -44,7 +46,9 @@ def add_parser(sub) -> None:
                    help="tokens for the key statistics (default 10×d_k; not with --method ft)")
     p.add_argument("--out", type=Path, default=Path("results/edit"), help="where to write the edit")
     p.add_argument("--save-model", type=Path, default=None, help="also write the edited model as a HF directory")
-    p.add_argument("--verify", action="store_true", help="verify the edit and write report.html (locedit verify)")
+    p.add_argument("--verify", action="store_true",
+                   help="verify the edit and write report.html (locedit verify); the exit status is then 0 when "
+                        "the verification passed and 1 when it failed (the edit is written either way)")
     p.set_defaults(run=run)
 
 
@@ -146,16 +150,18 @@ def _edit_and_write(lm, requests, method: str, hparams, args: argparse.Namespace
         if args.save_model is not None:
             locedit.save_model(lm, args.save_model)
             print(f"edited model written to {args.save_model.resolve()}")
+        status = 0
         if args.verify:
             from locedit.verification.report import verify_and_report
 
             verification = verify_and_report(lm, edit, args.out)
             print(verification.summary())
             print(f"report: {(args.out / 'report.html').resolve()}")
+            status = verification.exit_status
     finally:
         if edit.is_applied:
             edit.revert()
-    return 0
+    return status
 
 
 def _with_curated_record(fact):

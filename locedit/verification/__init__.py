@@ -2,9 +2,9 @@
 perplexity drift), mechanistic checks (does the new attribute go through the located mechanism?), `verify`,
 `evaluate` over a fact set, and the before/after report."""
 
-from locedit.verification.verify import Verification, verify
+from locedit.verification.verify import Verification, verify, verify_models
 
-__all__ = ["Verification", "verify", "evaluate", "verify_and_report"]
+__all__ = ["Verification", "verify", "verify_models", "evaluate", "verify_and_report"]
 
 
 def __getattr__(name):  # heavier pieces load on first use

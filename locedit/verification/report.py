@@ -121,6 +121,11 @@ def sites_in_words(method: str, sites: Mapping, key_token: str | None = None) ->
     """One sentence for an edit's sites, e.g. "ROME edit of layer 1's MLP, keyed at ' Tower' (the subject's last
     token)"; `key_token` is the token at the key position when known."""
     name = METHOD_WORDS.get(method, method)
+    if method == "external":
+        layers = sites.get("layers") or []
+        where = f"{_layers_words(layers)} MLP{'s' if len(layers) > 1 else ''}" if layers else "no MLP output projection"
+        return (f"An edit made outside locedit (base and edited model compared): the weight diff finds changes at "
+                f"{where}; the mechanistic checks read the subject's last token")
     if method == "head":
         heads = ", ".join(str(Head.parse(list(h))) for h in sites.get("heads") or [])
         text = f"{name} edit of {heads or 'no heads'} (their attention parameters)"
@@ -183,6 +188,39 @@ def verdict_html(d: Mapping) -> str:
             f"<ul>{lines}</ul></div>")
 
 
+def verdict_scores_html(v: Mapping | None) -> list[str]:
+    """The verdict's criteria with their scores: behaviour (NS+ and NKL reported outside the rule), then each
+    mechanistic check's continuous score beside its pass."""
+    if v is None:
+        return []
+    b = v["behaviour"]
+    rows = [{"criterion": c["name"], "score": c["score"], "rule": c["rule"],
+             "outcome": "not in the rule" if not c["in_rule"] else ("pass" if c["passed"] else "FAIL")}
+            for c in b["checks"] + b["reported"]]
+    out = ["<h2>Verdict, with scores</h2>", "<h3>Behaviour</h3>",
+           table(rows, ["criterion", "score", "outcome", "rule"])]
+    m = v.get("mechanism")
+    if m is not None:
+        rows = [{"check": name, "score": c["score"], "score is": c["score_meaning"],
+                 "outcome": "n/a" if not c["applicable"] else ("pass" if c["passed"] else "FAIL")}
+                for name, c in m["checks"].items()]
+        out += ["<h3>Mechanism</h3>", table(rows, ["check", "score", "score is", "outcome"])]
+    out.append(f"<p>Exit status of <code>locedit verify</code>: <b>{v['exit_status']}</b> (0 passed, 1 failed, "
+               "2 user error).</p>")
+    return out
+
+
+def weight_diff_html(diff: Sequence | None) -> list[str]:
+    """Where the edited model differs from its base: each tensor, its place in words and the rank of the change."""
+    if diff is None:
+        return []
+    if not diff:
+        return ["<h3>Where was it edited</h3>", "<p>The two models are identical.</p>"]
+    rows = [{"where": r["where"], "tensor": r["name"], "shape": "×".join(map(str, r["shape"])), "rank": r["rank"],
+             "|ΔW| / |W|": r["relative_norm"]} for r in sorted(diff, key=lambda r: -r["relative_norm"])]
+    return ["<h3>Where was it edited</h3>", table(rows, ["where", "tensor", "shape", "rank", "|ΔW| / |W|"])]
+
+
 def check_table(check: Mapping) -> str:
     """A check's numbers as one small table: quantity | before the edit | after the edit (a single value spans
     both columns)."""
@@ -242,9 +280,11 @@ def verification_report(d: dict) -> str:
                     f"<b>{html.escape(repr(f['new_target']))}</b></li>" for f in d["facts"])
     sections = [
         verdict_html(d),
+        *verdict_scores_html(d.get("verdict")),
         "<h2>The edit</h2>",
         f"<p>{html.escape(sites_in_words(d['method'], d['sites'], key_token))}, on model "
         f"<code>{html.escape(str(d['model']))}</code> (verified in {d['seconds']:.1f} s).</p><ul>{facts}</ul>",
+        *weight_diff_html(d.get("weight_diff")),
         "<h2>Behaviour (before → after; before = the unedited model)</h2>",
         table([{"metric": name, "before": _v(before.get(key)), "after": _v(b.get(key))}
                for name, key in BEHAVIOUR_ROWS], ["metric", "before", "after"]),

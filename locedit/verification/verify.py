@@ -8,7 +8,11 @@ reverted afterwards.
 **Behaviour pass rule** (`BEHAVIOUR_RULE`): efficacy ES = 1 on the rewrite prompt, greedy generation from the
 rewrite prompt contains the new target, paraphrase score PS >= 0.5 when there are paraphrases, and neighbourhood
 score NS after >= NS before - 0.1 when there are neighbourhood prompts. `Verification.passed` = behaviour passed and
-(when computed) every applicable mechanistic check passed.
+(when computed) every applicable mechanistic check passed. `Verification.verdict` gives the two verdicts
+separately with each check's score (NS+ and NKL reported beside the rule, not in it), and `exit_status` (0/1).
+
+`verify_models(base_lm, edited_lm, request)` verifies a model edited by another tool: the weight diff says where it
+was edited, then the same measurements (`verify_states`) run with the base model as "before".
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ from locedit.errors import LoceditError
 from locedit.core.facts import Fact
 from locedit.core.results import Result, jsonable
 from locedit.verification import mechanism as mech
+from locedit.verification.verdict import exit_status, verdict, verdict_lines
+from locedit.verification.weight_diff import diff_lines, edited_mlp_layers, weight_diff
 from locedit.verification.metrics import (PERPLEXITY_TEXT, contains_target, fluency, greedy_generate_ids, harmonic_mean,
                       kl_divergence, perplexity, success_and_magnitude, target_probs)
 
@@ -97,13 +103,20 @@ def _cont(prompt: str, target: str) -> str:
 
 def fact_inputs(edit, *, paraphrases=None, neighborhood=None, generation_prompts=None) -> list[FactInputs]:
     """Per edited fact: the given prompts, else those of the fact's dataset record (`fact.meta`)."""
-    facts = list(edit.facts)
+    return inputs_for(list(edit.facts), list(edit.new_targets), paraphrases=paraphrases, neighborhood=neighborhood,
+                      generation_prompts=generation_prompts)
+
+
+def inputs_for(facts: Sequence[Fact], new_targets: Sequence[str], *, paraphrases=None, neighborhood=None,
+               generation_prompts=None) -> list[FactInputs]:
+    """Per fact (its true target resolved) and new target: the given prompts, else the fact's dataset record's."""
+    facts = list(facts)
     n = len(facts)
     para = _per_fact(paraphrases, n, "paraphrases")
     neigh = _per_fact(neighborhood, n, "neighborhood")
     gen = _per_fact(generation_prompts, n, "generation_prompts")
     out = []
-    for i, (fact, new) in enumerate(zip(facts, edit.new_targets)):
+    for i, (fact, new) in enumerate(zip(facts, new_targets)):
         if fact.target is None:
             raise LoceditError(f"the edited fact {fact.prompt!r} has no true target")
         meta = fact.meta if isinstance(fact.meta, dict) else {}
@@ -241,6 +254,7 @@ class Verification(Result):
     mechanism: dict | None
     seconds: float
     timings: dict = field(default_factory=dict)
+    weight_diff: list | None = None  # verify_models: the tensors that differ, their rank and where they are
 
     @property
     def passed(self) -> bool:
@@ -249,10 +263,24 @@ class Verification(Result):
             ok = ok and bool(self.mechanism.get("passed"))
         return ok
 
+    @property
+    def verdict(self) -> dict:
+        """Behaviour and mechanism verdicts separately, each check's score beside its pass, and `exit_status`
+        (0 passed, 1 failed: what `locedit verify` returns)."""
+        return verdict(self.behaviour, self.mechanism, NS_TOLERANCE)
+
+    @property
+    def exit_status(self) -> int:
+        """0 when the verification passed, 1 when it failed."""
+        return exit_status(self.passed)
+
     def to_dict(self) -> dict:
-        return jsonable({"analysis": "verify", "method": self.method, "model": self.model, "facts": self.facts,
-                          "sites": self.sites, "passed": self.passed, "behaviour": self.behaviour,
-                          "mechanism": self.mechanism, "seconds": self.seconds, "timings": self.timings})
+        d = {"analysis": "verify", "method": self.method, "model": self.model, "facts": self.facts,
+             "sites": self.sites, "passed": self.passed, "verdict": self.verdict, "behaviour": self.behaviour,
+             "mechanism": self.mechanism, "seconds": self.seconds, "timings": self.timings}
+        if self.weight_diff is not None:
+            d["weight_diff"] = self.weight_diff
+        return jsonable(d)
 
     def summary(self) -> str:
         """The edit, its behaviour before -> after, each mechanistic check and the verdict."""
@@ -277,6 +305,8 @@ def summary_text(d: dict) -> str:
     for f in d["facts"][:3]:
         lines.append(f"edit ({d['method']}, layers {d['sites'].get('layers')}): {f['prompt']!r}: "
                      f"{f['true_target']!r} -> {f['new_target']!r}")
+    if d.get("weight_diff") is not None:
+        lines += diff_lines(d["weight_diff"])
     lines.append("behaviour (before -> after): "
                  f"ES {_fmt(before['efficacy_score'])} -> {_fmt(b['efficacy_score'])} "
                  f"(EM {_fmt(b['efficacy_magnitude'], '+.2f')}), "
@@ -313,6 +343,8 @@ def summary_text(d: dict) -> str:
             parts.append(f"locality n/a ({loc.get('reason')})")
         lines.append("mechanism: " + "; ".join(parts))
         lines.append(f"  mechanism {'PASSED' if m['passed'] else 'FAILED'}")
+    if d.get("verdict") is not None:
+        lines += verdict_lines(d["verdict"])
     lines.append(f"verdict: {'PASSED' if d['passed'] else 'FAILED'} ({d['seconds']:.1f} s)")
     return "\n".join(lines)
 
@@ -336,39 +368,108 @@ def verify(lm, edit, *, paraphrases=None, neighborhood=None, generation_prompts=
     start = time.perf_counter()
     inputs = fact_inputs(edit, paraphrases=paraphrases, neighborhood=neighborhood,
                          generation_prompts=generation_prompts)
-    setups = []
-    if mechanism:
-        for i, x in enumerate(inputs[:mechanism_facts]):
-            setups.append(mech.setup_for(lm, x.fact, x.new_target, edit.sites, i, x.neighborhood,
-                                         sitemap=sites if i == 0 else None))
-    timings: dict[str, float] = {}
+    setups = mechanism_setups(lm, inputs, edit.sites, sites, mechanism_facts) if mechanism else []
     options = dict(generation_tokens=generation_tokens, fluency_tokens=fluency_tokens,
                    perplexity_text=perplexity_text)
     context = contextlib.nullcontext() if edit.is_applied else edit.applied(lm)
     with context:
-        with edit.reverted():
-            t = time.perf_counter()
-            before = measure_behaviour(lm, inputs, **options)
-            timings["behaviour_before"] = time.perf_counter() - t
-            t = time.perf_counter()
-            mech_before = [mech.measure(lm, s, after=False) for s in setups]
-            timings["mechanism_before"] = time.perf_counter() - t
+        behaviour, mechanism_result, timings = verify_states(lm, lm, inputs, setups, before=edit.reverted,
+                                                             **options)
+    return Verification(edit.method, getattr(lm, "name", "?"), fact_rows(inputs), jsonable(dict(edit.sites)),
+                        behaviour, mechanism_result, time.perf_counter() - start, timings)
+
+
+def mechanism_setups(lm, inputs: Sequence[FactInputs], edit_sites: dict, sitemap, mechanism_facts: int) -> list:
+    """The mechanistic checks' inputs for the first `mechanism_facts` facts (`sitemap`'s heads for the first)."""
+    return [mech.setup_for(lm, x.fact, x.new_target, edit_sites, i, x.neighborhood,
+                           sitemap=sitemap if i == 0 else None)
+            for i, x in enumerate(inputs[:mechanism_facts])]
+
+
+def verify_states(lm_before, lm_after, inputs: Sequence[FactInputs], setups: Sequence, *,
+                  before=contextlib.nullcontext, generation_tokens: int = 10, fluency_tokens: int = 30,
+                  perplexity_text: Sequence[str] = PERPLEXITY_TEXT) -> tuple[dict, dict | None, dict]:
+    """The one implementation behind `verify` and `verify_models`: behaviour and mechanism measured on
+    `lm_before` (inside the `before()` context: the edit reverted) and on `lm_after`, then compared.
+    Returns (behaviour, mechanism or None, timings)."""
+    timings: dict[str, float] = {}
+    options = dict(generation_tokens=generation_tokens, fluency_tokens=fluency_tokens,
+                   perplexity_text=perplexity_text)
+    with before():
         t = time.perf_counter()
-        after = measure_behaviour(lm, inputs, **options)
-        timings["behaviour_after"] = time.perf_counter() - t
+        state_before = measure_behaviour(lm_before, inputs, **options)
+        timings["behaviour_before"] = time.perf_counter() - t
         t = time.perf_counter()
-        mech_after = [mech.measure(lm, s, after=True) for s in setups]
-        timings["mechanism_after"] = time.perf_counter() - t
-    behaviour = behaviour_metrics(inputs, before, after)
+        mech_before = [mech.measure(lm_before, s, after=False) for s in setups]
+        timings["mechanism_before"] = time.perf_counter() - t
+    t = time.perf_counter()
+    state_after = measure_behaviour(lm_after, inputs, **options)
+    timings["behaviour_after"] = time.perf_counter() - t
+    t = time.perf_counter()
+    mech_after = [mech.measure(lm_after, s, after=True) for s in setups]
+    timings["mechanism_after"] = time.perf_counter() - t
+    behaviour = behaviour_metrics(inputs, state_before, state_after)
     mechanism_result = None
     if setups:
-        per_fact = [mech.compare(lm, s, b, a) for s, b, a in zip(setups, mech_before, mech_after)]
+        per_fact = [mech.compare(lm_after, s, b, a) for s, b, a in zip(setups, mech_before, mech_after)]
         mechanism_result = dict(per_fact[0])
         if len(per_fact) > 1:
             mechanism_result["per_fact"] = per_fact
             mechanism_result["passed"] = all(p["passed"] for p in per_fact)
-    facts = [{"subject": x.fact.subject, "prompt": x.fact.prompt, "true_target": x.fact.target_text(),
-              "new_target": x.new_target, "relation": x.fact.relation,
-              "id": x.fact.meta.get("id") if isinstance(x.fact.meta, dict) else None} for x in inputs]
-    return Verification(edit.method, getattr(lm, "name", "?"), facts, jsonable(dict(edit.sites)), behaviour,
-                        mechanism_result, time.perf_counter() - start, timings)
+    return behaviour, mechanism_result, timings
+
+
+def fact_rows(inputs: Sequence[FactInputs]) -> list[dict]:
+    """The verified facts, as the result lists them."""
+    return [{"subject": x.fact.subject, "prompt": x.fact.prompt, "true_target": x.fact.target_text(),
+             "new_target": x.new_target, "relation": x.fact.relation,
+             "id": x.fact.meta.get("id") if isinstance(x.fact.meta, dict) else None} for x in inputs]
+
+
+# --- verify_models: an edit made by another tool ----------------------------------------------------------------------
+def verify_models(base_lm, edited_lm, request, *, paraphrases=None, neighborhood=None, generation_prompts=None,
+                  mechanism: bool = True, sites=None, generation_tokens: int = 10, fluency_tokens: int = 30,
+                  perplexity_text: Sequence[str] = PERPLEXITY_TEXT) -> Verification:
+    """Verify an edited model against its base without an `Edit` (a model edited by EasyEdit, a fine-tuned copy,
+    a `save_model` directory): the two are checked compatible (architecture, geometry, parameters, tokenizer
+    vocabulary; ModelMismatchError otherwise), the tensors that differ are listed with the rank of each change and
+    where it is (`Verification.weight_diff`), then behaviour (the base model = before) and the mechanistic checks
+    as `verify` runs them, at the MLP layers the diff finds (enrichment n/a when no MLP output projection changed).
+
+    `request`: an EditRequest (or a list of them); a fact without a target gets the base model's top-1. The other
+    options are `verify`'s. Neither model's weights change."""
+    from locedit.core.facts import EditRequest
+
+    start = time.perf_counter()
+    requests = [request] if isinstance(request, EditRequest) else list(request)
+    if not requests or not all(isinstance(r, EditRequest) for r in requests):
+        raise LoceditError("verify_models needs an EditRequest (or a list of them)")
+    t = time.perf_counter()
+    diff = weight_diff(base_lm, edited_lm)
+    diff_seconds = time.perf_counter() - t
+    facts = [request_for_models(base_lm, r).fact for r in requests]  # FactError: top-1 is the new target
+    inputs = inputs_for(facts, [r.new_target for r in requests], paraphrases=paraphrases,
+                        neighborhood=neighborhood, generation_prompts=generation_prompts)
+    edit_sites = {"layers": edited_mlp_layers(diff), "heads": [], "key_position": "subject_last",
+                  "source": "weight_diff"}
+    setups = mechanism_setups(base_lm, inputs, edit_sites, sites, 1) if mechanism else []
+    behaviour, mechanism_result, timings = verify_states(
+        base_lm, edited_lm, inputs, setups, generation_tokens=generation_tokens, fluency_tokens=fluency_tokens,
+        perplexity_text=perplexity_text)
+    timings["weight_diff"] = diff_seconds
+    name = f"{getattr(base_lm, 'name', '?')} -> {getattr(edited_lm, 'name', '?')}"
+    return Verification("external", name, fact_rows(inputs), jsonable(edit_sites), behaviour, mechanism_result,
+                        time.perf_counter() - start, timings, weight_diff=diff)
+
+
+def _with_true_target(lm, fact: Fact) -> Fact:
+    if fact.target is not None:
+        return fact
+    return Fact(fact.subject, fact.prompt, lm.predict(fact)[0].token, fact.relation, fact.meta)
+
+
+def request_for_models(base_lm, request):
+    """`request` with its fact's true target resolved on the base model (its top-1 when none was given)."""
+    from locedit.core.facts import EditRequest
+
+    return EditRequest(_with_true_target(base_lm, request.fact), request.new_target)

@@ -1,0 +1,112 @@
+"""The verdict of a verification, for a script: behaviour and mechanism separately, each check with its continuous
+score beside its pass, and the exit status the CLI returns (0 passed, 1 failed; 2 is a user error).
+
+The behaviour rule is `verify.BEHAVIOUR_RULE` (unchanged). NS+ (the neighbourhood score with the edit prompt
+prefixed, CounterFact+) and NKL (the neighbourhood KL) are reported beside it with `in_rule: False`: putting them
+in the rule needs thresholds validated on control edits (issue #17 §1), which has not been run.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+EXIT_PASSED = 0
+EXIT_FAILED = 1
+EXIT_USER_ERROR = 2
+
+
+def criterion(name: str, score: float | bool | None, passed: bool | None, rule: str, *,
+              in_rule: bool = True) -> dict:
+    """One line of a verdict: what was measured, its value, whether it passed and the rule it is held to."""
+    value = None if score is None else (bool(score) if isinstance(score, bool) else float(score))
+    return {"name": name, "score": value, "passed": None if passed is None else bool(passed), "rule": rule,
+            "in_rule": in_rule}
+
+
+def behaviour_verdict(behaviour: Mapping[str, Any], ns_tolerance: float) -> dict:
+    """The behaviour rule's criteria with their scores, plus NS+ and NKL (reported, not in the rule)."""
+    before = behaviour["before"]
+    es = behaviour["efficacy_score"]
+    checks = [criterion("efficacy_score", es, es == 1.0, "ES = 1"),
+              criterion("generation_efficacy_prompt", bool(behaviour["generation_efficacy_prompt"]),
+                        bool(behaviour["generation_efficacy_prompt"]),
+                        "greedy generation from the rewrite prompt contains the new target")]
+    ps = behaviour["paraphrase_score"]
+    if ps is not None:
+        checks.append(criterion("paraphrase_score", ps, ps >= 0.5, "PS >= 0.5"))
+    ns, ns_before = behaviour["neighborhood_score"], before["neighborhood_score"]
+    if ns is not None:
+        checks.append(criterion("neighborhood_score_drop", ns_before - ns, ns >= ns_before - ns_tolerance,
+                                f"NS before - NS after <= {ns_tolerance:g}"))
+    reported = []
+    pre, pre_before = behaviour.get("neighborhood_score_prefixed"), before.get("neighborhood_score_prefixed")
+    if pre is not None:
+        reported.append(criterion("neighborhood_score_prefixed_drop", (pre_before or 0.0) - pre, None,
+                                  f"NS+ before ({_fmt(pre_before)}) - NS+ after ({_fmt(pre)}); no validated "
+                                  "threshold yet", in_rule=False))
+    if behaviour.get("neighborhood_kl") is not None:
+        reported.append(criterion("neighborhood_kl", behaviour["neighborhood_kl"], None,
+                                  "KL(before || after) on the prefixed neighbours, nats; no validated threshold yet",
+                                  in_rule=False))
+    return {"passed": bool(behaviour["passed"]), "checks": checks, "reported": reported}
+
+
+# per check: the continuous score (key, what it means) and each criterion (key, rule, test)
+MECHANISM_SCORES = {
+    "knockout": ("subject_logodds_drop_after", "log-odds drop of p(new) when last -> subject is blocked"),
+    "extraction": ("new_minus_old_after", "summed direct logit of new minus old at the extraction heads"),
+    "enrichment": ("new_best_rank_after", "best logit-lens rank of new in the subject state (lower is better)"),
+    "locality": ("max_abs_relative_change", "largest relative change of a neighbour's p(true)"),
+}
+
+
+def mechanism_verdict(mechanism: Mapping[str, Any] | None) -> dict | None:
+    """Per mechanistic check: applicable, passed, its continuous score and what the score means."""
+    if mechanism is None:
+        return None
+    checks = {}
+    for name, (key, meaning) in MECHANISM_SCORES.items():
+        check = mechanism.get(name) or {}
+        applicable = check.get("applicable", True)
+        checks[name] = {"applicable": bool(applicable), "passed": check.get("passed") if applicable else None,
+                        "score": check.get(key) if applicable else None, "score_name": key,
+                        "score_meaning": meaning, "rule": check.get("rule")}
+    return {"passed": bool(mechanism.get("passed")), "checks": checks}
+
+
+def verdict(behaviour: Mapping[str, Any], mechanism: Mapping[str, Any] | None, ns_tolerance: float) -> dict:
+    """Behaviour and mechanism verdicts side by side, the overall pass and its exit status."""
+    b = behaviour_verdict(behaviour, ns_tolerance)
+    m = mechanism_verdict(mechanism)
+    passed = b["passed"] and (m is None or m["passed"])
+    return {"passed": passed, "exit_status": exit_status(passed), "behaviour": b, "mechanism": m}
+
+
+def exit_status(passed: bool) -> int:
+    """The CLI's exit status for a verification: 0 when it passed, 1 when it failed."""
+    return EXIT_PASSED if passed else EXIT_FAILED
+
+
+def verdict_lines(v: Mapping[str, Any]) -> list[str]:
+    """The verdict as terminal lines: behaviour criteria with their scores, then each mechanistic check's score."""
+    b = v["behaviour"]
+    parts = [f"{c['name']} {_fmt(c['score'])} {'ok' if c['passed'] else 'FAIL'}" for c in b["checks"]]
+    lines = [f"verdict (behaviour): {'PASSED' if b['passed'] else 'FAILED'}: " + "; ".join(parts)]
+    if b["reported"]:
+        lines.append("  reported, not in the rule (no validated threshold): "
+                     + "; ".join(f"{c['name']} {_fmt(c['score'], '.4f')}" for c in b["reported"]))
+    m = v.get("mechanism")
+    if m is not None:
+        parts = [f"{name} {'n/a' if not c['applicable'] else ('pass' if c['passed'] else 'FAIL')} "
+                 f"({c['score_name']} {_fmt(c['score'], '.0f' if 'rank' in c['score_name'] else '.2f')})"
+                 for name, c in m["checks"].items()]
+        lines.append(f"verdict (mechanism): {'PASSED' if m['passed'] else 'FAILED'}: " + "; ".join(parts))
+    return lines
+
+
+def _fmt(value, spec: str = ".2f") -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return format(float(value), spec)
