@@ -38,3 +38,7 @@ class HeadSpecError(LoceditError, ValueError):
 
 class EditError(LoceditError):
     """An edit cannot be made, applied, reverted or read (wrong model, applied twice, corrupt file, ...)."""
+
+
+class CalibrationError(LoceditError):
+    """A calibration cannot be made, read or used (no usable facts, a corrupt or foreign calibration file)."""
