@@ -200,3 +200,42 @@ def test_calibration_files_are_checked(tmp_path):
 def test_coarse_layers_step_through_the_model():
     assert coarse_layers(30) == [0, 5, 10, 15, 20, 25]
     assert coarse_layers(4, 2) == [0, 2] and coarse_layers(4, 1) == [0, 1, 2, 3]
+
+
+def _counterfact_file(path, facts) -> str:
+    rows = [{"case_id": i, "requested_rewrite": {"prompt": f.prompt.replace(f.subject, "{}"), "subject": f.subject,
+                                                  "target_true": {"str": f.target.strip()},
+                                                  "target_new": {"str": f.meta["target_new"]}},
+             "paraphrase_prompts": f.meta["paraphrases"], "neighborhood_prompts": f.meta["neighborhood"]}
+            for i, f in enumerate(facts)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_cli_calibrates_a_model_directory_and_imports_only_for_its_weights(tmp_path, capsys):
+    from locedit.cli.main import main
+
+    model = tiny.save(tmp_path / "model", "llama")
+    lm = locedit.load(str(model))
+    facts = _counterfact_file(tmp_path / "facts.jsonl", known(lm, 1))
+    (tmp_path / "hp.json").write_text(json.dumps(FAST))
+    out = tmp_path / "out"
+    code = main(["calibrate", "--model", str(model), "--facts", facts, "--n", "1", "--layers", "0,2",
+                 "--hparams", str(tmp_path / "hp.json"), "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    assert "rome: layers [" in printed and "keyed at subject_last" in printed
+    for name in ("calibration.json", "trials.jsonl", "easyedit-rome.yaml"):
+        assert (out / name).is_file(), name
+    cal = load_calibration(out / "calibration.json")
+    assert calibration_for(lm).chosen == cal.chosen and [r["layer"] for r in cal.sweep] == [0, 2]
+    assert read_hparams(None, out / "easyedit-rome.yaml", warn=False).layers == cal.chosen["rome"]["layers"]
+
+    calibration_path(cal.fingerprint).unlink()
+    assert calibration_for(lm) is None
+    assert main(["calibrate", "--import", str(out / "calibration.json"), "--model", str(model)]) == 0
+    assert calibration_for(lm).chosen == cal.chosen
+    other = tiny.save(tmp_path / "other", "qwen2")
+    assert main(["calibrate", "--import", str(out / "calibration.json"), "--model", str(other)]) == 2
+    assert "calibration of other weights" in capsys.readouterr().err
+    assert main(["calibrate", "--model", str(model)]) == 2  # no --out

@@ -92,9 +92,11 @@ def calibration_facts(lm, facts, n: int) -> list[Fact]:
                                "counterfactual target), with paraphrases and neighbourhood prompts")
     pool.sort(key=lambda f: hashlib.sha256(_fact_id(f).encode()).hexdigest())
     kept: list[Fact] = []
-    for fact in known_facts(lm, pool, progress=False):
-        if lm.predict(fact)[0].token.strip() != str(fact.meta["target_new"]).strip():
-            kept.append(fact)
+    chunk = max(16, 4 * n)  # check knowledge a chunk at a time: a large fact file is not run through whole
+    for start in range(0, len(pool), chunk):
+        for fact in known_facts(lm, pool[start:start + chunk], progress=False):
+            if len(kept) < n and lm.predict(fact)[0].token.strip() != str(fact.meta["target_new"]).strip():
+                kept.append(fact)
         if len(kept) == n:
             break
     if not kept:
