@@ -25,7 +25,8 @@ SUBJECTS = ["Eiffel Tower", "Beats Music", "Michael Jordan", "Jimi Hendrix", "Bi
             "Microsoft", "Brazil", "Japan", "France", "Italy"]
 TEMPLATES = ["{} is located in the city of", "The city of the {} is", "{} is owned by", "{} plays", "The capital of {} is",
              "The official language of {} is", "The currency of {} is", "{} was founded by", "{} is in",
-             "{} Apple city located", "The {} is in", "{} played the"]
+             "{} Apple city located", "The {} is in", "{} played the",
+             "The city of the {}", "The owner of {}"]  # last: prompts ending with the subject (locate refuses them)
 
 
 @pytest.fixture(autouse=True)
@@ -40,13 +41,15 @@ def known(lm, count: int = 2) -> list[Fact]:
     for template in TEMPLATES:
         for subject in SUBJECTS:
             prompt = template.format(subject)
-            top = lm.predict(Fact(subject, prompt, None), k=2)
+            top = lm.predict(Fact(subject, prompt, None), k=5)
             if not top[0].token.strip() or lm.encode(Fact(subject, prompt, top[0].token)).target_id != top[0].token_id:
                 continue
             others = [t.format(subject) for t in TEMPLATES if t != template][:2]
             neighbours = [template.format(s) for s in SUBJECTS if s != subject][:2]
             out.append(Fact(subject, prompt, top[0].token, "test",
-                            {"id": prompt, "target_new": top[1].token.strip() or "the", "paraphrases": others,
+                            {"id": prompt, "target_new": next(t.token.strip() for t in top[1:] if t.token.strip()
+                                                              not in ("", top[0].token.strip())),
+                             "paraphrases": others,
                              "neighborhood": neighbours}))
             if len(out) == count:
                 return out
