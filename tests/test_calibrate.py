@@ -109,7 +109,11 @@ def test_the_fingerprint_covers_the_weights_not_an_applied_edit_or_the_dtype():
     e = locedit.edit(lm, EditRequest(fact, " " + fact.meta["target_new"]), method="rome", layers=[1],
                      key_position="subject_last", hparams=FAST)
     assert weights_fingerprint(lm) == fp and e.is_applied  # the unedited weights, the edit stays applied
+    edited = {n: p.detach().clone() for n, p in lm.model.named_parameters()}
+    assert weights_fingerprint(lm) == fp  # again, from the cache of the edited state
+    assert all(torch.equal(edited[n], p) for n, p in lm.model.named_parameters())
     e.revert()
+    assert weights_fingerprint(lm) == fp
     other = tiny.lm("gpt2", seed=1)
     assert weights_fingerprint(other) != fp
     half = tiny.lm("gpt2")

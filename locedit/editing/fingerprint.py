@@ -19,7 +19,7 @@ from locedit.editing.edit import applied_edits, geometry
 from locedit.errors import LoceditError
 
 FINGERPRINT_VERSION = 1
-_CACHE: "weakref.WeakKeyDictionary[torch.nn.Module, tuple[tuple, str]]" = weakref.WeakKeyDictionary()
+_CACHE: "weakref.WeakKeyDictionary[torch.nn.Module, dict[tuple, str]]" = weakref.WeakKeyDictionary()
 _ROWS = 4096  # rows hashed per chunk (bounds the memory a 7B embedding needs on the CPU)
 
 
@@ -34,20 +34,31 @@ def fingerprinted_tensors(lm) -> list[tuple[str, torch.Tensor]]:
 
 def weights_fingerprint(lm) -> str:
     """The hex SHA-256 fingerprint of `lm`'s unedited weights (edits applied with locedit are reverted while it is
-    computed and re-applied afterwards; the weights end as they began)."""
+    computed and re-applied afterwards; the weights end as they began). Cached per model and tensor state, so a
+    model with edits applied is reverted only the first time."""
+    cache = _CACHE.setdefault(lm.model, {})
+    now = _state(lm)
+    if now in cache:
+        return cache[now]
     with _unedited(lm):
-        tensors = fingerprinted_tensors(lm)
-        state = tuple((t.data_ptr(), t._version) for _, t in tensors)
-        cached = _CACHE.get(lm.model)
-        if cached is not None and cached[0] == state:
-            return cached[1]
-        digest = hashlib.sha256(json.dumps({"version": FINGERPRINT_VERSION, "geometry": geometry(lm)},
-                                           sort_keys=True).encode())
-        for name, tensor in tensors:
-            _update(digest, name, tensor)
-        value = digest.hexdigest()
-        _CACHE[lm.model] = (state, value)
-        return value
+        unedited = _state(lm)
+        value = cache.get(unedited)
+        if value is None:
+            digest = hashlib.sha256(json.dumps({"version": FINGERPRINT_VERSION, "geometry": geometry(lm)},
+                                               sort_keys=True).encode())
+            for name, tensor in fingerprinted_tensors(lm):
+                _update(digest, name, tensor)
+            value = digest.hexdigest()
+    if len(cache) > 16:  # states of long-gone edits
+        cache.clear()
+    cache[unedited] = value
+    cache[_state(lm)] = value  # the state the edits were re-applied to
+    return value
+
+
+def _state(lm) -> tuple:
+    """Where each fingerprinted tensor lives and how often it was written in place (torch's version counter)."""
+    return tuple((t.data_ptr(), t._version) for _, t in fingerprinted_tensors(lm))
 
 
 def canonical_dtype(tensor: torch.Tensor) -> torch.dtype:
