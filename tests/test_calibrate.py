@@ -246,3 +246,17 @@ def test_cli_calibrates_a_model_directory_and_imports_only_for_its_weights(tmp_p
     assert main(["calibrate", "--import", str(out / "calibration.json"), "--model", str(other)]) == 2
     assert "calibration of other weights" in capsys.readouterr().err
     assert main(["calibrate", "--model", str(model)]) == 2  # no --out
+
+
+def test_key_positions_are_candidates_and_a_calibrated_carrier_key_is_used():
+    lm = tiny.lm("llama")
+    fact = known(lm, 1)[0]
+    cal = calibrate(lm, [fact], n=1, layers=[1], key_positions=("subject_last", "carrier"), hparams={"rome": FAST},
+                    progress=False)
+    assert [(r["layer"], r["key_position"]) for r in cal.sweep] == [(1, "subject_last"), (1, "carrier")]
+    chosen = cal.chosen["rome"]["key_position"]
+    sites = locedit.locate(lm, fact)
+    rec = sites.recommendation["rank_one"]
+    assert rec["source"] == "calibrated" and rec["key_position"] == chosen
+    carrier = sites.carrier["position"]
+    assert rec["position"] == (carrier if chosen == "carrier" else lm.encode(fact).subject_end - 1)
