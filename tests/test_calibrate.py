@@ -13,8 +13,7 @@ import locedit
 import tiny
 from locedit import EditRequest, Fact
 from locedit.editing.calibrate import calibrate, coarse_layers
-from locedit.editing.calibration import (UNCALIBRATED, calibration_for, calibration_path, from_dict,
-                                         load_calibration)
+from locedit.editing.calibration import calibration_for, calibration_path, from_dict, load_calibration
 from locedit.editing.fingerprint import weights_fingerprint
 from locedit.editing.hparams import read_hparams
 from locedit.errors import CalibrationError
@@ -23,8 +22,8 @@ FAST = {"v_num_grad_steps": 10, "clamp_norm_factor": 10, "context_template_lengt
         "mom2_adjustment": False}
 SUBJECTS = ["Eiffel Tower", "Beats Music", "Michael Jordan", "Jimi Hendrix", "Big Ben", "Colosseum", "Louvre",
             "Microsoft", "Brazil", "Japan", "France", "Italy"]
-TEMPLATES = ["{} is located in the city of", "The city of the {} is", "{} is owned by", "{} plays", "The capital of {} is",
-             "The official language of {} is", "The currency of {} is", "{} was founded by", "{} is in",
+TEMPLATES = ["{} is located in the city of", "The city of the {} is", "{} is owned by", "{} plays",
+             "The capital of {} is", "The official language of {} is", "The currency of {} is", "{} was founded by", "{} is in",
              "{} Apple city located", "The {} is in", "{} played the",
              "The city of the {}", "The owner of {}"]  # last: prompts ending with the subject (locate refuses them)
 

@@ -264,7 +264,8 @@ def _calibrated_layers(lm, method: str) -> dict | None:
 
 def _located_layers(site_maps, method: str) -> list[int]:
     """ROME/FT: the layer `locate` recommends (these weights' calibrated one where they have a calibration).
-    MEMIT: a window of up to 5 layers ending at the most often recommended layer (MEMIT's convention: GPT-2 XL edits 13-17 where ROME edits 17)."""
+    MEMIT: a window of up to 5 layers ending at the most often recommended layer (MEMIT's convention: GPT-2 XL
+    edits 13-17 where ROME edits 17)."""
     counts: dict[int, int] = {}
     for s in site_maps:
         for layer in s.recommendation["rank_one"]["layers"][:1]:

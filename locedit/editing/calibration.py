@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from locedit.core.loading import cache_dir, cache_lock
-from locedit.core.results import Result, jsonable, write_atomic
+from locedit.core.results import Result, jsonable
 from locedit.errors import CalibrationError
 
 FORMAT_VERSION = 1
