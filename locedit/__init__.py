@@ -17,6 +17,7 @@ from locedit.core.engine import (
     run_batch,
 )
 from locedit.errors import (
+    CalibrationError,
     DatasetError,
     EditError,
     FactError,
@@ -31,14 +32,15 @@ from locedit.core.head import Head
 from locedit.core.lm import LM
 from locedit.core.loading import DEFAULT_MODEL, load
 from locedit.localization.sites import SiteMap, locate
-from locedit.editing import Edit, edit, load_edit, save_model
+from locedit.editing import Calibration, Edit, calibrate, edit, load_calibration, load_edit, save_model
 from locedit.verification import Verification, verify, verify_models
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Adapter", "AddEmbeddingNoise", "AddLinear", "AddToSublayer", "EditRequest", "Head", "Edit", "EditError", "SiteMap", "edit", "load_edit", "locate",
-    "save_model", "BlockAttention", "Capture", "DEFAULT_MODEL", "DatasetError", "EncodedFact",
+    "Adapter", "AddEmbeddingNoise", "AddLinear", "AddToSublayer", "Calibration", "EditRequest", "Head", "Edit",
+    "EditError", "SiteMap", "calibrate", "edit", "load_calibration", "load_edit", "locate",
+    "save_model", "BlockAttention", "CalibrationError", "Capture", "DEFAULT_MODEL", "DatasetError", "EncodedFact",
     "Verification", "verify", "verify_models", "ModelMismatchError",
     "Fact", "FactError", "InterventionError", "LM", "LoceditError", "ModelLoadError", "PositionGroups",
     "RunResult", "SetHeads", "SetResidual", "SetSublayer", "UniformAttention", "UnsupportedModelError",

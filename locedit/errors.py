@@ -42,3 +42,7 @@ class EditError(LoceditError):
 
 class ModelMismatchError(LoceditError):
     """Two models that should share an architecture and tokenizer (a base and its edited copy) do not."""
+
+
+class CalibrationError(LoceditError):
+    """A calibration cannot be made, read or used (no usable facts, a corrupt or foreign calibration file)."""

@@ -426,32 +426,33 @@ def test_memit_z_batched_across_facts_equals_one_by_one():
         assert torch.allclose(one, together, atol=1e-4 * float(one.abs().max()))
 
 
-def test_a_measured_edit_layer_becomes_the_recommendation_and_the_default(monkeypatch):
-    # a model with a measured edit layer (locedit.editing.measured): locate recommends it (keeping the located
-    # layer in located_layers) and edit(layers=None) edits there at its key position; a model of another depth
-    # under the same name is not matched
-    from locedit.editing import measured
+def test_a_calibrated_edit_layer_becomes_the_recommendation_and_the_default():
+    # weights with a calibration (locedit.editing.calibration): locate recommends its site (keeping the located
+    # layer in located_layers) and edit(layers=None) edits there at its key position; other weights of the same
+    # name and depth are not matched
+    from locedit.editing.calibration import Calibration, install_calibration
+    from locedit.editing.edit import geometry
+    from locedit.editing.fingerprint import weights_fingerprint
     from locedit.localization.sites import locate
 
     lm = tiny.lm("llama")
     fact = Fact("Eiffel Tower", "The Eiffel Tower is located in the city of", " Paris")  # locate needs a relation
-    plain = locate(lm, fact).recommendation["rank_one"]
+    with pytest.warns(UserWarning, match="locedit calibrate"):
+        plain = locate(lm, fact).recommendation["rank_one"]
     assert plain["source"] == "located" and plain["layers"] == plain["located_layers"]
     layer = (plain["layers"][0] + 1) % lm.num_layers  # a layer locate did not choose
-    entry = measured.MeasuredLayer(layer=layer, key_position="subject_last", num_layers=lm.num_layers,
-                                   evidence="test")
-    monkeypatch.setitem(measured.MEASURED_LAYERS, lm.name, entry)
+    install_calibration(Calibration(weights_fingerprint(lm), {"name": lm.name, "geometry": geometry(lm)},
+                                    {"rome": {"layers": [layer], "key_position": "subject_last"}}, evidence="test"))
     rec = locate(lm, fact).recommendation["rank_one"]
     enc = lm.encode(fact)
-    assert rec["source"] == "measured" and rec["layers"] == [layer]
+    assert rec["source"] == "calibrated" and rec["layers"] == [layer]
     assert rec["located_layers"] == plain["layers"] and rec["position"] == enc.subject_end - 1
     e = locedit.edit(lm, EditRequest(fact, NEW), hparams=FAST)
     try:
         assert e.layers == [layer] and e.sites["key_position"] == "subject_last"
-        assert e.sites["layer_source"] == "measured"
+        assert e.sites["layer_source"] == "calibrated"
     finally:
         e.revert()
-    monkeypatch.setitem(measured.MEASURED_LAYERS, lm.name,
-                        measured.MeasuredLayer(layer, "subject_last", lm.num_layers + 1, "other depth"))
-    assert measured.measured_layer(lm) is None
-    assert locate(lm, fact).recommendation["rank_one"]["source"] == "located"
+    other = tiny.lm("llama", seed=1)
+    assert other.name == lm.name and other.num_layers == lm.num_layers
+    assert locate(other, fact).recommendation["rank_one"]["source"] == "located"

@@ -1,5 +1,5 @@
 """The issue's acceptance edit on the real SmolLM2 weights: Eiffel Tower -> Rome where `edit` puts it by default
-(SmolLM2 has a measured edit layer, `locedit.editing.measured`; the located site is tested in test_verify_smollm2)."""
+(SmolLM2's weights have a calibration shipped with locedit; the located site is tested in test_verify_smollm2)."""
 
 import pytest
 import torch
@@ -28,11 +28,11 @@ def located_edit(smollm2, eiffel):
 
 def test_default_rome_edit_moves_the_fact_and_spares_the_louvre(smollm2, eiffel, located_edit):
     edit = located_edit
-    from locedit.editing.measured import measured_layer
+    from locedit.editing.calibration import calibration_for
 
-    measured = measured_layer(smollm2)
-    assert measured is not None and edit.sites["layer_source"] == "measured"
-    assert edit.layers == [measured.layer] and edit.sites["key_position"] == measured.key_position
+    site = calibration_for(smollm2).site("rome")
+    assert site is not None and edit.sites["layer_source"] == "calibrated"
+    assert edit.layers == site["layers"] and edit.sites["key_position"] == site["key_position"]
     assert _top(smollm2, eiffel.prompt, eiffel.subject) == " Rome"
     moved = sum(_top(smollm2, p, "Eiffel Tower") == " Rome" for p in PARAPHRASES)
     assert moved >= 2, moved
@@ -59,3 +59,18 @@ def test_cli_edit_on_the_built_in_model(tmp_path, capsys, located_edit):
     assert code == 0, printed
     assert "p(new ' Rome')" in printed and (tmp_path / "edit" / "edit.json").is_file()
     assert locedit.load_edit(tmp_path / "edit").model["name"] == "smollm2-135m"
+
+
+def test_smollm2s_shipped_calibration_is_keyed_by_its_weights(smollm2):
+    # the package's calibration file is named by the fingerprint of the weights `locedit.load` gives, and names
+    # the recorded study it comes from
+    from locedit.editing.calibration import PACKAGED, load_calibration
+    from locedit.editing.fingerprint import weights_fingerprint
+
+    fingerprint = weights_fingerprint(smollm2)
+    path = PACKAGED / f"{fingerprint}.json"
+    assert path.is_file(), fingerprint
+    cal = load_calibration(path)
+    assert cal.fingerprint == fingerprint and cal.site("rome") == {**cal.site("rome"), "layers": [1],
+                                                                  "key_position": "subject_last"}
+    assert "data/results/study/" in cal.evidence

@@ -190,12 +190,15 @@ def test_plan_chunks_cover_every_row_once():
     assert single == [(list(range(10)), 5, 3)]
 
 
-def test_summary_names_a_measured_edit_layer(monkeypatch):
-    from locedit.editing import measured
+def test_summary_names_a_calibrated_edit_layer(tmp_path, monkeypatch):
+    from locedit.editing.calibration import Calibration, install_calibration
+    from locedit.editing.fingerprint import weights_fingerprint
 
+    monkeypatch.setenv("LOCEDIT_CACHE", str(tmp_path))
     lm = tiny.lm("llama", tokenizer_kind="metaspace")
-    assert "measured" not in locate(lm, FACT).summary()
-    monkeypatch.setitem(measured.MEASURED_LAYERS, lm.name, measured.MeasuredLayer(1, "subject_last", lm.num_layers, "t"))
+    assert "calibrated" not in locate(lm, FACT).summary()
+    install_calibration(Calibration(weights_fingerprint(lm), {"name": lm.name},
+                                    {"rome": {"layers": [1], "key_position": "subject_last"}}, evidence="t"))
     sites = locate(lm, FACT)
-    assert "measured edit layer" in sites.summary() and str(sites.recommendation["rank_one"]["located_layers"]) in \
+    assert "calibrated edit layer" in sites.summary() and str(sites.recommendation["rank_one"]["located_layers"]) in \
         sites.summary()

@@ -139,6 +139,9 @@ def test_sites_in_words_for_each_method():
                                    "layer_source": "measured"}, " Tower") == (
         "ROME edit of layer 1's MLP, keyed at ' Tower' (the subject's last token); the layer is this model's "
         "measured edit layer")
+    assert sites_in_words("rome", {"layers": [1], "key_position": "subject_last", "located": True,
+                                   "layer_source": "calibrated"}, " Tower").endswith(
+        "; the layer is the calibrated edit layer of these weights (locedit calibrate)")
     assert sites_in_words("memit", {"layers": [3, 4, 5, 6, 7], "key_position": "carrier"}) == (
         "MEMIT edit of layers 3–7's MLPs, keyed at the subject token that carries the fact, by locate's causal "
         "trace; the layers were given")

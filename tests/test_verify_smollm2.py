@@ -16,7 +16,7 @@ PARAPHRASES = ["The Eiffel Tower can be found in the city of"]
 def test_eiffel_to_rome_verifies_and_wrong_site_is_told_apart(smollm2, eiffel):
     lm = smollm2
     sitemap = locedit.locate(lm, eiffel)
-    rank_one = sitemap.recommendation["rank_one"]  # the located site (SmolLM2's default edit layer is measured)
+    rank_one = sitemap.recommendation["rank_one"]  # the located site (SmolLM2's default is its calibrated layer)
     edit = locedit.edit(lm, locedit.EditRequest(eiffel, " Rome"),
                         layers=rank_one["located_layers"], key_position="carrier", sites=sitemap)
     try:

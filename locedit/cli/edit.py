@@ -189,6 +189,6 @@ def _readout(lm, fact, new_target: str) -> dict:
 def _source(sites: dict) -> str:
     if not sites.get("located"):
         return ""
-    if sites.get("layer_source") == "measured":
-        return " (this model's measured edit layer; see docs/study.md)"
+    if sites.get("layer_source") == "calibrated":
+        return " (the calibrated edit layer of these weights; see docs/calibrate.md)"
     return " (located)"

@@ -6,9 +6,9 @@ import argparse
 import sys
 import warnings
 
-from locedit.cli import analyze, edit, evaluate, facts, locate, models, verify
+from locedit.cli import analyze, calibrate, edit, evaluate, facts, locate, models, verify
 
-VERBS = (locate, analyze, facts, edit, verify, evaluate, models)
+VERBS = (locate, analyze, facts, calibrate, edit, verify, evaluate, models)
 
 
 class Parser(argparse.ArgumentParser):

@@ -3,6 +3,8 @@ reversible, saveable `Edit` objects. `edit(lm, EditRequest(fact, new_target))`; 
 edit."""
 
 from locedit.editing.api import METHODS, edit, save_model
+from locedit.editing.calibrate import calibrate
+from locedit.editing.calibration import Calibration, load_calibration
 from locedit.editing.edit import Edit, WeightDelta, applied_edits
 from locedit.editing.edit_file import load_edit
 from locedit.editing.hparams import (
@@ -15,5 +17,6 @@ from locedit.editing.hparams import (
 )
 from locedit.errors import EditError
 
-__all__ = ["METHODS", "Edit", "EditError", "FTHyperParams", "HeadHyperParams", "MEMITHyperParams", "ROMEHyperParams",
-           "ResolvedHParams", "WeightDelta", "applied_edits", "edit", "load_edit", "read_hparams", "save_model"]
+__all__ = ["METHODS", "Calibration", "Edit", "EditError", "FTHyperParams", "HeadHyperParams", "MEMITHyperParams", "ROMEHyperParams",
+           "ResolvedHParams", "WeightDelta", "applied_edits", "calibrate", "edit", "load_calibration", "load_edit",
+           "read_hparams", "save_model"]

@@ -59,12 +59,15 @@ def edit(lm, request: EditRequest | Sequence[EditRequest], *positional: object, 
     facts = list(facts)
     targets = [_new_target_text(lm, f, r) for f, r in zip(facts, requests)]
     site_maps = _site_maps(sites, single, len(requests))
+    calibrated = _calibrated_layers(lm, method) if layers is None and method in ("memit", "ft") else None
+    if calibrated is not None and key_position is None:
+        key_position = calibrated["key_position"]
     needs_location = (layers is None and method != "head") or (heads is None and method == "head") or \
         key_position == "carrier"
     if needs_location:
         site_maps = [s if s is not None else _locate(lm, f) for s, f in zip(site_maps, facts)]
-    # default key position: as locate recommends when it ran (its carrier token, or subject-last at a model's
-    # measured edit layer), ROME's subject-last token at given sites
+    # default key position: as locate recommends when it ran (its carrier token, or the calibrated site's key
+    # position for these weights), ROME's subject-last token at given sites
     rule = key_position or (_recommended_key_position(site_maps[0]) if needs_location else "subject_last")
     if rule not in ("subject_last", "carrier"):
         raise EditError(f"key_position must be 'subject_last' or 'carrier', not {rule!r}")
@@ -76,13 +79,16 @@ def edit(lm, request: EditRequest | Sequence[EditRequest], *positional: object, 
         heads = _checked_heads(lm, heads if heads is not None else site_maps[0].recommendation["head_edit"]["heads"])
         layers_used = sorted({h.layer for h in heads})
     else:
-        layers_used = _checked_layers(lm, layers if layers is not None else _located_layers(site_maps, method))
+        if layers is None:
+            layers = calibrated["layers"] if calibrated is not None else _located_layers(site_maps, method)
+        layers_used = _checked_layers(lm, layers)
         if method in ("rome", "ft") and len(layers_used) != 1:
             raise EditError(f"{method} edits exactly one layer; got layers {layers_used}")
     edit_obj = _compute(lm, method, facts, targets, layers_used, heads, rule, offsets, hp, stats, corpus, progress)
     edit_obj.sites.update({"key_position": rule, "located": located})
-    if located and method != "head":  # "located": locate's layer; "measured": the model's measured edit layer
-        edit_obj.sites["layer_source"] = site_maps[0].recommendation["rank_one"].get("source", "located")
+    if located and method != "head":  # "located": locate's layer; "calibrated": these weights' calibrated site
+        edit_obj.sites["layer_source"] = "calibrated" if calibrated is not None else \
+            site_maps[0].recommendation["rank_one"].get("source", "located")
     if site_maps[0] is not None:  # what verify's extraction check reads
         edit_obj.sites["extraction_heads"] = [list(Head.parse(h))
                                               for h in site_maps[0].recommendation["head_edit"]["heads"]]
@@ -247,9 +253,19 @@ def _recommended_key_position(site_map) -> str:
     return site_map.recommendation["rank_one"].get("key_position", "carrier")  # older SiteMaps: the carrier
 
 
+def _calibrated_layers(lm, method: str) -> dict | None:
+    """The calibrated site of `method` for `lm`'s weights (MEMIT's window, FT's layer), None without one (ROME's
+    calibrated site reaches `edit` through locate's recommendation)."""
+    from locedit.editing.calibration import calibrated_site
+
+    site, _ = calibrated_site(lm, method, warn=False)
+    return site
+
+
 def _located_layers(site_maps, method: str) -> list[int]:
-    """ROME/FT: the layer `locate` recommends. MEMIT: a window of up to 5 layers ending at the most often
-    recommended layer (MEMIT's convention: GPT-2 XL edits 13-17 where ROME edits 17)."""
+    """ROME/FT: the layer `locate` recommends (these weights' calibrated one where they have a calibration).
+    MEMIT: a window of up to 5 layers ending at the most often recommended layer (MEMIT's convention: GPT-2 XL
+    edits 13-17 where ROME edits 17)."""
     counts: dict[int, int] = {}
     for s in site_maps:
         for layer in s.recommendation["rank_one"]["layers"][:1]:

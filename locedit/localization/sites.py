@@ -92,14 +92,14 @@ class SiteMap(FlowResult):
             f"{self.relation['relative_change']:+.1f}% p(target))",
             f"extraction heads: {heads}",
             f"recommended rank-one edit: layer(s) {rec['rank_one']['layers']} keyed at {rec['rank_one']['token']!r}"
-            f"{self._measured_note()}; head edit: {edit_heads}",
+            f"{self._calibrated_note()}; head edit: {edit_heads}",
         ])
 
-    def _measured_note(self) -> str:
+    def _calibrated_note(self) -> str:
         rank_one = self.recommendation["rank_one"]
-        if rank_one.get("source") != "measured":
+        if rank_one.get("source") != "calibrated":
             return ""
-        return (f" (this model's measured edit layer; the located one is {rank_one['located_layers']} at "
+        return (f" (the calibrated edit layer of these weights; the located one is {rank_one['located_layers']} at "
                 f"{self.evidence['tokens'][rank_one['located_position']]!r})")
 
     @staticmethod
@@ -330,22 +330,22 @@ def _site_map(lm: LM, enc: EncodedFact, target, hidden, mlp_trace, cell_drop, la
 
 
 def _rank_one_recommendation(lm: LM, enc: EncodedFact, located: list[int], carrier_pos: int) -> dict:
-    """Where to make a rank-one edit: the located layer(s) keyed at the carrier token, unless the model has a
-    measured edit layer (`locedit.editing.measured`: a fixed layer that beat the located one on held-out facts);
-    the located layer(s) are always kept in `located_layers`."""
-    from locedit.editing.measured import measured_layer
+    """Where to make a rank-one edit: the calibrated ROME site of these weights (`locedit calibrate`, keyed by the
+    weights' fingerprint) when there is one, else the located layer(s) keyed at the carrier token (with a one-line
+    warning naming `locedit calibrate`); the located layer(s) are always kept in `located_layers`."""
+    from locedit.editing.calibration import calibrated_site
     from locedit.editing.values import key_position
 
     located_site = {"located_layers": located, "located_position": carrier_pos}
-    measured = measured_layer(lm)
-    if measured is None or len(located) != 1:
+    site, calibration = calibrated_site(lm, "rome") if len(located) == 1 else (None, None)
+    if site is None:
         return {"layers": located, "position": carrier_pos, "token": enc.tokens[carrier_pos],
                 "key_position": "carrier", "source": "located", **located_site,
                 "why": "highest-scoring MLP layer(s); key the edit at the carrier token"}
-    position = key_position(enc, measured.key_position, carrier_pos - enc.subject_start)
-    return {"layers": [measured.layer], "position": position, "token": enc.tokens[position],
-            "key_position": measured.key_position, "source": "measured", **located_site,
-            "why": f"this model's measured edit layer, not the located one: {measured.evidence}"}
+    position = key_position(enc, site["key_position"], carrier_pos - enc.subject_start)
+    return {"layers": [int(l) for l in site["layers"]], "position": position, "token": enc.tokens[position],
+            "key_position": site["key_position"], "source": "calibrated", **located_site,
+            "why": f"the calibrated edit site of these weights, not the located one: {calibration.evidence}"}
 
 
 def site_positions(enc: EncodedFact) -> list[int]:

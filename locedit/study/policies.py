@@ -49,8 +49,9 @@ def random_heads(fact_id: str, located: Sequence[Sequence[int]], num_layers: int
 
 
 def located_layer(sm) -> int:
-    """locate's top-ranked MLP layer (its `located_layers`: the recommendation itself may be a model's measured
-    layer, `locedit.editing.measured`; SiteMaps cached before that field existed recommend the located layer)."""
+    """locate's top-ranked MLP layer (its `located_layers`: the recommendation itself may be the calibrated layer
+    of the weights, `locedit.editing.calibration`; SiteMaps cached before that field existed recommend the located
+    layer)."""
     rank_one = sm.recommendation["rank_one"]
     return rank_one.get("located_layers", rank_one["layers"])[0]
 

@@ -52,7 +52,8 @@ CHECK_MEANING = {
 }
 METHOD_WORDS = {"rome": "ROME", "memit": "MEMIT", "ft": "FT-L fine-tuning", "head": "Head"}
 LAYER_SOURCE_WORDS = {"located": "the layer `locate` ranked top for this fact",
-                      "measured": "this model's measured edit layer"}
+                      "calibrated": "the calibrated edit layer of these weights (locedit calibrate)",
+                      "measured": "this model's measured edit layer"}  # edits saved before calibrations existed
 KEY_WORDS = {"subject_last": "the subject's last token", "carrier": "the subject token that carries the fact, by "
                                                                     "locate's causal trace"}
 BEHAVIOUR_ROWS = (
