@@ -38,3 +38,7 @@ class HeadSpecError(LoceditError, ValueError):
 
 class EditError(LoceditError):
     """An edit cannot be made, applied, reverted or read (wrong model, applied twice, corrupt file, ...)."""
+
+
+class CheckpointError(EditError):
+    """An editing session's checkpoint or log cannot be used: corrupt, from another model or run, or inconsistent."""

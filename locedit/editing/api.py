@@ -95,6 +95,13 @@ def edit(lm, request: EditRequest | Sequence[EditRequest], *positional: object, 
     return edit_obj.apply(lm)
 
 
+def check_request(lm, request: EditRequest) -> None:
+    """Raise the `FactError` that `edit` would raise for `request` on `lm` as it is now (the model already gives
+    the new target, the new target is the current one, a blank top-1), or return None when it can be edited."""
+    fact, _ = _resolved(lm, request.fact)
+    _new_target_text(lm, fact, request)
+
+
 def _requests(request, positional: tuple) -> tuple[list[EditRequest], bool]:
     """The requests as a list, and whether one request (not a sequence) was given."""
     if positional or isinstance(request, Fact):
