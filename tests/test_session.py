@@ -18,7 +18,7 @@ from locedit import EditRequest, Fact
 from locedit.cli.main import main
 from locedit.core.datasets import read_facts
 from locedit.editing import applied_edits
-from locedit.editing.session import CHECKPOINT_NAME, EditSession
+from locedit.editing.session import CHECKPOINT_NAME, EditSession, compact_keys
 from locedit.errors import CheckpointError, EditError
 
 DATA = Path(__file__).parent / "data"
@@ -143,6 +143,14 @@ def test_requests_that_cannot_be_edited_are_logged_as_skipped(tmp_path):
     assert rows["1"]["status"] == "skipped" and rows["1"]["reason"]
     assert "already predicts" in rows["1"]["reason"] or "blank token" in rows["1"]["reason"]
     assert rows["0"]["status"] == rows["2"]["status"] == "edited"
+
+
+def test_compacted_keys_keep_their_second_moment():
+    keys = torch.randn(8, 40, generator=torch.Generator().manual_seed(0))
+    small = compact_keys(keys)
+    assert small.shape == (8, 8)
+    assert torch.allclose(small.double() @ small.double().T, keys.double() @ keys.double().T, rtol=1e-5, atol=1e-4)
+    assert torch.equal(compact_keys(keys[:, :16]), keys[:, :16])  # at most 2·d_k columns: kept as they are
 
 
 def test_session_arguments_are_checked():

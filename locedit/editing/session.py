@@ -67,6 +67,17 @@ class SessionReport:
                 f"skipped{resumed}{redone}) at layer(s) {self.layers}, {self.seconds:.1f} s")
 
 
+def compact_keys(keys: torch.Tensor) -> torch.Tensor:
+    """`keys` (d_k × n) as at most d_k columns with the same K Kᵀ (all AlphaEdit reads of earlier edits) once n
+    exceeds 2·d_k, so thousands of edits keep a bounded key history; unchanged below that."""
+    d_k, n = keys.shape
+    if n <= 2 * d_k:
+        return keys
+    gram = keys.double() @ keys.double().T
+    values, vectors = torch.linalg.eigh(gram)
+    return (vectors * values.clamp_min(0).sqrt()).float()
+
+
 class EditSession:
     """Apply many `EditRequest`s to `lm` in batches (`method` "memit", with `hparams={"nullspace": True}` for
     AlphaEdit, batch `batch_size`; "rome" and "ft" one by one), logging each to `out` and checkpointing every
@@ -222,7 +233,7 @@ class EditSession:
             change[name] = change[name] + delta if name in change else delta
         for layer, k in new_edit.keys.items():
             k = k.detach().float().cpu()
-            keys[layer] = torch.cat([keys[layer], k], dim=1) if layer in keys else k
+            keys[layer] = compact_keys(torch.cat([keys[layer], k], dim=1) if layer in keys else k)
         new_edit.revert()
         old = self._cumulative
         if old is not None:
