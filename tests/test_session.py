@@ -102,6 +102,19 @@ def test_resume_after_a_stop_and_after_a_kill_loses_and_repeats_nothing(tmp_path
     assert _max_diff(expected, _weights(lm)) < 1e-6
 
 
+def test_the_same_session_object_continues_and_refuses_other_requests(tmp_path):
+    lm = tiny.lm("llama")
+    session = _session(lm, tmp_path / "s", batch_size=2)
+    assert session.run(REQUESTS, limit=2).position == 2
+    with pytest.raises(CheckpointError, match="other requests"):
+        session.run(REQUESTS[1:])
+    report = session.run(REQUESTS)
+    assert (report.resumed_from, report.position, report.edited) == (2, 6, 4)
+    full = tiny.lm("llama")
+    _session(full, tmp_path / "full", batch_size=2).run(REQUESTS)
+    assert _max_diff(_weights(full), _weights(lm)) < 1e-6
+
+
 def test_a_resume_refuses_other_requests_settings_models_and_corrupt_checkpoints(tmp_path):
     out = tmp_path / "run"
     _session(tiny.lm("llama"), out, batch_size=2).run(REQUESTS[:2])

@@ -121,6 +121,7 @@ class EditSession:
         self._stop = False
         self._committing = False
         self._checkpointed = 0
+        self._requests_sha256: str | None = None
 
     def __repr__(self) -> str:
         return f"EditSession({self.method}, {str(self.out)!r}, position={self.position})"
@@ -311,14 +312,17 @@ class EditSession:
 
     def _open(self, requests: list[EditRequest]) -> tuple[int, int]:
         """Start a new run in `out`, or resume the one there; returns (position resumed at, requests redone)."""
+        settings = self._settings(requests)
         if self._cumulative is not None:
-            if self._cumulative.is_applied:
-                return self.position, 0  # the same session object, continued
-            raise EditError("this session was reverted; start a new EditSession on its directory to resume")
+            if not self._cumulative.is_applied:
+                raise EditError("this session was reverted; start a new EditSession on its directory to resume")
+            if settings["requests_sha256"] != self._requests_sha256:
+                raise CheckpointError("this session edits other requests; continue it with the same ones")
+            return self.position, 0  # the same session object, continued
         if applied_edits(self.lm):
             raise EditError("the model already carries locedit edits; an editing session starts from the unedited "
                             "model (revert them first)")
-        settings = self._settings(requests)
+        self._requests_sha256 = settings["requests_sha256"]
         path = self.out / SETTINGS_NAME
         if path.exists():
             try:
