@@ -144,6 +144,16 @@ def test_a_resume_refuses_other_requests_settings_models_and_corrupt_checkpoints
         _session(lm, out, batch_size=2).run(REQUESTS[:2])
 
 
+def test_without_layers_one_locate_fixes_the_sites_for_the_session(tmp_path):
+    from locedit.editing.api import located_sites
+
+    lm = tiny.lm("llama")
+    layers, rule = located_sites(lm, REQUESTS[2].fact, "rome")  # locate needs a relation after the subject
+    report = EditSession(lm, tmp_path / "s", method="rome", hparams=FAST).run(REQUESTS[2:4])
+    assert report.layers == layers and report.edited == 2
+    assert applied_edits(lm)[0].sites == {"layers": layers, "key_position": rule}
+
+
 def test_requests_that_cannot_be_edited_are_logged_as_skipped(tmp_path):
     lm = tiny.lm("llama")
     top = lm.predict(FACTS[0])[0].token

@@ -30,7 +30,7 @@ import torch
 from locedit.core.facts import EditRequest
 from locedit.core.results import write_atomic
 from locedit.core.store import RunStore
-from locedit.editing.api import check_request, edit, unedited
+from locedit.editing.api import check_request, edit, located_sites, unedited
 from locedit.editing.edit import Edit, WeightDelta, applied_edits, geometry, tensor_sha256
 from locedit.editing.hparams import read_hparams
 from locedit.errors import CheckpointError, EditError, FactError
@@ -82,8 +82,8 @@ class EditSession:
     """Apply many `EditRequest`s to `lm` in batches (`method` "memit", with `hparams={"nullspace": True}` for
     AlphaEdit, batch `batch_size`; "rome" and "ft" one by one), logging each to `out` and checkpointing every
     `checkpoint_every` requests. `run(requests)` starts or resumes; `revert()` restores the original bytes of every
-    touched tensor. `layers=None` / `key_position=None`: as `locedit.edit` chooses for the first batch, then fixed
-    for the whole session. The model must carry no other edit."""
+    touched tensor. `layers=None` / `key_position=None`: as `locedit.edit` chooses for the first request (one
+    `locate`; the model's measured edit layer where it has one), then fixed for the whole session. The model must carry no other edit."""
 
     def __init__(self, lm, out: str | os.PathLike, *, method: str = "memit", hparams: dict | None = None,
                  layers: Sequence[int] | None = None, key_position: str | None = None,
@@ -140,6 +140,8 @@ class EditSession:
         self._stop = False
         end = len(requests) if limit is None else min(len(requests), int(limit))
         edited = skipped = 0
+        if self.layers is None and self.position < end:
+            self._locate_once(requests[self.position:end])
         previous = self._install_handler()
         try:
             while self.position < end and not self._stop:
@@ -161,6 +163,23 @@ class EditSession:
         return SessionReport(total=len(requests), position=self.position, edited=edited, skipped=skipped,
                              resumed_from=resumed, redone=redone, interrupted=self._stop and self.position < end,
                              seconds=time.perf_counter() - start, layers=list(self.layers or []))
+
+    def _locate_once(self, requests: list[EditRequest]) -> None:
+        """Fix the session's layers (and key position, unless given) from the first request `locate` can read."""
+        problem = None
+        for request in requests:
+            try:
+                layers, rule = located_sites(self.lm, request.fact, self.method)
+            except FactError as e:
+                problem = e
+                continue
+            self.layers = layers
+            self.key_position = self.key_position or rule
+            if self.progress:
+                print(f"session: layers {layers}, key position {self.key_position} (located for "
+                      f"{request.fact.subject!r}; fixed for the session)", file=sys.stderr)
+            return
+        raise EditError(f"no request could be located to choose the session's layers ({problem}); give layers=")
 
     def revert(self) -> None:
         """Restore the original bytes of every tensor the session changed (bit-exact); the session is then empty
