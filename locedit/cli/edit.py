@@ -1,4 +1,5 @@
-"""`locedit edit`: edit one fact (or a fact file with MEMIT) and write the edit."""
+"""`locedit edit`: edit one fact (or a fact file with MEMIT) and write the edit; `--sequential`: an editing
+session over a fact file, resumable."""
 
 from __future__ import annotations
 
@@ -82,9 +83,7 @@ def run(args: argparse.Namespace) -> int:
     method, hparams = _method_and_hparams(args, single)
     check_method_flags(args, method)
     if args.sequential:
-        from locedit.cli.sequential import run_sequential
-
-        return run_sequential(args, method, hparams)
+        return _run_sequential(args, method, hparams)
     if single:
         if not args.new_target or not args.new_target.strip():
             raise common.UsageError("give --new-target, the attribute the edited model should produce")
@@ -219,3 +218,53 @@ def _source(sites: dict) -> str:
     if sites.get("layer_source") == "measured":
         return " (this model's measured edit layer; see docs/study.md)"
     return " (located)"
+
+
+# --- --sequential: an editing session over a fact file (docs/sessions.md) -----------------------------------
+NOT_SEQUENTIAL = {"--new-target": "new_target", "--verify": "verify", "--heads": "heads"}
+
+
+def _run_sequential(args: argparse.Namespace, method: str, hparams: dict | None) -> int:
+    """Edit every fact of --facts (its target_new) into the model in batches, logging and checkpointing to --out;
+    a run stopped by Ctrl-C (exit 130) or killed continues when the same command is run again."""
+    from locedit.core.facts import EditRequest
+    from locedit.editing.session import SESSION_METHODS
+
+    for flag, dest in NOT_SEQUENTIAL.items():
+        if getattr(args, dest) not in (None, False):
+            raise common.UsageError(f"{flag} does not apply with --sequential")
+    if method not in SESSION_METHODS:
+        raise common.UsageError(f"--sequential edits with {', '.join(SESSION_METHODS)}, not --method {method}")
+    if method != "memit" and args.batch_size not in (None, 1):
+        raise common.UsageError(f"--method {method} edits one fact at a time: --batch-size must be 1")
+    facts = common.facts_from_args(args)
+    missing = [f.meta.get("id", i) for i, f in enumerate(facts) if not f.meta.get("target_new")]
+    if missing:
+        raise common.UsageError(f"facts without target_new (needed to edit a fact file): {missing[:5]}")
+    out = common.check_output_dir(args.out, "--out")
+    if args.save_model is not None:
+        common.check_output_dir(args.save_model, "--save-model")
+    common.check_model_spec(args.model)
+    lm = common.load_model(args)
+    facts = common.keep_known(lm, facts, args)
+    requests = [EditRequest(f, f.meta["target_new"]) for f in facts]
+    return _run_session(lm, requests, method, hparams, args, out)
+
+
+def _run_session(lm, requests, method: str, hparams: dict | None, args: argparse.Namespace, out) -> int:
+    import locedit
+    from locedit.editing.session import EditSession
+
+    session = EditSession(lm, out, method=method, hparams=hparams, layers=args.layers,
+                          key_position=args.key_position, batch_size=args.batch_size,
+                          checkpoint_every=args.checkpoint_every or 100, corpus=args.corpus, progress=True)
+    report = session.run(requests)
+    print(report.summary())
+    print(f"log and checkpoint in {out.resolve()}")
+    if report.interrupted:
+        print("run the same command again to continue", file=sys.stderr)
+        return 130
+    if args.save_model is not None:
+        locedit.save_model(lm, args.save_model)
+        print(f"edited model written to {args.save_model.resolve()}")
+    return 0
