@@ -18,7 +18,8 @@ from locedit import EditRequest, Fact
 from locedit.cli.main import main
 from locedit.core.datasets import read_facts
 from locedit.editing import applied_edits
-from locedit.editing.session import CHECKPOINT_NAME, EditSession, compact_keys
+from locedit.editing import EditSession
+from locedit.editing.session import CHECKPOINT_NAME, compact_keys
 from locedit.errors import CheckpointError, EditError
 
 DATA = Path(__file__).parent / "data"

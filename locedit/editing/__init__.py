@@ -5,6 +5,7 @@ edit."""
 from locedit.editing.api import METHODS, edit, save_model
 from locedit.editing.edit import Edit, WeightDelta, applied_edits
 from locedit.editing.edit_file import load_edit
+from locedit.editing.session import EditSession, SessionReport
 from locedit.editing.hparams import (
     FTHyperParams,
     HeadHyperParams,
@@ -15,5 +16,6 @@ from locedit.editing.hparams import (
 )
 from locedit.errors import EditError
 
-__all__ = ["METHODS", "Edit", "EditError", "FTHyperParams", "HeadHyperParams", "MEMITHyperParams", "ROMEHyperParams",
-           "ResolvedHParams", "WeightDelta", "applied_edits", "edit", "load_edit", "read_hparams", "save_model"]
+__all__ = ["METHODS", "Edit", "EditError", "EditSession", "FTHyperParams", "HeadHyperParams", "MEMITHyperParams",
+           "ROMEHyperParams", "ResolvedHParams", "SessionReport", "WeightDelta", "applied_edits", "edit", "load_edit",
+           "read_hparams", "save_model"]
