@@ -130,6 +130,16 @@ def test_a_resume_refuses_other_requests_settings_models_and_corrupt_checkpoints
     with pytest.raises(EditError, match="already carries locedit edits"):
         _session(edited, out, batch_size=2).run(REQUESTS[:2])
 
+    log = out / "log.jsonl"
+    rows = log.read_text().splitlines()
+    log.write_text(rows[0] + "\n")  # a log shorter than its checkpoint
+    lm = tiny.lm("llama")
+    before = _weights(lm)
+    with pytest.raises(CheckpointError, match="log was truncated"):
+        _session(lm, out, batch_size=2).run(REQUESTS[:2])
+    assert all(torch.equal(before[n], p) for n, p in lm.model.named_parameters()) and applied_edits(lm) == []
+    log.write_text("\n".join(rows) + "\n")
+
     path = out / CHECKPOINT_NAME
     data = bytearray(path.read_bytes())
     data[-8:] = bytes(8 * [0x7F])  # flip the last tensor bytes: the checksum catches it

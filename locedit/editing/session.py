@@ -359,7 +359,7 @@ class EditSession:
             self.out.mkdir(parents=True, exist_ok=True)
             write_atomic(path, json.dumps(settings, indent=1))
         rows, _ = self.log.read()
-        position = self._load_checkpoint() if (self.out / CHECKPOINT_NAME).exists() else 0
+        position = self._read_checkpoint() if (self.out / CHECKPOINT_NAME).exists() else 0
         if len(rows) < position:
             raise CheckpointError(f"{self.log.path} has {len(rows)} rows but the checkpoint is at {position}; the "
                                   f"log was truncated: remove {self.out} to start again")
@@ -370,6 +370,7 @@ class EditSession:
         redone = len(rows) - position
         if redone:
             self.log.rewrite(rows[:position])  # rows after the checkpoint: their edits are redone
+        self._restore_model()
         self.position = self._checkpointed = position
         return position, redone
 
@@ -399,8 +400,8 @@ class EditSession:
                 os.unlink(tmp)
         self._checkpointed = self.position
 
-    def _load_checkpoint(self) -> int:
-        """Read and check the checkpoint, apply its change to the (unedited) model; returns its position."""
+    def _read_checkpoint(self) -> int:
+        """Read and check the checkpoint against the (unedited) model, keeping its state; returns its position."""
         from safetensors import safe_open
 
         from locedit.core.facts import Fact
@@ -444,12 +445,20 @@ class EditSession:
             self.layers = layers
         if self.key_position is None:
             self.key_position = key_position
-        if self._change:
-            self._apply_cumulative()
-            if self._needs_stats():
-                from locedit.editing.stats import key_statistics
+        return position
 
+    def _restore_model(self) -> None:
+        """Apply the change read from the checkpoint to the model (after every check passed)."""
+        if not self._change:
+            return
+        self._apply_cumulative()
+        if self._needs_stats():
+            from locedit.editing.stats import key_statistics
+
+            try:
                 with unedited(self.lm):
                     self._stats = key_statistics(self.lm, layers=self.layers, kinds=("mlp",), corpus=self.corpus,
                                                  tokens=self.params.stats_tokens, progress=False)
-        return position
+            except BaseException:
+                self.revert()  # the model is left as it was given
+                raise
