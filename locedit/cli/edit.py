@@ -30,7 +30,9 @@ def add_parser(sub) -> None:
     common.add_fact_args(p)
     p.add_argument("--new-target", default=None,
                    help="the new attribute (one fact); with --facts each fact's target_new is used")
-    p.add_argument("--method", choices=METHODS, default=None, help="default: the --hparams file's alg_name, else rome (one fact) or memit (--facts)")
+    p.add_argument("--method", choices=METHODS, default=None,
+                   help="default: the --hparams file's alg_name, else rome (one fact) or memit (--facts); with "
+                        "--sequential, memit with --nullspace (AlphaEdit)")
     p.add_argument("--layers", type=common.nonnegative_int, nargs="+", default=None,
                    help="edit these layers (default: located; not with --method head)")
     p.add_argument("--heads", type=common.head_spec, nargs="+", default=None,

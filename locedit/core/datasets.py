@@ -170,8 +170,8 @@ def _detect(path: Path, rows: list[_Raw]) -> str:
     keys = sorted(first) if first is not None else "no JSON objects"
     raise DatasetError(f"unknown dataset format in {str(path)!r} (first row keys: {keys}); expected known_1000 "
                        "(known_id, subject, prompt, attribute), CounterFact (case_id, requested_rewrite), EasyEdit "
-                       "(prompt, subject, ground_truth, target_new), MEND's zsRE (subject, src, alt, answers) or plain rows (subject, prompt[, target]"
-                       "[, target_new])")
+                       "(prompt, subject, ground_truth, target_new), MEND's zsRE (subject, src, alt, answers) or plain "
+                       "rows (subject, prompt[, target][, target_new])")
 
 
 # --- field helpers --------------------------------------------------------------------------------------------------

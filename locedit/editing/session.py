@@ -83,7 +83,8 @@ class EditSession:
     AlphaEdit, batch `batch_size`; "rome" and "ft" one by one), logging each to `out` and checkpointing every
     `checkpoint_every` requests. `run(requests)` starts or resumes; `revert()` restores the original bytes of every
     touched tensor. `layers=None` / `key_position=None`: as `locedit.edit` chooses for the first request (one
-    `locate`; the model's measured edit layer where it has one), then fixed for the whole session. The model must carry no other edit."""
+    `locate`; the model's measured edit layer where it has one), then fixed for the whole session. The model must
+    carry no other edit."""
 
     def __init__(self, lm, out: str | os.PathLike, *, method: str = "memit", hparams: dict | None = None,
                  layers: Sequence[int] | None = None, key_position: str | None = None,
