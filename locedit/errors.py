@@ -46,3 +46,7 @@ class ModelMismatchError(LoceditError):
 
 class CalibrationError(LoceditError):
     """A calibration cannot be made, read or used (no usable facts, a corrupt or foreign calibration file)."""
+
+
+class CheckpointError(EditError):
+    """An editing session's checkpoint or log cannot be used: corrupt, from another model or run, or inconsistent."""

@@ -157,8 +157,8 @@ def test_explicit_format_and_jsonl_easyedit(tmp_path):
     assert len(read_facts(path, format="easyedit")) == 2
     forced = read_facts(path, format="known")
     assert not forced.facts and all("missing field 'attribute'" in e.message for e in forced.errors)
-    with pytest.raises(DatasetError, match="unknown dataset format 'zsre'"):
-        read_facts(path, format="zsre")
+    with pytest.raises(DatasetError, match="unknown dataset format 'wikidata'"):
+        read_facts(path, format="wikidata")
 
 
 @pytest.mark.parametrize("content,match", [

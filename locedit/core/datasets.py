@@ -21,7 +21,7 @@ from locedit.core.facts import EditRequest, Fact
 
 logger = logging.getLogger("locedit")
 
-FORMATS = ("known", "counterfact", "easyedit", "plain")
+FORMATS = ("known", "counterfact", "easyedit", "zsre", "plain")
 _ALIASES = {"known_1000": "known", "rome_known": "known", "known1000": "known", "cf": "counterfact",
             "curated": "counterfact", "easy_edit": "easyedit", "csv": "plain", "simple": "plain"}
 # The plainest rows a user writes (JSONL, JSON list or CSV): subject and prompt, optionally the true target and
@@ -150,6 +150,8 @@ def _format_of(row: Any) -> str | None:
         return "counterfact"
     if "known_id" in keys or {"attribute", "subject", "prompt"} <= keys:
         return "known"
+    if {"src", "alt"} <= keys:
+        return "zsre"
     if keys & _EASYEDIT_ONLY:
         return "easyedit"
     if keys & {"subject", "prompt"}:  # plain rows; a missing subject or prompt is reported per row
@@ -168,8 +170,8 @@ def _detect(path: Path, rows: list[_Raw]) -> str:
     keys = sorted(first) if first is not None else "no JSON objects"
     raise DatasetError(f"unknown dataset format in {str(path)!r} (first row keys: {keys}); expected known_1000 "
                        "(known_id, subject, prompt, attribute), CounterFact (case_id, requested_rewrite), EasyEdit "
-                       "(prompt, subject, ground_truth, target_new) or plain rows (subject, prompt[, target]"
-                       "[, target_new])")
+                       "(prompt, subject, ground_truth, target_new), MEND's zsRE (subject, src, alt, answers) or plain "
+                       "rows (subject, prompt[, target][, target_new])")
 
 
 # --- field helpers --------------------------------------------------------------------------------------------------
@@ -277,6 +279,23 @@ def _easyedit_fact(row: dict, index: int) -> Fact:
                  relation=_string(relation, "relation_id") if relation is not None else None)
 
 
+def _zsre_fact(row: dict, index: int) -> Fact:
+    """A MEND zsRE row: the question `src` is the prompt, `answers[0]` (else `pred`) the true target, `alt` the new
+    target, `rephrase` the paraphrase and `loc` / `loc_ans` the locality prompt and its answer."""
+    ident = _id(row.get("case_id", row.get("id")), index)
+    answers = row.get("answers")
+    truth = answers[0] if isinstance(answers, list) and answers else row.get("pred")
+    meta = {"id": ident, "target_new": _string(_get(row, "alt"), "alt"),
+            "paraphrases": _prompts(row.get("rephrase"), "rephrase"),
+            "neighborhood": _prompts(row.get("loc"), "loc"), "source_format": "zsre"}
+    truths = _locality_truths(row.get("loc_ans"), len(meta["neighborhood"]))
+    if truths is not None:
+        meta["neighborhood_targets"] = truths
+    return _make(row, ident, meta, prompt=_string(_get(row, "src"), "src"),
+                 subject=_string(_get(row, "subject"), "subject"),
+                 target=_string(truth, "answers") if truth is not None else None, relation=None)
+
+
 def _locality_truths(value: Any, count: int) -> list[str] | None:
     """EasyEdit's `locality_ground_truth` as one true target per locality prompt (a list of aliases: the first),
     or None when absent or when it does not pair with the prompts."""
@@ -327,7 +346,8 @@ def _make(row: dict, ident: str, meta: dict, *, prompt: str, subject: str, targe
 
 
 _PARSERS: dict[str, Callable[[dict, int], Fact]] = {
-    "known": _known_fact, "counterfact": _counterfact_fact, "easyedit": _easyedit_fact, "plain": _plain_fact}
+    "known": _known_fact, "counterfact": _counterfact_fact, "easyedit": _easyedit_fact, "zsre": _zsre_fact,
+    "plain": _plain_fact}
 
 
 def _row_id(raw: _Raw, fmt: str) -> str | None:
@@ -341,11 +361,12 @@ def _row_id(raw: _Raw, fmt: str) -> str | None:
 
 # --- public API -----------------------------------------------------------------------------------------------------
 def read_facts(path: str | Path, *, format: str = "auto") -> FactFile:
-    """Read a known_1000, CounterFact (JSON list or JSONL; also the curated set), EasyEdit or plain file (JSON,
+    """Read a known_1000, CounterFact (JSON list or JSONL; also the curated set), EasyEdit, MEND zsRE (a question
+    `src` as the prompt, `alt` as target_new) or plain file (JSON,
     JSONL or CSV rows of `subject, prompt[, target][, target_new]`; a missing field names the row and the field).
 
-    `format`: "auto" (detected from the first row that matches one), "known", "counterfact", "easyedit" or
-    "plain". Every
+    `format`: "auto" (detected from the first row that matches one), "known", "counterfact", "easyedit",
+    "zsre" or "plain". Every
     fact gets `meta = {"id", "target_new", "paraphrases", "neighborhood", "source_format"}` with a stable string id
     (case_id / known_id / row index); bad rows and duplicate ids are reported in `.errors`, never raised."""
     path = Path(path)

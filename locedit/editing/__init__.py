@@ -7,6 +7,7 @@ from locedit.editing.calibrate import calibrate
 from locedit.editing.calibration import Calibration, load_calibration
 from locedit.editing.edit import Edit, WeightDelta, applied_edits
 from locedit.editing.edit_file import load_edit
+from locedit.editing.session import EditSession, SessionReport
 from locedit.editing.hparams import (
     FTHyperParams,
     HeadHyperParams,
@@ -17,6 +18,7 @@ from locedit.editing.hparams import (
 )
 from locedit.errors import EditError
 
-__all__ = ["METHODS", "Calibration", "Edit", "EditError", "FTHyperParams", "HeadHyperParams", "MEMITHyperParams", "ROMEHyperParams",
-           "ResolvedHParams", "WeightDelta", "applied_edits", "calibrate", "edit", "load_calibration", "load_edit",
+__all__ = ["METHODS", "Calibration", "Edit", "EditError", "EditSession", "FTHyperParams", "HeadHyperParams",
+           "MEMITHyperParams", "ROMEHyperParams", "ResolvedHParams", "SessionReport", "WeightDelta", "applied_edits",
+           "calibrate", "edit", "load_calibration", "load_edit",
            "read_hparams", "save_model"]

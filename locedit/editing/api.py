@@ -101,6 +101,22 @@ def edit(lm, request: EditRequest | Sequence[EditRequest], *positional: object, 
     return edit_obj.apply(lm)
 
 
+def check_request(lm, request: EditRequest) -> None:
+    """Raise the `FactError` that `edit` would raise for `request` on `lm` as it is now (the model already gives
+    the new target, the new target is the current one, a blank top-1), or return None when it can be edited."""
+    fact, _ = _resolved(lm, request.fact)
+    _new_target_text(lm, fact, request)
+
+
+def located_sites(lm, fact: Fact, method: str = "rome") -> tuple[list[int], str]:
+    """The layers and key position `edit` chooses for `fact` with `layers=None` and `key_position=None` (one
+    `locate`: its recommended layer, the model's measured edit layer where it has one; MEMIT: the window of up to
+    5 layers ending there). For fixing one site for many edits (`EditSession`)."""
+    fact, _ = _resolved(lm, fact)
+    site_map = _locate(lm, fact)
+    return _located_layers([site_map], method), _recommended_key_position(site_map)
+
+
 def _requests(request, positional: tuple) -> tuple[list[EditRequest], bool]:
     """The requests as a list, and whether one request (not a sequence) was given."""
     if positional or isinstance(request, Fact):
