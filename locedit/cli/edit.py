@@ -100,9 +100,7 @@ def run(args: argparse.Namespace) -> int:
         if args.new_target is not None:
             raise common.UsageError("--new-target is for one fact; with --facts each fact's target_new is used")
         facts = common.facts_from_args(args)
-        missing = [f.meta.get("id", i) for i, f in enumerate(facts) if edit_request(f) is None]
-        if missing:
-            raise common.UsageError(f"facts without target_new (needed to edit a fact file): {missing[:5]}")
+        _check_new_targets(facts)
         if method != "memit" and len(facts) > 1:
             raise common.UsageError(f"--method {method} edits one fact at a time; use --method memit for a fact file")
     if args.corpus is not None and Path(args.corpus).suffix.lower() in (".txt", ".jsonl"):
@@ -118,6 +116,15 @@ def run(args: argparse.Namespace) -> int:
             facts = common.keep_known(lm, facts, args)
             requests = [edit_request(f) for f in facts]
         return _edit_and_write(lm, requests, method, hparams, args)
+
+
+def _check_new_targets(facts) -> None:
+    """A fact file to edit needs a `target_new` in every row; name the first rows without one."""
+    from locedit.core.datasets import edit_request
+
+    missing = [f.meta.get("id", i) for i, f in enumerate(facts) if edit_request(f) is None]
+    if missing:
+        raise common.UsageError(f"facts without target_new (needed to edit a fact file): {missing[:5]}")
 
 
 def _method_and_hparams(args: argparse.Namespace, single: bool) -> tuple[str, dict | None]:
@@ -236,7 +243,7 @@ NOT_SEQUENTIAL = {"--new-target": "new_target", "--verify": "verify", "--heads":
 def _run_sequential(args: argparse.Namespace, method: str, hparams: dict | None) -> int:
     """Edit every fact of --facts (its target_new) into the model in batches, logging and checkpointing to --out;
     a run stopped by Ctrl-C (exit 130) or killed continues when the same command is run again."""
-    from locedit.core.facts import EditRequest
+    from locedit.core.datasets import edit_request
     from locedit.editing.session import SESSION_METHODS
 
     for flag, dest in NOT_SEQUENTIAL.items():
@@ -247,16 +254,14 @@ def _run_sequential(args: argparse.Namespace, method: str, hparams: dict | None)
     if method != "memit" and args.batch_size not in (None, 1):
         raise common.UsageError(f"--method {method} edits one fact at a time: --batch-size must be 1")
     facts = common.facts_from_args(args)
-    missing = [f.meta.get("id", i) for i, f in enumerate(facts) if not f.meta.get("target_new")]
-    if missing:
-        raise common.UsageError(f"facts without target_new (needed to edit a fact file): {missing[:5]}")
+    _check_new_targets(facts)
     out = common.check_output_dir(args.out, "--out")
     if args.save_model is not None:
         common.check_output_dir(args.save_model, "--save-model")
     common.check_model_spec(args.model)
     lm = common.load_model(args)
     facts = common.keep_known(lm, facts, args)
-    requests = [EditRequest(f, f.meta["target_new"]) for f in facts]
+    requests = [edit_request(f) for f in facts]
     return _run_session(lm, requests, method, hparams, args, out)
 
 
