@@ -17,26 +17,24 @@ DEFAULT_MODEL = "smollm2-135m"
 
 
 # --- argparse types: the message names the flag ----------------------------------------------------------------
-def positive_int(text: str) -> int:
-    """argparse type: an integer ≥ 1 (argparse prefixes the flag to the message)."""
+def _int_at_least(text: str, low: int, what: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, not {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, not {text!r}")
+        raise argparse.ArgumentTypeError(f"must be a {what} integer, not {text!r}") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"must be a {what} integer, not {text!r}")
     return value
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer ≥ 1 (argparse prefixes the flag to the message)."""
+    return _int_at_least(text, 1, "positive")
 
 
 def nonnegative_int(text: str) -> int:
     """argparse type: an integer ≥ 0 (a layer index)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a non-negative integer, not {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a non-negative integer, not {text!r}")
-    return value
+    return _int_at_least(text, 0, "non-negative")
 
 
 def device_spec(text: str) -> str:

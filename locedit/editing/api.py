@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 from locedit.core.facts import EditRequest, Fact
 from locedit.core.head import Head
-from locedit.editing.edit import Edit, applied_edits, geometry
+from locedit.editing.edit import Edit, geometry, unedited
 from locedit.editing.hparams import METHOD_HPARAMS, as_dict, read_hparams
 from locedit.errors import EditError, FactError, InterventionError
 
@@ -215,19 +213,6 @@ def _check_editable(lm, method: str, layers, heads, hp) -> None:
             raise EditError(f"layer {layer}'s {path} is offloaded by accelerate (device_map 'cpu'/'disk'); locedit "
                             "edits only weights that live on a device — load the model with a device_map that "
                             f"keeps layer {layer} on a GPU or the CPU")
-
-
-@contextmanager
-def unedited(lm) -> Iterator[None]:
-    """Temporarily revert every edit applied to `lm` (newest first), re-applying them in order afterwards."""
-    stack = applied_edits(lm)
-    for e in reversed(stack):
-        e.revert()
-    try:
-        yield
-    finally:
-        for e in stack:
-            e.apply(lm)
 
 
 def _resolved(lm, fact: Fact) -> tuple[Fact, str]:

@@ -45,6 +45,19 @@ def applied_edits(lm) -> list["Edit"]:
     return list(_APPLIED.get(lm.model, []))
 
 
+@contextmanager
+def unedited(lm) -> Iterator[None]:
+    """Temporarily revert every edit applied to `lm` (newest first), re-applying them in order afterwards."""
+    stack = applied_edits(lm)
+    for e in reversed(stack):
+        e.revert()
+    try:
+        yield
+    finally:
+        for e in stack:
+            e.apply(lm)
+
+
 def tensor_sha256(tensor: torch.Tensor) -> str:
     """SHA-256 of a tensor's raw bytes (dtype and shape included)."""
     data = tensor.detach().contiguous().cpu()

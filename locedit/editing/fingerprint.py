@@ -10,12 +10,10 @@ from __future__ import annotations
 import hashlib
 import json
 import weakref
-from contextlib import contextmanager
-from typing import Iterator
 
 import torch
 
-from locedit.editing.edit import applied_edits, geometry
+from locedit.editing.edit import geometry, unedited
 from locedit.errors import LoceditError
 
 FINGERPRINT_VERSION = 1
@@ -40,9 +38,9 @@ def weights_fingerprint(lm) -> str:
     now = _state(lm)
     if now in cache:
         return cache[now]
-    with _unedited(lm):
-        unedited = _state(lm)
-        value = cache.get(unedited)
+    with unedited(lm):
+        original = _state(lm)
+        value = cache.get(original)
         if value is None:
             digest = hashlib.sha256(json.dumps({"version": FINGERPRINT_VERSION, "geometry": geometry(lm)},
                                                sort_keys=True).encode())
@@ -51,7 +49,7 @@ def weights_fingerprint(lm) -> str:
             value = digest.hexdigest()
     if len(cache) > 16:  # states of long-gone edits
         cache.clear()
-    cache[unedited] = value
+    cache[original] = value
     cache[_state(lm)] = value  # the state the edits were re-applied to
     return value
 
@@ -82,13 +80,3 @@ def _update(digest, name: str, tensor: torch.Tensor) -> None:
             digest.update(chunk.reshape(-1).view(torch.uint8).numpy().tobytes())
 
 
-@contextmanager
-def _unedited(lm) -> Iterator[None]:
-    stack = applied_edits(lm)
-    for e in reversed(stack):
-        e.revert()
-    try:
-        yield
-    finally:
-        for e in stack:
-            e.apply(lm)

@@ -30,8 +30,8 @@ import torch
 from locedit.core.facts import EditRequest
 from locedit.core.results import write_atomic
 from locedit.core.store import RunStore
-from locedit.editing.api import check_request, edit, located_sites, unedited
-from locedit.editing.edit import Edit, WeightDelta, applied_edits, geometry, tensor_sha256
+from locedit.editing.api import check_request, edit, located_sites
+from locedit.editing.edit import Edit, WeightDelta, applied_edits, geometry, tensor_sha256, unedited
 from locedit.editing.hparams import read_hparams
 from locedit.errors import CheckpointError, EditError, FactError
 
