@@ -60,18 +60,20 @@ def markdown(result: dict, command: str) -> str:
     lines = [f"# Predicting ROME's edit layer without trial edits ({MODEL})", "",
              f"Command: `{command}`. Band for loc_band: layers {result['band'][0]}–{result['band'][1]} "
              f"(the shipped calibration's sweep, S within 10 pp of its best). Cost: {result['seconds_per_fact']:.1f} s "
-             "per fact for all predictors at all 30 layers (one thread), against one trial edit ≈ 30 s.", ""]
+             f"per fact for all predictors at all 30 layers (one thread), against {result['trial_edit_s']:.0f} s for one "
+             "trial edit of the recorded sweeps (mean edit time, same machine class).", ""]
     for phase, res in result["phases"].items():
         lines += [f"## {phase} sweep ({res['facts']} facts)", "",
                   "| predictor | top = best ±1 (%) | top's S = best S (%) | regret in S (pp) | Spearman ρ with S "
-                  "| ρ − depth | hit − depth (pp) |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| vs depth: ρ | hit (pp) | top's S = best S (pp) | regret (pp) |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for name, e in res["predictors"].items():
             rho = fmt(e["spearman"], 1, 2)
-            diff = fmt(e["spearman_minus_depth"], 1, 2) if "spearman_minus_depth" in e else "—"
-            hit_diff = fmt(e["hit_minus_depth"]) if "hit_minus_depth" in e else "—"
+            diffs = " | ".join(["—"] * 4) if name == DEPTH else " | ".join(
+                [fmt(e["spearman_minus_depth"], 1, 2), fmt(e["hit_minus_depth"]), fmt(e["hit_S_minus_depth"]),
+                 fmt(e["regret_minus_depth"], 100, 1)])
             lines.append(f"| {name} | {fmt(e['hit'])} | {fmt(e['hit_S'])} | {fmt(e['regret'], 100, 1)} | {rho} "
-                         f"(n={e['spearman_n']}) | {diff} | {hit_diff} |")
+                         f"(n={e['spearman_n']}) | {diffs} |")
         best = {f: o["best"] for f, o in res["predictors"][DEPTH]["per_fact"].items()}
         lines += ["", f"Best layer per fact: {best}", ""]
         for name in PREDICTORS:
@@ -125,7 +127,8 @@ def main() -> None:
     phases = {ph: score_predictors([r for r in scored if r["phase"] == ph], PREDICTORS) for ph in PHASES}
     phases["all"] = score_predictors(scored, PREDICTORS)
     command = "python recipes/predict_layer.py"
-    result = {"model": MODEL, "band": list(band), "seconds_per_fact": seconds, "phases": phases,
+    trial = sum(r["edit_s"] for r in rows if r.get("edit_s")) / max(1, sum(1 for r in rows if r.get("edit_s")))
+    result = {"model": MODEL, "band": list(band), "seconds_per_fact": seconds, "trial_edit_s": trial, "phases": phases,
               "scores": per_fact_scores, "rows": scored}
     out = Path(args.out)
     write_atomic(out / "summary.json", json.dumps(jsonable(result), indent=1))

@@ -125,4 +125,8 @@ def test_score_predictors_on_a_hand_made_table():
     assert q["spearman"]["mean"] == pytest.approx((0.2 + 1.0) / 2)
     assert depth["spearman"]["mean"] == pytest.approx((0.2 + 1.0) / 2)
     assert p["hit_minus_depth"]["mean"] == pytest.approx(0.5)
+    # p's tops: a 0.9 (= best), b 0.7 (best 1.0); depth's: a 0.2, b 1.0 -> regrets 0.3/2 vs 0.7/2
+    assert p["regret"]["mean"] == pytest.approx(0.15) and depth["regret"]["mean"] == pytest.approx(0.35)
+    assert p["regret_minus_depth"]["mean"] == pytest.approx(-0.2)
+    assert p["hit_S_minus_depth"]["mean"] == pytest.approx(0.0)
     assert q["spearman_minus_depth"]["mean"] == pytest.approx(0.0)

@@ -47,7 +47,7 @@ def fact_outcome(rows: Sequence[Mapping], score: str, tolerance: int = 1) -> dic
 def score_predictors(rows: Iterable[Mapping], scores: Sequence[str], tolerance: int = 1) -> dict:
     """Every predictor in `scores` (row keys; higher = predicted better) and `DEPTH` over the facts of `rows`:
     per predictor the per-fact outcomes, the hit rates and mean regret (bootstrap CIs), the within-fact Spearman
-    with S (`within_fact_correlation`) and the paired differences to depth of hit rate and ρ."""
+    with S (`within_fact_correlation`) and the paired differences to depth of hit, hit_S, regret and ρ."""
     rows = list(rows)
     by_fact: dict[str, list] = {}
     for r in rows:
@@ -65,8 +65,9 @@ def score_predictors(rows: Iterable[Mapping], scores: Sequence[str], tolerance: 
             entry["spearman_minus_depth"] = corr["score_minus_depth"]
             entry["spearman_n"] = corr["n"]
             depth = out["predictors"][DEPTH]["per_fact"]
-            entry["hit_minus_depth"] = paired_sorted({f: float(o["hit"]) for f, o in per_fact.items()},
-                                                     {f: float(o["hit"]) for f, o in depth.items()})
+            for metric in ("hit", "hit_S", "regret"):
+                entry[f"{metric}_minus_depth"] = paired_sorted({f: float(o[metric]) for f, o in per_fact.items()},
+                                                               {f: float(o[metric]) for f, o in depth.items()})
         else:
             corr = within_fact_correlation([dict(r, _depth=-r["layer"]) for r in rows], score="_depth")
             entry["spearman"] = corr["depth"]
