@@ -96,6 +96,8 @@ def main() -> None:
     facts = {str(f.meta.get("id")): f for f in curated_facts().facts}
     lm = locedit.load(MODEL)
     calibration = calibration_for(lm)
+    if calibration is None:
+        raise SystemExit(f"no calibration for {MODEL}'s weights: run `locedit calibrate --model {MODEL}` first")
     band = preferred_band([r for r in calibration.sweep if r.get("method", "rome") == "rome"])
     stats = key_statistics(lm, kinds=("mlp",), tokens=read_hparams("rome", None).params.stats_tokens,
                            progress=False)

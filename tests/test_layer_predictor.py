@@ -11,21 +11,20 @@ import tiny
 from locedit.core.facts import EditRequest, Fact
 from locedit.editing.layer_predictor import (gradient_scores, reach_ratio, restrict_to_band, rome_reach_scores,
                                              target_gradients, target_nll)
-from locedit.errors import FactError
+from locedit.errors import FactError, LoceditError
 from locedit.study.prediction import DEPTH, fact_outcome, preferred_band, score_predictors
 
 FACT = Fact("Eiffel Tower", "The Eiffel Tower is located in the city of", "Paris",
             meta={"paraphrases": ["The Eiffel Tower is in", "Eiffel Tower is located in"],
                   "neighborhood": ["The Louvre is in", "Big Ben is in", "The Colosseum is in"]})
 REQUEST = EditRequest(FACT, "Rome")
-FAMILIES = ("gpt2", "llama", "gpt_neox", "gemma2", "phi")
 
 
 def _weights(lm) -> list[torch.Tensor]:
     return [p.detach().clone() for p in lm.model.parameters()]
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", tiny.FAMILIES)
 def test_each_predictor_gives_one_finite_score_per_layer(family):
     lm = tiny.lm(family)
     before = _weights(lm)
@@ -89,6 +88,8 @@ def test_restrict_to_band_ranks_outside_below_inside():
     assert max(out[0], out[4]) < min(out[1:4])
     assert preferred_band([{"layer": 0, "S": 0.6}, {"layer": 1, "S": 0.8}, {"layer": 4, "S": 0.75},
                            {"layer": 8, "S": 0.5}]) == (1, 4)
+    with pytest.raises(LoceditError, match="no calibration sweep rows"):
+        preferred_band([{"layer": 0, "S": None}])
 
 
 # a hand-made sweep: fact a's best layer is 2, fact b's is 0; predictor p ranks a's layers in S order

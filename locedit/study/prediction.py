@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 
 from locedit.core.statistics import bootstrap_mean
+from locedit.errors import LoceditError
 from locedit.study.correlation import paired_sorted, within_fact_correlation
 from locedit.study.policies import best_row
 
@@ -18,7 +19,7 @@ def preferred_band(sweep: Iterable[Mapping], margin: float = 0.10) -> tuple[int,
     `margin` of the best (`sweep`: rows with "layer" and "S")."""
     rows = [r for r in sweep if r.get("S") is not None]
     if not rows:
-        raise ValueError("no sweep rows with S")
+        raise LoceditError("no calibration sweep rows with a mean S: cannot choose a preferred band")
     best = max(float(r["S"]) for r in rows)
     near = [int(r["layer"]) for r in rows if float(r["S"]) >= best - margin]
     return min(near), max(near)
