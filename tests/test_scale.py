@@ -378,6 +378,10 @@ def test_offloaded_model_knockout_and_locate_equal_plain(tmp_path):
     a, b = locate(offloaded, FACT).to_dict(), locate(plain, FACT).to_dict()
     for key in ("target", "base_prob", "evidence", "carrier", "relation"):
         _close({"base_prob": b["base_prob"], key: a[key]}, {"base_prob": b["base_prob"], key: b[key]})
+    # the weights' fingerprint (which keys calibrations) reads offloaded weights too, and equals the plain model's
+    from locedit.editing.fingerprint import weights_fingerprint
+
+    assert weights_fingerprint(offloaded) == weights_fingerprint(plain)
 
 
 def test_offloaded_model_edits_device_layers_and_refuses_offloaded_ones(tmp_path):

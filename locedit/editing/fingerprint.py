@@ -13,6 +13,7 @@ import weakref
 
 import torch
 
+from locedit.core.lm import materialized
 from locedit.editing.edit import geometry, unedited
 from locedit.errors import LoceditError
 
@@ -21,13 +22,19 @@ _CACHE: "weakref.WeakKeyDictionary[torch.nn.Module, dict[tuple, str]]" = weakref
 _ROWS = 4096  # rows hashed per chunk (bounds the memory a 7B embedding needs on the CPU)
 
 
-def fingerprinted_tensors(lm) -> list[tuple[str, torch.Tensor]]:
-    """The (name, tensor) pairs the fingerprint covers: the embedding, then each layer's MLP output weight."""
+def fingerprinted_modules(lm) -> list[tuple[str, torch.nn.Module]]:
+    """The (name, module) pairs whose `.weight` the fingerprint covers: the embedding, then each layer's MLP output
+    projection."""
     adapter = lm.adapter
-    out = [("embed", lm.embedding_matrix)]
+    out = [("embed", adapter.embed_module(lm.model))]
     for layer in range(lm.num_layers):
-        out.append((f"layer{layer}.mlp_down", adapter.layer_part(lm.model, layer, adapter.mlp_down).weight))
+        out.append((f"layer{layer}.mlp_down", adapter.layer_part(lm.model, layer, adapter.mlp_down)))
     return out
+
+
+def fingerprinted_tensors(lm) -> list[tuple[str, torch.Tensor]]:
+    """The (name, tensor) pairs the fingerprint covers (offloaded ones are meta tensors outside `materialized`)."""
+    return [(name, module.weight) for name, module in fingerprinted_modules(lm)]
 
 
 def weights_fingerprint(lm) -> str:
@@ -44,8 +51,9 @@ def weights_fingerprint(lm) -> str:
         if value is None:
             digest = hashlib.sha256(json.dumps({"version": FINGERPRINT_VERSION, "geometry": geometry(lm)},
                                                sort_keys=True).encode())
-            for name, tensor in fingerprinted_tensors(lm):
-                _update(digest, name, tensor)
+            for name, module in fingerprinted_modules(lm):
+                with materialized(module):  # an offloaded weight is loaded for the hash, one module at a time
+                    _update(digest, name, module.weight)
             value = digest.hexdigest()
     if len(cache) > 16:  # states of long-gone edits
         cache.clear()
