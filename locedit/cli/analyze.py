@@ -84,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _one(lm, rec, fn, fact, options: dict, out: Path) -> int:
-    from locedit.core.report import write_atomic
+    from locedit.core.results import write_atomic
 
     with common.forward_progress(lm, rec.cli_name):
         result = fn(lm, fact, **options)
@@ -100,7 +100,7 @@ def _one(lm, rec, fn, fact, options: dict, out: Path) -> int:
 
 def _dataset(lm, rec, fn, facts: list, options: dict, out: Path, args: argparse.Namespace) -> int:
     from locedit.core.plots import save_figure
-    from locedit.core.report import write_atomic
+    from locedit.core.results import write_atomic
     from locedit.localization.runner import run_dataset
 
     result = run_dataset(lm, fn, facts, out / f"{rec.name}.jsonl", options=options, batch_facts=args.batch_facts)

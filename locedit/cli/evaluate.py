@@ -40,7 +40,7 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from locedit.core.report import write_atomic
+    from locedit.core.results import write_atomic
     from locedit.verification.evaluate import evaluate, table
     from locedit.verification.report import evaluation_report
 

@@ -40,7 +40,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _one(lm, fact, out: Path, args: argparse.Namespace) -> int:
-    from locedit.core.report import sitemap_report, write_atomic
+    from locedit.core.report import sitemap_report
+    from locedit.core.results import write_atomic
     from locedit.localization.sites import locate
 
     with common.forward_progress(lm, "locate"):
@@ -56,7 +57,8 @@ def _one(lm, fact, out: Path, args: argparse.Namespace) -> int:
 
 def _dataset(lm, facts: list, out: Path, args: argparse.Namespace) -> int:
     from locedit.core.plots import heads_table
-    from locedit.core.report import dataset_report, write_atomic
+    from locedit.core.report import dataset_report
+    from locedit.core.results import write_atomic
     from locedit.localization.runner import run_dataset
     from locedit.localization.sites import SiteMap, locate
 

@@ -107,7 +107,7 @@ def _verify_models(args: argparse.Namespace) -> int:
 
 
 def _write(ver, out: Path) -> Path:
-    from locedit.core.report import write_atomic
+    from locedit.core.results import write_atomic
     from locedit.verification.report import verification_report
 
     out.mkdir(parents=True, exist_ok=True)

@@ -7,9 +7,7 @@ import html
 import io
 from typing import Mapping, Sequence
 
-from locedit.core.results import write_atomic
-
-__all__ = ["dataset_report", "figure_data_uri", "figure_html", "page", "sitemap_report", "table", "write_atomic"]
+__all__ = ["dataset_report", "figure_data_uri", "figure_html", "page", "sitemap_report", "table"]
 
 STYLE = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;max-width:1100px;color:#222;
