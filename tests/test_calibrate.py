@@ -18,7 +18,7 @@ from locedit.editing.fingerprint import weights_fingerprint
 from locedit.editing.hparams import read_hparams
 from locedit.errors import CalibrationError
 
-FAST = {"v_num_grad_steps": 10, "clamp_norm_factor": 10, "context_template_length_params": [[3, 2]],
+FAST = {"v_lr": 0.5, "v_num_grad_steps": 10, "clamp_norm_factor": 10, "context_template_length_params": [[3, 2]],
         "mom2_adjustment": False}
 SUBJECTS = ["Eiffel Tower", "Beats Music", "Michael Jordan", "Jimi Hendrix", "Big Ben", "Colosseum", "Louvre",
             "Microsoft", "Brazil", "Japan", "France", "Italy"]

@@ -214,7 +214,7 @@ def test_edits_on_cuda(family, dtype, tmp_path, monkeypatch):
     an edit made on the GPU applies to the CPU copy (same weights) with the same effect."""
     monkeypatch.setenv("LOCEDIT_CACHE", str(tmp_path))
     cpu, gpu = pair(family, dtype)
-    fast = {"v_num_grad_steps": 40, "clamp_norm_factor": 10, "context_template_length_params": [[3, 2]]}
+    fast = {"v_lr": 0.5, "v_num_grad_steps": 40, "clamp_norm_factor": 10, "context_template_length_params": [[3, 2]]}
     fact = locedit.Fact("Eiffel Tower", "The city of the Eiffel Tower", " Paris")
     saved = {n: p.detach().clone() for n, p in gpu.model.named_parameters()}
     for method, where in (("rome", dict(layers=[1])), ("memit", dict(layers=[1, 2])),

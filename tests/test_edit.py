@@ -14,7 +14,7 @@ from locedit.editing.stats import key_statistics
 
 # Tiny random models need more room than ROME's GPT-2 XL settings (their subject states barely reach the last
 # position); the subject sits at the end of the prompt so the key position is close to the prediction.
-FAST = {"v_num_grad_steps": 40, "clamp_norm_factor": 10, "context_template_length_params": [[3, 2]]}
+FAST = {"v_lr": 0.5, "v_num_grad_steps": 40, "clamp_norm_factor": 10, "context_template_length_params": [[3, 2]]}
 FACT = Fact("Eiffel Tower", "The city of the Eiffel Tower", " Paris")
 NEW = " the"
 

@@ -18,7 +18,7 @@ from locedit.editing import EditError, load_edit, read_hparams
 from locedit.editing.edit import content_sha256
 from locedit.errors import HeadSpecError, InterventionError
 
-FAST = {"v_num_grad_steps": 40, "clamp_norm_factor": 10, "context_template_length_params": [[3, 2]]}
+FAST = {"v_lr": 0.5, "v_num_grad_steps": 40, "clamp_norm_factor": 10, "context_template_length_params": [[3, 2]]}
 FACT = Fact("Eiffel Tower", "The city of the Eiffel Tower", " Paris")
 OTHER = Fact("Louvre", "The museum called the Louvre", " Paris")
 NEW = " the"

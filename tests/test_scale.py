@@ -388,7 +388,7 @@ def test_offloaded_model_edits_device_layers_and_refuses_offloaded_ones(tmp_path
     """An edit of a layer kept on a device works across the split and equals the plain model's; an edit of an
     offloaded layer (a meta tensor between forwards) is refused before any work, with the weights untouched."""
     plain, offloaded = tiny.lm("llama"), _offloaded_llama(tmp_path)
-    hparams = {"v_num_grad_steps": 10, "context_template_length_params": [[3, 2]]}
+    hparams = {"v_lr": 0.5, "v_num_grad_steps": 10, "context_template_length_params": [[3, 2]]}
     with pytest.raises(locedit.LoceditError, match="offloaded"):
         locedit.edit(offloaded, locedit.EditRequest(FACT, " the"),
                      layers=[1], key_position="subject_last", hparams=hparams)

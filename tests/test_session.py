@@ -23,7 +23,7 @@ from locedit.editing.session import CHECKPOINT_NAME, compact_keys
 from locedit.errors import CheckpointError, EditError
 
 DATA = Path(__file__).parent / "data"
-FAST = {"v_num_grad_steps": 10, "clamp_norm_factor": 10, "context_template_length_params": [[3, 2]]}
+FAST = {"v_lr": 0.5, "v_num_grad_steps": 10, "clamp_norm_factor": 10, "context_template_length_params": [[3, 2]]}
 # the tiny model's key covariance has no small eigenvalues: a threshold that keeps the whole space, as test_edit does
 ALPHA = {**FAST, "nullspace": True, "nullspace_threshold": 1e9, "L2": 1e-2}
 FACTS = [Fact("Eiffel Tower", "The city of the Eiffel Tower", " Paris"),

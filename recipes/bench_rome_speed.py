@@ -1,0 +1,240 @@
+"""ROME's value optimisation, fast defaults vs ROME's own (issue 19), on SmolLM2 (CPU), TUNING facts of
+data/facts/heldout/facts.jsonl only.
+
+    python recipes/bench_rome_speed.py choose [--facts 5] [--record]    # loss trajectories that chose the defaults
+    python recipes/bench_rome_speed.py compare [--n 24] [--jobs 2] [--record]   # resumable:
+                                                                    # data/results/rome_speed_19/compare-*.jsonl
+
+choose: for every 20th tuning fact (up to --facts), the loss after each Adam step of ROME's δ optimisation at
+layer 1 (subject_last) under four settings: ROME's (20 templates, lr 0.5), 10 templates, lr 1.0, both; the
+seconds and the norm of δ against its clamp. `compare`: --n tuning facts (round-robin over relations in sha256
+order), each edited alone at SmolLM2's calibrated ROME site with ROME's settings ("old": lr 0.5, 20 steps, 20
+templates) and with locedit's defaults ("new"), measured on the same unedited state: ES, PS, NS (CounterFact's
+success rates), NKL (mean KL of the next-token distribution after the prefixed neighbour prompts) and S (harmonic
+mean of ES, PS, NS), with the paired difference new − old and its bootstrap 95% CI (`locedit.core.statistics`);
+speed as clean forwards per edit (a clean forward of the fact's prompt, best of 5, timed right before each edit).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import multiprocessing as mp
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+FACTS = ROOT / "data" / "facts" / "heldout" / "facts.jsonl"
+OUT = ROOT / "data" / "results" / "rome_speed_19"
+OLD = {"v_lr": 0.5, "v_num_grad_steps": 20, "context_template_length_params": [[5, 10], [10, 10]]}  # ROME's files
+VARIANTS = {"old": OLD, "new": {}}
+METRICS = ("efficacy_score", "paraphrase_score", "neighborhood_score", "neighborhood_kl", "score")
+SHORT = {"efficacy_score": "ES", "paraphrase_score": "PS", "neighborhood_score": "NS", "neighborhood_kl": "NKL",
+         "score": "S", "clean_forwards": "clean forwards"}
+
+
+def tuning_facts() -> list:
+    """The TUNING split's facts (the file's `split` field), in file order."""
+    from locedit.core.datasets import read_facts
+
+    split = {str(json.loads(line)["case_id"]): json.loads(line)["split"] for line in FACTS.read_text().splitlines()
+             if line.strip()}
+    return [f for f in read_facts(FACTS) if split[str(f.meta["id"])] == "tuning"]
+
+
+def stratified(facts, n: int):
+    """`n` facts, round-robin over relations in sha256(id) order (the same subset on every run)."""
+    by_relation: dict[str, list] = {}
+    for f in sorted(facts, key=lambda f: hashlib.sha256(str(f.meta["id"]).encode()).hexdigest()):
+        by_relation.setdefault(f.relation or "-", []).append(f)
+    chosen, lists = [], [by_relation[r] for r in sorted(by_relation)]
+    while len(chosen) < n and any(lists):
+        for items in lists:
+            if items and len(chosen) < n:
+                chosen.append(items.pop(0))
+    return chosen
+
+
+def clean_forward_s(lm, fact, repeats: int = 5) -> float:
+    ids = torch.tensor([lm.encode(fact).input_ids], device=lm.device)
+    best = float("inf")
+    with torch.no_grad():
+        for _ in range(repeats):
+            t = time.perf_counter()
+            lm.model(input_ids=ids)
+            best = min(best, time.perf_counter() - t)
+    return best
+
+
+# --- choose ------------------------------------------------------------------------------------------------------
+def choose(args) -> list[str]:
+    import locedit
+    from locedit.editing.hparams import ROMEHyperParams
+    from locedit.editing.templates import context_templates
+    from locedit.editing.values import Site, build_batch, optimize_values
+
+    torch.set_num_threads(args.threads)
+    lm = locedit.load("smollm2-135m")
+    settings = {"ROME (20 templates, lr 0.5)": OLD,
+                "10 templates, lr 0.5": {**OLD, "context_template_length_params": [[5, 5], [10, 5]]},
+                "20 templates, lr 1.0": {**OLD, "v_lr": 1.0},
+                "10 templates, lr 1.0": {**OLD, "v_lr": 1.0, "context_template_length_params": [[5, 5], [10, 5]]}}
+    lines = ["loss after each of 20 Adam steps (NLL + KL + weight decay), ROME's δ at layer 1, subject_last; "
+             "SmolLM2, TUNING facts; seconds on a shared CPU (compare within a fact)"]
+    for fact in tuning_facts()[::20][: args.facts]:
+        for name, kw in settings.items():
+            hp = ROMEHyperParams(**kw)
+            templates = context_templates(lm, hp.context_template_length_params, hp.seed)
+            batch = build_batch(lm, fact, " " + fact.meta["target_new"].strip(), templates, "subject_last", None,
+                                hp.kl_prompt)
+            unit = clean_forward_s(lm, fact)
+            t = time.perf_counter()
+            r = optimize_values(lm, batch, [Site("mlp_down", 1)], hp)
+            dt = time.perf_counter() - t
+            line = (f"fact {fact.meta['id']} {name:<28} rows {batch.rows:>2} {dt:6.1f} s = {dt / unit:5.0f} clean "
+                    f"forwards; |δ| {float(r.deltas[0].norm()):.1f} (clamp {4 * float(r.inits[0].norm()):.1f}); "
+                    f"loss " + " ".join(f"{x:.3f}" for x in r.losses))
+            print(line, flush=True)
+            lines.append(line)
+    return lines
+
+
+# --- compare -----------------------------------------------------------------------------------------------------
+def _site(lm) -> tuple[list[int], str]:
+    from locedit.editing.calibration import calibrated_site
+
+    site, _ = calibrated_site(lm, "rome", warn=False)
+    if site is None:
+        raise SystemExit("no calibrated ROME site for this model (recipes/smollm2_calibration.py)")
+    return list(site["layers"]), site["key_position"]
+
+
+def measure_fact(lm, fact, stats, layers, key_position) -> dict:
+    import locedit
+    from locedit.verification.verify import behaviour_metrics, inputs_for, measure_behaviour
+
+    new = " " + fact.meta["target_new"].strip()
+    inputs = inputs_for([fact], [new])
+    measure = lambda: measure_behaviour(lm, inputs, generation_tokens=0, fluency_tokens=0)  # noqa: E731
+    before = measure()
+    row = {"id": fact.meta["id"], "relation": fact.relation, "layers": layers, "key_position": key_position}
+    for name, hp in VARIANTS.items():
+        unit = clean_forward_s(lm, fact)
+        t = time.perf_counter()
+        edit = locedit.edit(lm, locedit.EditRequest(fact, new), method="rome", layers=layers,
+                            key_position=key_position, hparams=dict(hp), stats=stats)
+        seconds = time.perf_counter() - t
+        metrics = behaviour_metrics(inputs, before, measure())
+        edit.revert()
+        row[name] = {**{k: metrics[k] for k in METRICS}, "edit_s": seconds, "clean_forward_s": unit,
+                     "clean_forwards": seconds / unit, "steps": len(edit.losses[0]),
+                     "loss_final": edit.losses[0][-1]}
+    return row
+
+
+def _worker(rank: int, jobs: int, ids: list, path: str, threads: int) -> None:
+    import locedit
+    from locedit.editing.stats import key_statistics
+
+    torch.set_num_threads(threads)
+    lm = locedit.load("smollm2-135m")
+    layers, key_position = _site(lm)
+    stats = key_statistics(lm, layers=layers, kinds=("mlp",), progress=False)
+    wanted = [i for j, i in enumerate(ids) if j % jobs == rank]
+    by_id = {f.meta["id"]: f for f in tuning_facts()}
+    with open(path, "a") as out:
+        for ident in wanted:
+            row = measure_fact(lm, by_id[ident], stats, layers, key_position)
+            out.write(json.dumps(row) + "\n")
+            out.flush()
+            print(f"[{rank}] {ident}: " + "  ".join(
+                f"{v}: S {row[v]['score']:.2f} {row[v]['clean_forwards']:.0f} cf" for v in VARIANTS), flush=True)
+
+
+def read_rows(directory: Path) -> dict[str, dict]:
+    rows = {}
+    for shard in sorted(directory.glob("compare-*.jsonl")):
+        for line in shard.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue  # a line cut by an interrupted run
+            rows[row["id"]] = row
+    return rows
+
+
+def compare(args) -> list[str]:
+    OUT.mkdir(parents=True, exist_ok=True)
+    chosen = [f.meta["id"] for f in stratified(tuning_facts(), args.n)]
+    done = read_rows(OUT)
+    todo = [i for i in chosen if i not in done]
+    print(f"{len(chosen)} tuning facts chosen, {len(chosen) - len(todo)} already done, {len(todo)} to run", flush=True)
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_worker, args=(r, args.jobs, todo, str(OUT / f"compare-{r}.jsonl"), args.threads))
+             for r in range(args.jobs)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    rows = [r for i, r in read_rows(OUT).items() if i in set(chosen)]
+    return summarize(rows)
+
+
+def summarize(rows: list[dict]) -> list[str]:
+    from locedit.core.statistics import bootstrap_mean, paired_difference
+
+    if not rows:
+        return ["no rows"]
+    r0 = rows[0]
+    lines = [f"ROME on SmolLM2 at its calibrated site (layers {r0['layers']}, {r0['key_position']}), {len(rows)} "
+             "TUNING facts of data/facts/heldout/facts.jsonl, each edited alone; old = ROME's settings "
+             f"{json.dumps(OLD)}, new = locedit's defaults",
+             f"{'metric':<15} {'old':>8} {'new':>8} {'new - old [95% CI]':>28} {'new>old/=/new<old':>18}"]
+    for key in METRICS + ("clean_forwards",):
+        a = {r["id"]: r["new"][key] for r in rows}
+        b = {r["id"]: r["old"][key] for r in rows}
+        d = paired_difference(a, b)
+        ci = "n/a" if d["low"] is None else f"[{d['low']:+.3f}, {d['high']:+.3f}]"
+        lines.append(f"{SHORT[key]:<15} {d['b']:>8.3f} {d['a']:>8.3f} {d['mean']:>+12.3f} {ci:>15} "
+                     f"{d['wins']:>5}/{d['ties']}/{d['losses']}")
+    for name in VARIANTS:
+        cf = bootstrap_mean([r[name]["clean_forwards"] for r in rows])
+        steps = statistics.mean(r[name]["steps"] for r in rows)
+        lines.append(f"{name}: {cf.mean:.0f} clean forwards per edit [{cf.low:.0f}, {cf.high:.0f}], "
+                     f"{statistics.mean(r[name]['edit_s'] for r in rows):.1f} s, {steps:.1f} Adam steps, "
+                     f"final loss {statistics.mean(r[name]['loss_final'] for r in rows):.3f}")
+    ratio = statistics.mean(r["new"]["clean_forwards"] / r["old"]["clean_forwards"] for r in rows)
+    lines.append(f"speed: new / old clean forwards per edit, mean of per-fact ratios: {ratio:.2f}")
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("section", choices=["choose", "compare", "summary"])
+    parser.add_argument("--facts", type=int, default=5, help="choose: tuning facts")
+    parser.add_argument("--n", type=int, default=24, help="compare: tuning facts")
+    parser.add_argument("--jobs", type=int, default=2, help="compare: worker processes")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--record", action="store_true", help="write the result under data/results/rome_speed_19/")
+    args = parser.parse_args()
+    if args.section == "choose":
+        lines = choose(args)
+    elif args.section == "compare":
+        lines = compare(args)
+    else:  # summary of the rows recorded so far
+        chosen = {f.meta["id"] for f in stratified(tuning_facts(), args.n)}
+        lines = summarize([r for i, r in read_rows(OUT).items() if i in chosen])
+    text = f"# python recipes/bench_rome_speed.py {' '.join(sys.argv[1:])}\n" + "\n".join(lines) + "\n"
+    print(text)
+    if args.record:
+        OUT.mkdir(parents=True, exist_ok=True)
+        (OUT / f"{'compare' if args.section == 'summary' else args.section}.txt").write_text(text)
+
+
+if __name__ == "__main__":
+    main()
