@@ -4,6 +4,7 @@ data/facts/heldout/facts.jsonl only.
     python recipes/bench_rome_speed.py choose [--facts 5] [--record]    # loss trajectories that chose the defaults
     python recipes/bench_rome_speed.py compare [--n 24] [--jobs 2] [--record]   # resumable:
                                                                     # data/results/rome_speed_19/compare-*.jsonl
+    python recipes/bench_rome_speed.py speed [--facts 2] [--record]    # CPU time per edit, old vs new
 
 choose: for every 20th tuning fact (up to --facts), the loss after each Adam step of ROME's δ optimisation at
 layer 1 (subject_last) under four settings: ROME's (20 templates, lr 0.5), 10 templates, lr 1.0, both; the
@@ -13,6 +14,9 @@ templates) and with locedit's defaults ("new"), measured on the same unedited st
 success rates), NKL (mean KL of the next-token distribution after the prefixed neighbour prompts) and S (harmonic
 mean of ES, PS, NS), with the paired difference new − old and its bootstrap 95% CI (`locedit.core.statistics`);
 speed as clean forwards per edit (a clean forward of the fact's prompt, best of 5, timed right before each edit).
+`speed`: the same edits timed in CPU time of this process (`time.process_time`), against the CPU time of a clean
+forward of the same prompt (mean of 10) — on a CPU shared with other jobs wall time inflates the short clean
+forward more than the long edit, so the wall-time ratios of `compare` read low; CPU time does not wait for a core.
 """
 
 from __future__ import annotations
@@ -101,6 +105,42 @@ def choose(args) -> list[str]:
                     f"loss " + " ".join(f"{x:.3f}" for x in r.losses))
             print(line, flush=True)
             lines.append(line)
+    return lines
+
+
+# --- speed -------------------------------------------------------------------------------------------------------
+def speed(args) -> list[str]:
+    import locedit
+    from locedit.editing.stats import key_statistics
+
+    torch.set_num_threads(args.threads)
+    lm = locedit.load("smollm2-135m")
+    layers, key_position = _site(lm)
+    stats = key_statistics(lm, layers=layers, kinds=("mlp",), progress=False)
+    lines = [f"ROME on SmolLM2 at layers {layers} ({key_position}), stats cached, {args.threads} thread(s); CPU "
+             "time of the edit / CPU time of a clean forward of the fact's prompt (mean of 10)"]
+    ratios: dict[str, list[float]] = {name: [] for name in VARIANTS}
+    for fact in stratified(tuning_facts(), args.facts):
+        ids = torch.tensor([lm.encode(fact).input_ids], device=lm.device)
+        for name, hp in VARIANTS.items():
+            with torch.no_grad():
+                t = time.process_time()
+                for _ in range(10):
+                    lm.model(input_ids=ids)
+                unit = (time.process_time() - t) / 10
+            t = time.process_time()
+            edit = locedit.edit(lm, locedit.EditRequest(fact, " " + fact.meta["target_new"].strip()), method="rome",
+                                layers=layers, key_position=key_position, hparams=dict(hp), stats=stats)
+            cpu = time.process_time() - t
+            edit.revert()
+            ratios[name].append(cpu / unit)
+            line = (f"fact {fact.meta['id']} {name}: {cpu:.1f} s CPU = {cpu / unit:.0f} clean forwards "
+                    f"({unit * 1000:.0f} ms CPU each), {len(edit.losses[0])} steps")
+            print(line, flush=True)
+            lines.append(line)
+    for name, values in ratios.items():
+        lines.append(f"{name}: {statistics.mean(values):.0f} clean forwards per edit (mean of {len(values)})")
+    lines.append("new / old: " + f"{statistics.mean(n / o for n, o in zip(ratios['new'], ratios['old'])):.2f}")
     return lines
 
 
@@ -215,8 +255,8 @@ def summarize(rows: list[dict]) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("section", choices=["choose", "compare", "summary"])
-    parser.add_argument("--facts", type=int, default=5, help="choose: tuning facts")
+    parser.add_argument("section", choices=["choose", "compare", "speed", "summary"])
+    parser.add_argument("--facts", type=int, default=5, help="choose, speed: tuning facts")
     parser.add_argument("--n", type=int, default=24, help="compare: tuning facts")
     parser.add_argument("--jobs", type=int, default=2, help="compare: worker processes")
     parser.add_argument("--threads", type=int, default=1)
@@ -224,6 +264,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.section == "choose":
         lines = choose(args)
+    elif args.section == "speed":
+        lines = speed(args)
     elif args.section == "compare":
         lines = compare(args)
     else:  # summary of the rows recorded so far

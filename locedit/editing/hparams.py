@@ -39,11 +39,12 @@ class ROMEHyperParams(ValueHyperParams):
     """ROME with the r-ROME fix (the template-averaged key in the update's numerator and denominator).
 
     Three defaults differ from ROME's files, for speed (issue 19): 14 Adam steps at lr 1.0 over 10 context
-    templates (+ the bare prompt), instead of 20 steps at lr 0.5 over 20. A step costs about one forward + backward
-    per prompt row, so this is ≈ 0.38× the work. Chosen on loss trajectories of tuning facts
-    (`python recipes/bench_rome_speed.py choose`, data/results/rome_speed_19/choose.txt): δ reaches its norm clamp
-    either way, and lr 1.0 over 14 steps ends at about the loss lr 0.5 reaches after 20; quality before/after on
-    24 tuning facts: data/results/rome_speed_19/compare.txt. ROME's own values:
+    templates (+ the bare prompt), instead of 20 steps at lr 0.5 over 20. A step is one forward + backward of every
+    prompt row (≈ 0.38× the rows × steps; measured ≈ 0.5× the time: a pass has a large fixed cost).
+    Chosen on the loss trajectories of 2 tuning facts (`python recipes/bench_rome_speed.py choose`,
+    data/results/rome_speed_19/choose.txt): lr 1.0 over 10 templates reaches after 14 steps about the loss ROME's
+    settings reach after 20; quality of both on tuning facts: data/results/rome_speed_19/compare.txt. ROME's own
+    values:
     `hparams={"v_lr": 0.5, "v_num_grad_steps": 20, "context_template_length_params": [[5, 10], [10, 10]]}`."""
 
     v_num_grad_steps: int = 14
