@@ -34,23 +34,19 @@ class ValueHyperParams:
     seed: int = 0
 
 
+FAST_ROME_SCHEDULE = {"v_lr": 1.0, "v_num_grad_steps": 14, "context_template_length_params": [[5, 5], [10, 5]]}
+"""ROME's value optimisation at ≈ 0.46x the cost (issue 19; recipes/bench_rome_speed.py): not the default, see below."""
+
+
 @dataclass
 class ROMEHyperParams(ValueHyperParams):
     """ROME with the r-ROME fix (the template-averaged key in the update's numerator and denominator).
 
-    Three defaults differ from ROME's files, for speed (issue 19): 14 Adam steps at lr 1.0 over 10 context
-    templates (+ the bare prompt), instead of 20 steps at lr 0.5 over 20. A step is one forward + backward of every
-    prompt row (≈ 0.38× the rows × steps; measured ≈ 0.5× the time: a pass has a large fixed cost).
-    Chosen on the loss trajectories of 2 tuning facts (`python recipes/bench_rome_speed.py choose`,
-    data/results/rome_speed_19/choose.txt): lr 1.0 over 10 templates reaches after 14 steps about the loss ROME's
-    settings reach after 20. On 18 tuning facts (data/results/rome_speed_19/compare.txt) ES/PS/NS/S are unchanged
-    but NKL rises by 0.26 nats [0.02, 0.57]. ROME's own
-    values:
-    `hparams={"v_lr": 0.5, "v_num_grad_steps": 20, "context_template_length_params": [[5, 10], [10, 10]]}`."""
+    The value optimisation keeps ROME's schedule (20 Adam steps at lr 0.5 over 20 context templates + the bare
+    prompt). `FAST_ROME_SCHEDULE` (14 steps at lr 1.0 over 10 templates) costs 0.46x the CPU time, but on 18 tuning
+    facts it raised NKL by 0.26 nats [0.02, 0.57] with ES/PS/NS/S unchanged
+    (data/results/rome_speed_19/compare.txt), so it is an option, not the default: `hparams=FAST_ROME_SCHEDULE`."""
 
-    v_num_grad_steps: int = 14
-    v_lr: float = 1.0
-    context_template_length_params: list = field(default_factory=lambda: [[5, 5], [10, 5]])
     mom2_adjustment: bool = True  # False: C = I (what EasyEdit's ROME configs ship); True: the paper's C⁻¹k*
     stats_tokens: int | None = None  # None: ≈ 10 × d_k tokens of the default corpus
 
