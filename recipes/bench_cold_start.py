@@ -47,6 +47,7 @@ def child(args) -> int:
                 return fn(*a, **k)
             finally:
                 seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - start
+                Path(args.child).write_text(json.dumps(seconds))  # kept if the run is stopped
         return wrapper
 
     for name, (module, attr) in TIMED.items():

@@ -42,8 +42,8 @@ STARTS = ("The", "In", "A", "It", "He", "She", "This", "When", "I", "We", "They"
           "If")
 TOP_K = 50
 TEMPERATURE = 1.0
-GEN_BATCH = 64  # rows sampled together (fixed, so the corpus depends on neither batch_tokens nor the hardware)
-SAMPLER_VERSION = 2  # 2: all rows in chunks of GEN_BATCH from position 0 (1: grouped by start length, 32 rows)
+GEN_BATCH = 32  # sequences sampled together (fixed, so the corpus does not depend on batch_tokens)
+SAMPLER_VERSION = 1
 MAX_SEQ_LEN = 256
 
 
@@ -206,13 +206,19 @@ def spec_key(spec: dict) -> str:
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def cache_path(cache_root: Path, spec: dict, fingerprint: str) -> Path:
+    """The disk-cache file of the corpus sampled with `spec` from the model with (stats) `fingerprint`."""
+    key = spec_key({**spec, "fingerprint": fingerprint})
+    return Path(cache_root) / f"corpus-sampled-seed{spec['seed']}-{spec['tokens']}tok-{key}.safetensors"
+
+
 def _sampled(lm, tokens: int, seed: int, seq_len: int, cache_root: Path | None, fingerprint: str,
              progress: bool) -> torch.Tensor:
     """The sampled corpus: from the disk cache, else shipped with locedit for these weights, else sampled now (one
     process samples while others wait; the result is cached)."""
     spec = sampler_spec(lm, tokens, seed, seq_len)
     key = spec_key({**spec, "fingerprint": fingerprint})
-    path = cache_root / f"corpus-sampled-seed{seed}-{tokens}tok-{key}.safetensors" if cache_root else None
+    path = cache_path(cache_root, spec, fingerprint) if cache_root else None
     if path is not None:
         cached = _read_ids(path, key, tokens)
         if cached is not None:
@@ -284,6 +290,7 @@ def write_shipped(lm, spec: dict, ids: torch.Tensor, directory: Path = SHIPPED) 
             "kind": "locedit shipped sampled corpus"}
     if not atomic_save(path, {"ids": small.contiguous()}, meta):
         raise DatasetError(f"could not write {path}")
+    path.chmod(0o644)  # package data: readable by every user
     return path
 
 
@@ -309,42 +316,40 @@ def all_cores() -> Iterator[int]:
 @torch.no_grad()
 def sample_ids(lm, starts: list[list[int]], tokens: int, seed: int, seq_len: int, progress: bool = True
                ) -> torch.Tensor:
-    """Sample ceil(tokens / seq_len) rows of `seq_len` tokens (start + continuation) with the KV cache and return
-    the first `tokens` ids, flat. Row i begins with ``starts[i % len(starts)]``; rows go in chunks of GEN_BATCH
-    that advance one position per step from position 0 (a row still in its start word takes its next start token
-    instead of the sample), so there is no padding and no per-length grouping. Uses every core (restored after).
-    Sampling draws from a CPU `torch.Generator` seeded with `seed`, so the global RNG is untouched."""
+    """Sample ceil(tokens / seq_len) sequences of `seq_len` tokens (start + continuation) with the KV cache, in
+    batches of GEN_BATCH sequences whose starts have equal length (no padding); return the first `tokens` ids, flat.
+    Runs on every core (the thread count is restored after); the progress bar shows an ETA. Sampling draws from a
+    CPU `torch.Generator` seeded with `seed`, so the global RNG is untouched."""
     from tqdm.auto import tqdm
+
+    from locedit.core.engine.run import forward
 
     n_rows = math.ceil(tokens / seq_len)
     prompts = [starts[i % len(starts)] for i in range(n_rows)]
+    by_length: dict[int, list[int]] = {}
+    for i, prompt in enumerate(prompts):
+        by_length.setdefault(len(prompt), []).append(i)
     generator = torch.Generator(device="cpu").manual_seed(int(seed))
-    chunks = []
+    rows: list[torch.Tensor | None] = [None] * n_rows
     with all_cores(), tqdm(total=n_rows * seq_len, unit="tok", desc="sampling the statistics corpus",
                            disable=not progress) as bar:
-        for b in range(0, n_rows, GEN_BATCH):
-            chunks.append(_sample_chunk(lm, prompts[b : b + GEN_BATCH], seq_len, generator, bar.update))
-    return torch.cat([chunk.reshape(-1) for chunk in chunks])[:tokens]
-
-
-def _sample_chunk(lm, prompts: list[list[int]], seq_len: int, generator: torch.Generator, on_step) -> torch.Tensor:
-    """(len(prompts), seq_len) token ids: each row's start, then samples, one cached forward per position."""
-    from locedit.core.engine.run import forward
-
-    forced = torch.full((len(prompts), seq_len), -1, dtype=torch.int64)
-    for i, prompt in enumerate(prompts):
-        forced[i, : len(prompt)] = torch.tensor(prompt[:seq_len], dtype=torch.int64)
-    ids = torch.empty_like(forced)
-    ids[:, 0] = forced[:, 0]
-    on_step(len(prompts))
-    cache = None
-    for pos in range(1, seq_len):
-        out = forward(lm, ids[:, pos - 1 : pos], cache=cache, use_cache=True, logits_at=1)
-        cache = output_cache(out)
-        sampled = _sample(out.logits[:, -1], generator)[:, 0]
-        ids[:, pos] = torch.where(forced[:, pos] >= 0, forced[:, pos], sampled)
-        on_step(len(prompts))
-    return ids
+        for length in sorted(by_length):
+            group = by_length[length]
+            for b in range(0, len(group), GEN_BATCH):
+                index = group[b : b + GEN_BATCH]
+                batch = torch.tensor([prompts[i] for i in index], dtype=torch.int64)
+                out = forward(lm, batch, use_cache=True, logits_at=1)
+                pieces = [batch]
+                bar.update(batch.numel())
+                for step in range(seq_len - length):
+                    nxt = _sample(out.logits[:, -1], generator)
+                    pieces.append(nxt)
+                    bar.update(len(index))
+                    if step + 1 < seq_len - length:
+                        out = forward(lm, nxt, cache=output_cache(out), use_cache=True, logits_at=1)
+                for i, row in zip(index, torch.cat(pieces, dim=1)):
+                    rows[i] = row
+    return torch.cat(rows)[:tokens]  # type: ignore[arg-type]
 
 
 def _sample(logits: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
