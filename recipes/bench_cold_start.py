@@ -3,7 +3,9 @@ cache (`LOCEDIT_CACHE` and `HF_HOME` in a temporary directory), as a new user's 
 
 The command runs in a child process (the real CLI, started as `python -m locedit.cli.main`-style entry) whose timers
 wrap the slow components: the GGUF → safetensors conversion, sampling the key-statistics corpus and computing the
-statistics; the rest (interpreter start, imports, locate, edit, verify, report) is the total minus those. With
+statistics, each in wall and CPU seconds (on a shared machine the CPU seconds of a one-thread run are what an idle
+machine's wall time would be); the rest (interpreter start, imports, locate, edit, verify, report) is the total
+minus those. With
 `--venv` the README's install step is timed first: a fresh venv and its pip commands (pip takes torch from the local
 wheel directory). One clean forward of the prompt, measured in the same run with the warm cache, gives the ratio.
 
@@ -38,15 +40,17 @@ def child(args) -> int:
     """Run the CLI in this process with timers around the components; write their seconds as JSON to args.child."""
     import importlib
 
-    seconds: dict[str, float] = {}
+    seconds: dict[str, list[float]] = {}  # name: [wall, CPU] seconds
 
     def timed(name, fn):
         def wrapper(*a, **k):
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             try:
                 return fn(*a, **k)
             finally:
-                seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - start
+                wall_cpu = seconds.setdefault(name, [0.0, 0.0])
+                wall_cpu[0] += time.perf_counter() - start
+                wall_cpu[1] += time.process_time() - cpu
                 Path(args.child).write_text(json.dumps(seconds))  # kept if the run is stopped
         return wrapper
 
@@ -62,6 +66,14 @@ def child(args) -> int:
         rc = exc.code if isinstance(exc.code, int) else 1
     Path(args.child).write_text(json.dumps(seconds))
     return int(rc or 0)
+
+
+def _children_cpu() -> float:
+    """User + system CPU seconds of this process's finished children."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def clean_forward_s(env: dict) -> float:
@@ -111,24 +123,29 @@ def main() -> None:
             env.update(OMP_NUM_THREADS=str(args.threads), LOCEDIT_BENCH_THREADS=str(args.threads))
         install_s = install(tmp) if args.venv else None
         timings = tmp / "timings.json"
+        timings.write_text("{}")
+        cpu_before = _children_cpu()
         start = time.perf_counter()
         proc = subprocess.run([sys.executable, __file__, "--child", str(timings), "--results", str(tmp / "results")],
                               env=env)
-        total = time.perf_counter() - start
+        total, total_cpu = time.perf_counter() - start, _children_cpu() - cpu_before
         parts = json.loads(timings.read_text())
         forward = clean_forward_s(env)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
-    parts["rest (start, imports, locate, edit, verify, report)"] = total - sum(parts.values())
+    parts["rest (start, imports, locate, edit, verify, report)"] = [total - sum(w for w, _ in parts.values()),
+                                                                     total_cpu - sum(c for _, c in parts.values())]
     lines = [f"# {time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime())} UTC {args.label} cold README command 1, "
              f"threads={args.threads or os.environ.get('OMP_NUM_THREADS', 'default')}, cpus={os.cpu_count()}, "
              f"load average before={load_before:.2f}, exit status {proc.returncode}"]
     if install_s is not None:
         lines.append(f"install (fresh venv, README pip commands)  {install_s:8.1f} s")
-    for name, value in parts.items():
-        lines.append(f"{name:<52} {value:8.1f} s")
-    lines.append(f"{'command 1 total (cold cache)':<52} {total:8.1f} s  = {total / forward:,.0f} clean forwards")
+    lines.append(f"{'component':<52} {'wall':>8}   {'CPU (user+sys)':>14}")
+    for name, (wall, cpu) in parts.items():
+        lines.append(f"{name:<52} {wall:8.1f} s {cpu:10.1f} s")
+    lines.append(f"{'command 1 total (cold cache)':<52} {total:8.1f} s {total_cpu:10.1f} s  = "
+                 f"{total / forward:,.0f} clean forwards (wall)")
     if install_s is not None:
         lines.append(f"{'install + command 1':<52} {install_s + total:8.1f} s")
     lines.append(f"{'clean forward of the prompt (best of 10)':<52} {forward * 1000:8.1f} ms")
