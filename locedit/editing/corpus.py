@@ -10,7 +10,10 @@ of `seq_len` tokens (no padding). Accepted values:
   (streamed, needs ``pip install datasets``);
 * a 1-D tensor of token ids (used as is);
 * ``None``: text sampled from the model itself from neutral one-word starts (temperature 1, top-k 50), deterministic
-  for a seed, cached on disk next to the statistics.
+  for a seed, on every core, cached on disk next to the statistics. For weights locedit knows (the built-in SmolLM2)
+  the sampled ids ship in ``locedit/data/corpora/``, keyed by the weights' fingerprint
+  (`locedit.editing.fingerprint`) and the sampler's version and settings, so they are not sampled again; any other
+  model, seed, size or sampler version samples. A shipped file that fails its checks is ignored with a warning.
 
 Every document is tokenized with the tokenizer's own special tokens and followed by EOS; documents are read only
 until `tokens` tokens are collected.
