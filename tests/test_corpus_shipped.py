@@ -172,3 +172,30 @@ def test_smollm2_conversion_gives_the_weights_the_shipped_data_is_keyed_by(smoll
     assert shipped.name.startswith(weights_fingerprint(fresh)[:32])
     text = "The Eiffel Tower is located in the city of"
     assert tokenizer(text)["input_ids"] == smollm2.tokenizer(text)["input_ids"]
+
+
+def test_all_cores_blocks_nested_or_overlapping_in_threads_restore_each_threads_count():
+    import threading
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    inside, release = threading.Event(), threading.Event()
+
+    def other():
+        with corpus_mod.all_cores():
+            inside.set()
+            release.wait(10)
+
+    try:
+        thread = threading.Thread(target=other)
+        with corpus_mod.all_cores() as n:
+            thread.start()
+            assert inside.wait(10)
+            with corpus_mod.all_cores():
+                pass
+        release.set()  # the other thread's block ends last: this thread keeps its restored count
+        thread.join(10)
+        assert n == max(1, len(__import__("os").sched_getaffinity(0))) and torch.get_num_threads() == 1
+    finally:
+        release.set()
+        torch.set_num_threads(before)

@@ -303,7 +303,8 @@ def _ids_sha256(ids: torch.Tensor) -> str:
 
 @contextlib.contextmanager
 def all_cores() -> Iterator[int]:
-    """Run the block with torch using every core this process may run on; the thread count is restored after."""
+    """Run the block with torch using every core this process may run on; the calling thread's thread count is
+    restored after (torch's count is per calling thread under OpenMP, so blocks in other threads do not clash)."""
     before = torch.get_num_threads()
     try:
         cores = len(os.sched_getaffinity(0))
