@@ -98,6 +98,9 @@ def test_a_damaged_shipped_corpus_is_ignored_with_a_warning(monkeypatch, shipped
 
 def test_sampling_uses_every_core_and_restores_the_thread_count(monkeypatch):
     lm = tiny.lm("gpt2")
+    with corpus_mod.all_cores(lm) as small:
+        assert small == torch.get_num_threads()  # a tiny model keeps the count it had
+    monkeypatch.setattr(corpus_mod, "ALL_CORES_MIN_PARAMS", 0)  # as if it were as large as SmolLM2
     seen = []
     real = corpus_mod._sample
 
@@ -109,13 +112,13 @@ def test_sampling_uses_every_core_and_restores_the_thread_count(monkeypatch):
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        a = corpus_mod.sample_ids(lm, [[1], [2, 3]], 130, 0, 32, progress=False)
+        a = corpus_mod.sample_ids(lm, [[1], [2, 3]], 30, 0, 8, progress=False)
         assert torch.get_num_threads() == 1
-        b = corpus_mod.sample_ids(lm, [[1], [2, 3]], 130, 0, 32, progress=False)
+        b = corpus_mod.sample_ids(lm, [[1], [2, 3]], 30, 0, 8, progress=False)
     finally:
         torch.set_num_threads(before)
     cores = len(__import__("os").sched_getaffinity(0))
-    assert seen and set(seen) == {max(1, cores)} and torch.equal(a, b) and a.numel() == 130
+    assert seen and set(seen) == {max(1, cores)} and torch.equal(a, b) and a.numel() == 30
 
 
 def test_gguf_metadata_is_parsed_once_and_the_originals_come_back(monkeypatch):

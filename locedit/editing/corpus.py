@@ -301,16 +301,22 @@ def _ids_sha256(ids: torch.Tensor) -> str:
     return hashlib.sha256(ids.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()
 
 
+ALL_CORES_MIN_PARAMS = 20_000_000  # not tuned: SmolLM2 (135M) and larger use every core, the tiny test models not
+
+
 @contextlib.contextmanager
-def all_cores() -> Iterator[int]:
+def all_cores(lm=None) -> Iterator[int]:
     """Run the block with torch using every core this process may run on; the calling thread's thread count is
-    restored after (torch's count is per calling thread under OpenMP, so blocks in other threads do not clash)."""
+    restored after (torch's count is per calling thread under OpenMP). A model `lm` under ALL_CORES_MIN_PARAMS
+    parameters keeps the current count: its steps are too small to split, and on a loaded machine threads that
+    wait for each other make them far slower."""
     before = torch.get_num_threads()
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         cores = os.cpu_count() or before
-    torch.set_num_threads(max(before, cores))
+    small = lm is not None and sum(p.numel() for p in lm.model.parameters()) < ALL_CORES_MIN_PARAMS
+    torch.set_num_threads(before if small else max(before, cores))
     try:
         yield torch.get_num_threads()
     finally:
@@ -335,7 +341,7 @@ def sample_ids(lm, starts: list[list[int]], tokens: int, seed: int, seq_len: int
         by_length.setdefault(len(prompt), []).append(i)
     generator = torch.Generator(device="cpu").manual_seed(int(seed))
     rows: list[torch.Tensor | None] = [None] * n_rows
-    with all_cores(), tqdm(total=n_rows * seq_len, unit="tok", desc="sampling the statistics corpus",
+    with all_cores(lm), tqdm(total=n_rows * seq_len, unit="tok", desc="sampling the statistics corpus",
                            disable=not progress) as bar:
         for length in sorted(by_length):
             group = by_length[length]

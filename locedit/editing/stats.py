@@ -167,7 +167,7 @@ def key_statistics(lm, layers: Iterable[int] | None = None, kinds: str | Sequenc
                 read_cached()
             missing = [pair for pair in widths if pair not in results]
             if missing:
-                with corpus_mod.all_cores():  # the thread count is restored afterwards
+                with corpus_mod.all_cores(lm):  # the thread count is restored afterwards
                     computed = _accumulate(lm, text, missing, batch_tokens, progress)
                 for (kind, layer), moment in computed.items():
                     results[kind, layer] = moment
