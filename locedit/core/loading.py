@@ -174,11 +174,49 @@ def _load_gguf(path: Path, dtype):
         if importlib.util.find_spec(module) is None:
             raise ModelLoadError(f"loading GGUF files needs the {module!r} package: pip install {module}")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
+        with _gguf_parsed_once():
+            tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+            model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"could not load GGUF file {path}: {str(exc).splitlines()[0]}") from exc
     return model, tokenizer
+
+
+@contextlib.contextmanager
+def _gguf_parsed_once() -> Iterator[None]:
+    """While the block runs, a GGUF file is parsed once instead of three times. transformers parses the file's
+    metadata for the tokenizer's config, the model's config and the weights (each builds gguf's `GGUFReader` and
+    decodes every field, ~5 s for SmolLM2's 49k-token vocabulary), and rebuilds gguf's tensor-name map once per
+    submodule (~400 times). Here `GGUFReader` and `get_tensor_name_map` return one shared object per argument list
+    (both are read-only once built) and metadata-only `load_gguf_checkpoint` calls return a copy of the first
+    result; the weights and configs built from them are unchanged. The originals are put back afterwards."""
+    import copy
+
+    import gguf
+    from transformers import modeling_gguf_pytorch_utils as hf_gguf
+
+    patched = [(gguf, "GGUFReader"), (gguf, "get_tensor_name_map"), (hf_gguf, "load_gguf_checkpoint")]
+    originals = {name: getattr(module, name) for module, name in patched}
+    memo: dict[tuple, object] = {}
+
+    def once(name):
+        def build(*args, **kwargs):
+            if name == "load_gguf_checkpoint" and (kwargs.get("return_tensors") or len(args) > 1 and args[1]):
+                return originals[name](*args, **kwargs)  # the weights: read once anyway
+            key = (name, tuple(os.fspath(a) if isinstance(a, os.PathLike) else a for a in args),
+                   tuple(sorted(kwargs.items())))
+            if key not in memo:
+                memo[key] = originals[name](*args, **kwargs)
+            return copy.deepcopy(memo[key]) if name == "load_gguf_checkpoint" else memo[key]
+        return build
+
+    for module, name in patched:
+        setattr(module, name, once(name))
+    try:
+        yield
+    finally:
+        for module, name in patched:
+            setattr(module, name, originals[name])
 
 
 def smollm2_gguf_path() -> Path:

@@ -10,7 +10,10 @@ of `seq_len` tokens (no padding). Accepted values:
   (streamed, needs ``pip install datasets``);
 * a 1-D tensor of token ids (used as is);
 * ``None``: text sampled from the model itself from neutral one-word starts (temperature 1, top-k 50), deterministic
-  for a seed, cached on disk next to the statistics.
+  for a seed, on every core, cached on disk next to the statistics. For weights locedit knows (the built-in SmolLM2)
+  the sampled ids ship in ``locedit/data/corpora/``, keyed by the weights' fingerprint
+  (`locedit.editing.fingerprint`) and the sampler's version and settings, so they are not sampled again; any other
+  model, seed, size or sampler version samples. A shipped file that fails its checks is ignored with a warning.
 
 Every document is tokenized with the tokenizer's own special tokens and followed by EOS; documents are read only
 until `tokens` tokens are collected.
@@ -18,8 +21,8 @@ until `tokens` tokens are collected.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-import inspect
 import json
 import logging
 import math
@@ -191,38 +194,145 @@ def _tokenize(tokenizer, texts: Iterable[str], tokens: int) -> torch.Tensor:
 
 
 # --- the default corpus: the model's own samples ---------------------------------------------------------------
-def _sampled(lm, tokens: int, seed: int, seq_len: int, cache_root: Path | None, fingerprint: str,
-             progress: bool) -> torch.Tensor:
+def sampler_spec(lm, tokens: int, seed: int, seq_len: int) -> dict:
+    """Everything the sampled ids depend on besides the model's weights: the sampler's version and settings and
+    the token ids of the start words. DatasetError when the tokenizer encodes none of the start words."""
     starts = [ids[: max(1, seq_len - 1)] for ids in (lm.tokenizer(s)["input_ids"] for s in STARTS) if ids]
     if not starts:
         raise DatasetError("empty corpus: the tokenizer encodes none of the default start words")
-    spec = {"version": SAMPLER_VERSION, "fingerprint": fingerprint, "seed": seed, "tokens": tokens,
-            "seq_len": seq_len, "top_k": TOP_K, "temperature": TEMPERATURE, "batch": GEN_BATCH, "starts": starts}
-    key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
-    path = cache_root / f"corpus-sampled-seed{seed}-{tokens}tok-{key}.safetensors" if cache_root else None
+    return {"version": SAMPLER_VERSION, "seed": seed, "tokens": tokens, "seq_len": seq_len, "top_k": TOP_K,
+            "temperature": TEMPERATURE, "batch": GEN_BATCH, "starts": starts}
+
+
+def spec_key(spec: dict) -> str:
+    """16 hex digits of SHA-256 over the sorted JSON of `spec`."""
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def cache_path(cache_root: Path, spec: dict, fingerprint: str) -> Path:
+    """The disk-cache file of the corpus sampled with `spec` from the model with (stats) `fingerprint`."""
+    key = spec_key({**spec, "fingerprint": fingerprint})
+    return Path(cache_root) / f"corpus-sampled-seed{spec['seed']}-{spec['tokens']}tok-{key}.safetensors"
+
+
+def _sampled(lm, tokens: int, seed: int, seq_len: int, cache_root: Path | None, fingerprint: str,
+             progress: bool) -> torch.Tensor:
+    """The sampled corpus: from the disk cache, else shipped with locedit for these weights, else sampled now (one
+    process samples while others wait; the result is cached)."""
+    spec = sampler_spec(lm, tokens, seed, seq_len)
+    key = spec_key({**spec, "fingerprint": fingerprint})
+    path = cache_path(cache_root, spec, fingerprint) if cache_root else None
+    if path is not None:
+        cached = _read_ids(path, key, tokens)
+        if cached is not None:
+            return cached
+    shipped = shipped_ids(lm, spec)
+    if shipped is not None:
+        return shipped
     if path is None:
-        return sample_ids(lm, starts, tokens, seed, seq_len, progress)
-    cached = _read_ids(path, key, tokens)
-    if cached is not None:
-        return cached
+        return sample_ids(lm, spec["starts"], tokens, seed, seq_len, progress)
     from locedit.core.loading import cache_lock
 
     with cache_lock(path, "sampling the statistics corpus"):  # one process samples, the others wait and read
         cached = _read_ids(path, key, tokens)
         if cached is not None:
             return cached
-        ids = sample_ids(lm, starts, tokens, seed, seq_len, progress)
+        ids = sample_ids(lm, spec["starts"], tokens, seed, seq_len, progress)
         _write_ids(path, ids, key)
     return ids
+
+
+# --- sampled corpora shipped with locedit (the built-in model skips sampling) -------------------------------------
+SHIPPED = Path(__file__).resolve().parent.parent / "data" / "corpora"
+
+
+def shipped_path(weights_fingerprint: str, spec: dict) -> Path:
+    """Where a shipped sampled corpus lives: ``locedit/data/corpora/<weights fingerprint[:32]>-<spec key>``."""
+    return SHIPPED / f"{weights_fingerprint[:32]}-{spec_key(spec)}.safetensors"
+
+
+def shipped_ids(lm, spec: dict) -> torch.Tensor | None:
+    """The sampled corpus shipped for exactly these weights (`locedit.editing.fingerprint`) and sampler `spec`, or
+    None. A shipped file that does not match its name or whose ids fail their checksum is ignored with a warning."""
+    if not SHIPPED.is_dir() or not any(SHIPPED.glob("*.safetensors")):
+        return None
+    from locedit.editing.fingerprint import weights_fingerprint
+
+    fingerprint = weights_fingerprint(lm)
+    path = shipped_path(fingerprint, spec)
+    if not path.is_file():
+        return None
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            ids = f.get_tensor("ids")
+        expected = {"weights_fingerprint": fingerprint, "spec_key": spec_key(spec), "tokens": str(spec["tokens"])}
+        if any(meta.get(k) != v for k, v in expected.items()) or ids.dim() != 1 or ids.numel() != spec["tokens"] \
+                or _ids_sha256(ids) != meta.get("ids_sha256"):
+            log.warning("ignoring shipped corpus %s: its metadata or checksum does not match; sampling instead", path)
+            return None
+        return ids.to(torch.int64)
+    except Exception as exc:  # a damaged package file: sample instead, never fatal
+        log.warning("ignoring unreadable shipped corpus %s (%s); sampling instead", path, exc)
+        return None
+
+
+def write_shipped(lm, spec: dict, ids: torch.Tensor, directory: Path = SHIPPED) -> Path:
+    """Store `ids` (sampled with `spec` from `lm`) as a shipped corpus (int32 token ids, checksummed)."""
+    from locedit.editing.fingerprint import weights_fingerprint
+
+    fingerprint = weights_fingerprint(lm)
+    path = Path(directory) / shipped_path(fingerprint, spec).name
+    small = ids.to(torch.int32)
+    if not torch.equal(small.to(torch.int64), ids):
+        raise DatasetError("token ids do not fit in int32")
+    meta = {"weights_fingerprint": fingerprint, "spec_key": spec_key(spec), "tokens": str(ids.numel()),
+            "ids_sha256": _ids_sha256(ids), "spec": json.dumps(spec, sort_keys=True),
+            "kind": "locedit shipped sampled corpus"}
+    if not atomic_save(path, {"ids": small.contiguous()}, meta):
+        raise DatasetError(f"could not write {path}")
+    path.chmod(0o644)  # package data: readable by every user
+    return path
+
+
+def _ids_sha256(ids: torch.Tensor) -> str:
+    return hashlib.sha256(ids.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()
+
+
+ALL_CORES_MIN_PARAMS = 20_000_000  # not tuned: SmolLM2 (135M) and larger use every core, the tiny test models not
+
+
+@contextlib.contextmanager
+def all_cores(lm=None) -> Iterator[int]:
+    """Run the block with torch using every core this process may run on; the calling thread's thread count is
+    restored after (torch's count is per calling thread under OpenMP). A model `lm` under ALL_CORES_MIN_PARAMS
+    parameters keeps the current count: its steps are too small to split, and on a loaded machine threads that
+    wait for each other make them far slower."""
+    before = torch.get_num_threads()
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or before
+    small = lm is not None and sum(p.numel() for p in lm.model.parameters()) < ALL_CORES_MIN_PARAMS
+    torch.set_num_threads(before if small else max(before, cores))
+    try:
+        yield torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
 
 
 @torch.no_grad()
 def sample_ids(lm, starts: list[list[int]], tokens: int, seed: int, seq_len: int, progress: bool = True
                ) -> torch.Tensor:
     """Sample ceil(tokens / seq_len) sequences of `seq_len` tokens (start + continuation) with the KV cache, in
-    batches of sequences whose starts have equal length (no padding); return the first `tokens` ids, flat.
-    Sampling draws from a CPU `torch.Generator` seeded with `seed`, so the global RNG is untouched."""
+    batches of GEN_BATCH sequences whose starts have equal length (no padding); return the first `tokens` ids, flat.
+    Runs on every core (the thread count is restored after); the progress bar shows an ETA. Sampling draws from a
+    CPU `torch.Generator` seeded with `seed`, so the global RNG is untouched."""
     from tqdm.auto import tqdm
+
+    from locedit.core.engine.run import forward
 
     n_rows = math.ceil(tokens / seq_len)
     prompts = [starts[i % len(starts)] for i in range(n_rows)]
@@ -231,14 +341,14 @@ def sample_ids(lm, starts: list[list[int]], tokens: int, seed: int, seq_len: int
         by_length.setdefault(len(prompt), []).append(i)
     generator = torch.Generator(device="cpu").manual_seed(int(seed))
     rows: list[torch.Tensor | None] = [None] * n_rows
-    bar = tqdm(total=n_rows * seq_len, unit="tok", desc="sampling the statistics corpus", disable=not progress)
-    try:
+    with all_cores(lm), tqdm(total=n_rows * seq_len, unit="tok", desc="sampling the statistics corpus",
+                           disable=not progress) as bar:
         for length in sorted(by_length):
             group = by_length[length]
             for b in range(0, len(group), GEN_BATCH):
                 index = group[b : b + GEN_BATCH]
                 batch = torch.tensor([prompts[i] for i in index], dtype=torch.int64)
-                out = _step(lm, batch, None)
+                out = forward(lm, batch, use_cache=True, logits_at=1)
                 pieces = [batch]
                 bar.update(batch.numel())
                 for step in range(seq_len - length):
@@ -246,23 +356,10 @@ def sample_ids(lm, starts: list[list[int]], tokens: int, seed: int, seq_len: int
                     pieces.append(nxt)
                     bar.update(len(index))
                     if step + 1 < seq_len - length:
-                        out = _step(lm, nxt, output_cache(out))
+                        out = forward(lm, nxt, cache=output_cache(out), use_cache=True, logits_at=1)
                 for i, row in zip(index, torch.cat(pieces, dim=1)):
                     rows[i] = row
-    finally:
-        bar.close()
     return torch.cat(rows)[:tokens]  # type: ignore[arg-type]
-
-
-def _step(lm, ids: torch.Tensor, cache):
-    """One cached forward; transformers ≥5.2x names the KV cache `cache`, earlier 5.x `past_key_values`."""
-    params = inspect.signature(lm.model.forward).parameters
-    kwargs = {"input_ids": ids.to(lm.device), "use_cache": True}
-    if cache is not None:
-        kwargs["cache" if "cache" in params else "past_key_values"] = cache
-    if "logits_to_keep" in params:
-        kwargs["logits_to_keep"] = 1
-    return lm.model(**kwargs)
 
 
 def _sample(logits: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

@@ -10,11 +10,12 @@ Kinds (per layer `l`):
   (H·hd, H·hd).
 
 How it is computed: the engine's `second_moments` accumulates ``x.float().T @ x`` (fp32, on the module's device)
-for every requested (layer, kind) in the same forward, and stops the forward after the highest requested layer,
-so later layers and the unembedding cost nothing. Rows are packed with no padding, so every token counts.
+for every requested (layer, kind) in the same forward, on every core (the thread count is restored after), and
+stops the forward after the highest requested layer, so later layers and the unembedding cost nothing. Rows are packed with no padding, so every token counts.
 ROME's code (`rome/layer_stats.py`) makes a separate pass per layer instead.
 
-The default corpus differs from ROME's. ROME estimates C on Wikipedia: 100,000 texts (about 44M tokens per
+The default corpus differs from ROME's (see `locedit.editing.corpus`: for the built-in SmolLM2 it ships with
+locedit, so its first edit does not sample). ROME estimates C on Wikipedia: 100,000 texts (about 44M tokens per
 layer; 36-40 GPU hours for GPT-J or Llama-2-7B, Gupta et al. 2025). locedit's offline default is text *sampled from
 the model itself* (temperature 1, top-k 50, from neutral one-word starts such as "The", "In", "She"), about
 10 × d_k tokens, which Gupta et al. (2025, arXiv 2506.04226) found gives ≥95% of the full statistics' editing
@@ -166,7 +167,8 @@ def key_statistics(lm, layers: Iterable[int] | None = None, kinds: str | Sequenc
                 read_cached()
             missing = [pair for pair in widths if pair not in results]
             if missing:
-                computed = _accumulate(lm, text, missing, batch_tokens, progress)
+                with corpus_mod.all_cores(lm):  # the thread count is restored afterwards
+                    computed = _accumulate(lm, text, missing, batch_tokens, progress)
                 for (kind, layer), moment in computed.items():
                     results[kind, layer] = moment
                     if cache:
