@@ -8,13 +8,14 @@ Sources, in priority order (the first row of a (subject, relation, object) is ke
   3. ROME's known_1000 and CounterFact train/val from the shared copies (../shared/data), relations as
      recipes/build_heldout_facts.py infers them (known_1000's ids, then the locality-prompt vote);
   4. the country of the curated set's 14 landmark cities, by hand (CITY_COUNTRY; source "locedit:<city>");
-  5. derived: (city, P17 country, X) for each (X, P36 capital, city) of 1-3 with X a country of the curated set (source "capital of <source>").
+  5. derived: (city, P17 country, X) for each (X, P36 capital, city) of 1-3 with X a country of the curated set
+     (source "capital of <source>").
 
-Kept: every curated and held-out fact (the facts locedit edits), and the rows whose subject is the object of some row (a
-second hop: "Rome" -> country Italy) or has two or more relations (relation specificity); a (subject, relation) with two different objects (twin cities, several
-instruments) in the shared sources is dropped, as is a row whose object is written in its subject; the first row of a
-(subject, relation) wins. Deterministic: a rerun rewrites the
-files byte-for-byte.
+Kept: every curated and held-out fact (the facts locedit edits), and the rows whose subject is the object of some
+row (a second hop: "Rome" -> country Italy) or has two or more relations (relation specificity); a (subject,
+relation) with two different objects (twin cities, several instruments) in the shared sources is dropped, as is a
+row whose object is written in its subject; the first row of a (subject, relation) wins. Deterministic: a rerun
+rewrites the files byte-for-byte.
 
 Run:  python recipes/build_ripple_table.py [--data ../shared/data]
 """
@@ -142,11 +143,12 @@ def readme(rows: list[dict], dropped: Counter) -> str:
         "- `subject`, `object`: as the source writes them (no leading space); `relation`: the Wikidata property id;",
         "- `prompt`: the source's prompt for the fact (the subject written in), used for relation-specificity probes;",
         "- `source`: `curated:<case_id>`, `heldout:<case_id>`, `known_1000:<known_id>`, `counterfact-train:<case_id>`,"
-        " `counterfact-val:<case_id>`; `locedit:<city>`: the country of a curated landmark city, written by hand (CITY_COUNTRY in the recipe); `capital of <source>`: (city, P17, country) derived from the fact "
+        " `counterfact-val:<case_id>`; `locedit:<city>`: the country of a curated landmark city, written by hand "
+        "(CITY_COUNTRY in the recipe); `capital of <source>`: (city, P17, country) derived from the fact "
         "(country, P36, city) of that source (a country's capital lies in it).",
         "",
-        "Kept: every curated, held-out and hand-written fact, and a row whose subject is some row's object (a second hop) or has two or "
-        "more relations. Left out: "
+        "Kept: every curated, held-out and hand-written fact, and a row whose subject is some row's object (a second "
+        "hop) or has two or more relations. Left out: "
         + ", ".join(f"{k} {v}" for k, v in sorted(dropped.items())) + ".",
         "",
         "Rows by source: " + ", ".join(f"{k} {v}" for k, v in sorted(by_source.items())) + ".",

@@ -9,7 +9,7 @@ into `<out>/results.jsonl` (one row per fact as it finishes; a rerun resumes). T
 kind the success rate before and after the edit, per fact (mean and bootstrap 95% CI over facts, evaluate's
 aggregate) and pooled over probes, overall and for the facts whose edit succeeded (ES = 1).
 
-Run:  nice -n 10 python recipes/ripple_rates.py [--n 20] [--out data/results/ripple]
+Run:  nice -n 10 python recipes/ripple_rates.py [--n 20] [--out data/results/ripple] [--summary-only]
 """
 
 from __future__ import annotations
@@ -81,10 +81,31 @@ def pooled(rows: list[dict], only_success: bool) -> dict:
     return out
 
 
-def summary(out: Path, agg: dict, rows: list[dict]) -> str:
+def mark_second_hops(lm, rows: list[dict]) -> None:
+    """Set `second_hop_known` on every logical-generalisation and composition probe of the rows (rows written
+    before `measure` recorded it get it here): does the unedited model prefer z to z0 on the table's prompt for
+    (o*, r', z)? `lm` must be the unedited model."""
+    from locedit import Fact
+    from locedit.verification.ripple import RippleProbe, probes_for, score
+
+    todo = []
+    for line in rows:
+        if "result" not in line:
+            continue
+        f = line["fact"]
+        fact = Fact(f["subject"], f["prompt"], f["target"], f["relation"], f.get("meta") or {})
+        hops = {p.prompt: p.second_hop for p in probes_for(fact, line["result"]["facts"][0]["new_target"])[0]}
+        for p in (line["result"].get("ripple") or {}).get("probes", []):
+            if p["kind"] in ("logical_generalisation", "composition") and hops.get(p["prompt"]):
+                todo.append((p, RippleProbe(p["kind"], hops[p["prompt"]], p["expected"], tuple(p["alternatives"]))))
+    for (p, _), s in zip(todo, score(lm, [h for _, h in todo])):
+        p["second_hop_known"] = s["success"]
+
+
+def summary(out: Path, agg: dict, rows: list[dict], n_asked: int) -> str:
     o = agg["overall"]
     lines = ["# Ripple rates of ROME edits on SmolLM2-135M", "",
-             f"Recipe: `nice -n 10 python recipes/ripple_rates.py --n {agg['n']} --out {out.relative_to(ROOT)}` "
+             f"Recipe: `nice -n 10 python recipes/ripple_rates.py --n {n_asked} --out {out.relative_to(ROOT)}` "
              "(facts: the held-out set's tuning split and the curated set; ROME at the default site; one edit at "
              "a time). A probe succeeds when P(expected) > P(each alternative), whole-string.", "",
              f"Edits: {agg['n']} (errors {agg['errors']}); ES {o['efficacy_score']['mean']:.2f}, "
@@ -103,7 +124,15 @@ def summary(out: Path, agg: dict, rows: list[dict]) -> str:
         p = pooled(rows, only)
         lines += ["", f"Pooled over probes, {title}: " + "; ".join(
             f"{k.replace('_', ' ')} {v['before']}/{v['n']} before -> {v['after']}/{v['n']} after"
-            for k, v in p.items())]
+            for k, v in p.items()) + "."]
+    known = [p for r in rows if "result" in r for p in (r["result"].get("ripple") or {}).get("probes", [])
+             if p.get("second_hop_known")]
+    lines += ["", "Logical-generalisation and composition probes whose second hop the unedited model knows (it "
+              "prefers z to z0 on the table's prompt for (o*, r', z)): " + "; ".join(
+                  f"{k.replace('_', ' ')} {sum(p['success_before'] for p in known if p['kind'] == k)}/"
+                  f"{sum(p['kind'] == k for p in known)} before -> "
+                  f"{sum(p['success_after'] for p in known if p['kind'] == k)}/{sum(p['kind'] == k for p in known)} "
+                  "after" for k in KINDS[:2]) + "."]
     return "\n".join(lines) + "\n"
 
 
@@ -112,7 +141,20 @@ def main(argv=None) -> int:
     parser.add_argument("--n", type=int, default=20)
     parser.add_argument("--out", type=Path, default=ROOT / "data" / "results" / "ripple")
     parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--summary-only", action="store_true",
+                        help="only summarise the rows already in <out>/results.jsonl (an unfinished run)")
     args = parser.parse_args(argv)
+    if args.summary_only:
+        from locedit.verification.evaluate import aggregate, evaluation_lines
+
+        import locedit
+
+        lines = evaluation_lines(args.out)
+        mark_second_hops(locedit.load(args.model), lines)
+        text = summary(args.out.resolve(), aggregate(lines), lines, args.n)
+        (args.out / "summary.md").write_text(text, encoding="utf-8")
+        print(text)
+        return 0
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     import torch
 
@@ -124,7 +166,8 @@ def main(argv=None) -> int:
     facts = spread(with_probes(lm, tuning_facts()), args.n)
     print(f"{len(facts)} facts with probes: " + ", ".join(f.meta["id"] for f in facts))
     ev = evaluate(lm, facts, args.out, method="rome", mechanism=False, only_known=False)
-    text = summary(args.out.resolve(), ev.aggregate, ev.lines)
+    mark_second_hops(lm, ev.lines)
+    text = summary(args.out.resolve(), ev.aggregate, ev.lines, args.n)
     (args.out / "summary.md").write_text(text, encoding="utf-8")
     print(text)
     return 0

@@ -116,6 +116,7 @@ def test_probes_for_an_edit_of_the_city():
     assert (lg.prompt, lg.expected, lg.alternatives) == ("The Eiffel Tower is located in the country of", "Italy",
                                                          ("France",))
     assert lg.because == "Rome P17 Italy (before: Paris P17 France)"
+    assert lg.second_hop == "Rome is located in the country of"
     assert not by_kind["composition"] and not by_kind["given"]  # no P131 composition rule here
     # relation specificity: the subject's other relations, not the edited one nor the one it implies (P17)
     rs = by_kind["relation_specificity"]
@@ -200,9 +201,14 @@ def test_score_against_target_probs(two_models):
 
 def test_measure_before_and_after_and_the_model_alternative(two_models):
     a, b = two_models
-    probes = [R.RippleProbe("logical_generalisation", "The capital of Italy is", "Rome", ("Paris",)),
+    probes = [R.RippleProbe("logical_generalisation", "The capital of Italy is", "Rome", ("Paris",),
+                            second_hop="The Colosseum is in"),
               R.RippleProbe("given", "The Colosseum is in", "Rome")]
     d = R.measure(a, b, probes, info={"relation": "P131"})
+    hop = R.score(a, [R.RippleProbe("x", "The Colosseum is in", "Rome", ("Paris",))])[0]["success"]
+    assert d["probes"][0]["second_hop_known"] == hop and d["probes"][1]["second_hop_known"] is None
+    assert d["rates_second_hop_known"]["logical_generalisation"] == (
+        float(d["probes"][0]["success_after"]) if hop else None)
     top = a.predict(Fact("The Colosseum", "The Colosseum is in"), k=5)
     first = M.target_ids(a, "The Colosseum is in", " Rome")[0]
     want = next(t.token.strip() for t in top if t.token_id != first and t.token.strip())

@@ -12,7 +12,9 @@ prompt) facts (`locedit/data/ripple_table.jsonl`, built by `recipes/build_ripple
   should keep o2: "<s>'s prompt for r2" -> o2 against the table's most common other objects of r2.
 
 A probe succeeds when P(expected) > P(each alternative), whole-string (`metrics.target_probs`, as ES and NS are
-scored). Rates are the mean success after the edit (and before, on the unedited model). Probes given by the
+scored). Rates are the mean success after the edit (and before, on the unedited model); for the first two kinds
+also over the probes whose second hop the unedited model knows (its prompt for (o*, r', z) prefers z to z0), as
+RippleEdits counts only facts the model knows. Probes given by the
 user, `ripple=[(prompt, expected)]`, are of kind "given"; their alternative is the unedited model's top-1 next
 token (or give `(prompt, expected, old)`). The rates are **reported, not part of the pass rule**.
 """
@@ -75,6 +77,7 @@ class RippleProbe:
     expected: str
     alternatives: tuple[str, ...] = ()
     because: str = ""
+    second_hop: str | None = None  # the table's prompt of (o*, r', z): does the unedited model know z there?
 
 
 def subject_key(text: str) -> str:
@@ -122,7 +125,7 @@ class KnowledgeTable:
         return self.names.get(relation, relation)
 
 
-# --- reading -----------------------------------------------------------------------------------------------------------
+# --- reading ----------------------------------------------------------------------------------------------------------
 def _text(row: dict, key: str, where: str) -> str:
     value = row.get(key)
     if not isinstance(value, str) or not value.strip():
@@ -197,7 +200,7 @@ def default_table() -> KnowledgeTable:
     return read_table()
 
 
-# --- building probes ---------------------------------------------------------------------------------------------------
+# --- building probes --------------------------------------------------------------------------------------------------
 def _same(a: str, b: str) -> bool:
     return subject_key(a) == subject_key(b)
 
@@ -255,7 +258,7 @@ def probes_for(fact: Fact, new_target: str, table: KnowledgeTable | None = None,
         else:
             found[rule.kind].append(RippleProbe(
                 rule.kind, fill(rule.template, phrase), z.object, (z0.object,),
-                f"{new} {rule.then} {z.object} (before: {true} {rule.then} {z0.object})"))
+                f"{new} {rule.then} {z.object} (before: {true} {rule.then} {z0.object})", z.prompt))
     implied = {relation} | {r.implies for r in table.rules if r.first == relation and r.implies}
     implied |= {r.first for r in table.rules if r.implies == relation}
     for f in table.about(fact.subject):
@@ -312,7 +315,7 @@ def verify_probes(facts: Sequence[Fact], new_targets: Sequence[str], ripple) -> 
     return given_probes(ripple), {"source": "given"}
 
 
-# --- scoring -----------------------------------------------------------------------------------------------------------
+# --- scoring ----------------------------------------------------------------------------------------------------------
 def _with_model_alternative(lm, probes: Sequence[RippleProbe], top: int = 5) -> list[RippleProbe]:
     """Probes without alternatives get the model's top-1 next token (not the expected answer's first token)."""
     todo = [i for i, p in enumerate(probes) if not p.alternatives]
@@ -358,10 +361,13 @@ def _rates(rows: Sequence[dict], when: str) -> dict:
 def measure(lm_before, lm_after, probes: Sequence[RippleProbe], *, before=contextlib.nullcontext,
             info: dict | None = None) -> dict:
     """Score the probes on `lm_before` (inside `before()`: the edit reverted) and on `lm_after`: per kind the
-    success rate after (`rates`) and before (`rates_before`), and every probe with its numbers."""
+    success rate after (`rates`) and before (`rates_before`), after over the probes whose second hop the unedited
+    model knows (`rates_second_hop_known`), and every probe with its numbers."""
+    hops = [RippleProbe(p.kind, p.second_hop, p.expected, p.alternatives) for p in probes if p.second_hop]
     with before():
         probes = _with_model_alternative(lm_before, probes)
         b = score(lm_before, probes)
+        known = iter(r["success"] for r in score(lm_before, hops))
     a = score(lm_after, probes)
     rows = []
     for p, sb, sa in zip(probes, b, a):
@@ -369,14 +375,17 @@ def measure(lm_before, lm_after, probes: Sequence[RippleProbe], *, before=contex
         row["alternatives"] = list(p.alternatives)
         row.update({f"{k}_before": v for k, v in sb.items()})
         row.update({f"{k}_after": v for k, v in sa.items()})
+        row["second_hop_known"] = next(known) if p.second_hop else None
         rows.append(row)
+    hop_known = [r for r in rows if r["second_hop_known"]]
     return {"rates": _rates(rows, "after"), "rates_before": _rates(rows, "before"),
+            "rates_second_hop_known": {k: v for k, v in _rates(hop_known, "after").items() if k in RULE_KINDS},
             "counts": {k: sum(r["kind"] == k for r in rows) for k in KINDS}, "in_rule": False, "note": NOTE,
             "rule": "a probe succeeds when P(expected) > P(each alternative), whole-string", "probes": rows,
             **(info or {})}
 
 
-# --- reporting ---------------------------------------------------------------------------------------------------------
+# --- reporting --------------------------------------------------------------------------------------------------------
 def _pct(v) -> str:
     return "-" if v is None else f"{v:.2f}"
 
@@ -411,4 +420,5 @@ def ripple_html(d: dict | None) -> list[str]:
 # evaluate's per-fact metrics: (name, path in a verification dict)
 EVALUATE_METRICS: list[tuple[str, tuple[str, ...]]] = (
     [(f"ripple_{k}", ("ripple", "rates", k)) for k in KINDS[:3]]
-    + [(f"ripple_{k}_before", ("ripple", "rates_before", k)) for k in KINDS[:3]])
+    + [(f"ripple_{k}_before", ("ripple", "rates_before", k)) for k in KINDS[:3]]
+    + [(f"ripple_{k}_second_hop_known", ("ripple", "rates_second_hop_known", k)) for k in RULE_KINDS])
