@@ -366,8 +366,8 @@ def measure(lm_before, lm_after, probes: Sequence[RippleProbe], *, before=contex
     hops = [RippleProbe(p.kind, p.second_hop, p.expected, p.alternatives) for p in probes if p.second_hop]
     with before():
         probes = _with_model_alternative(lm_before, probes)
-        b = score(lm_before, probes)
-        known = iter(r["success"] for r in score(lm_before, hops))
+        both = score(lm_before, list(probes) + hops)  # one batched pass
+        b, known = both[:len(probes)], iter(r["success"] for r in both[len(probes):])
     a = score(lm_after, probes)
     rows = []
     for p, sb, sa in zip(probes, b, a):
