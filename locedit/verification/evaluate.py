@@ -34,6 +34,7 @@ from locedit.core.statistics import bootstrap_mean, paired_difference
 from locedit.core.store import RunStore
 from locedit.errors import DatasetError, LoceditError
 from locedit.localization.runner import fact_id, fact_record, normalize_options
+from locedit.verification.ripple import EVALUATE_METRICS as EVALUATE_RIPPLE
 
 logger = logging.getLogger("locedit")
 
@@ -75,7 +76,7 @@ METRICS: list[tuple[str, tuple[str, ...]]] = [
     ("mechanism_locality_passed", ("mechanism", "locality", "passed")),
     ("mechanism_passed", ("mechanism", "passed")),
     ("passed", ("passed",)),
-]
+] + EVALUATE_RIPPLE  # ripple rates (reported, not in the pass rule)
 TABLE_COLUMNS = ["efficacy_score", "paraphrase_score", "neighborhood_score", "score", "generation_efficacy",
                  "neighborhood_kl", "fluency", "mechanism_passed"]
 

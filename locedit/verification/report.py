@@ -13,6 +13,7 @@ from typing import Any, Mapping, Sequence
 from locedit.core.head import Head
 from locedit.core.report import figure_data_uri, figure_html, page, table
 from locedit.core.results import write_atomic
+from locedit.verification.ripple import ripple_html
 
 CHECKS = ("knockout", "extraction", "enrichment", "locality")
 
@@ -300,6 +301,7 @@ def verification_report(d: dict) -> str:
         sections.append(table(rows, ["prompt", "before", "after"]))
     if m is not None:
         sections += mechanism_html(m)
+    sections += ripple_html(d.get("ripple"))
     sections += ["<h2>Figures</h2>", figure_html(figure_data_uri(verification_figure(d)),
                                                  "Before/after: probabilities, knockout, extraction heads, "
                                                  "enrichment")]

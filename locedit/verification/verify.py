@@ -29,6 +29,7 @@ from locedit.errors import LoceditError
 from locedit.core.facts import Fact
 from locedit.core.results import Result, jsonable
 from locedit.verification import mechanism as mech
+from locedit.verification import ripple as ripple_probes
 from locedit.verification.verdict import exit_status, verdict, verdict_lines
 from locedit.verification.weight_diff import diff_lines, edited_mlp_layers, weight_diff
 from locedit.verification.metrics import (PERPLEXITY_TEXT, contains_target, fluency, greedy_generate_ids, harmonic_mean,
@@ -255,6 +256,7 @@ class Verification(Result):
     seconds: float
     timings: dict = field(default_factory=dict)
     weight_diff: list | None = None  # verify_models: the tensors that differ, their rank and where they are
+    ripple: dict | None = None  # ripple probes' rates and numbers (reported, not in the pass rule)
 
     @property
     def passed(self) -> bool:
@@ -280,6 +282,8 @@ class Verification(Result):
              "mechanism": self.mechanism, "seconds": self.seconds, "timings": self.timings}
         if self.weight_diff is not None:
             d["weight_diff"] = self.weight_diff
+        if self.ripple is not None:
+            d["ripple"] = self.ripple
         return jsonable(d)
 
     def summary(self) -> str:
@@ -343,6 +347,7 @@ def summary_text(d: dict) -> str:
             parts.append(f"locality n/a ({loc.get('reason')})")
         lines.append("mechanism: " + "; ".join(parts))
         lines.append(f"  mechanism {'PASSED' if m['passed'] else 'FAILED'}")
+    lines += ripple_probes.ripple_lines(d.get("ripple"))
     if d.get("verdict") is not None:
         lines += verdict_lines(d["verdict"])
     lines.append(f"verdict: {'PASSED' if d['passed'] else 'FAILED'} ({d['seconds']:.1f} s)")
@@ -356,7 +361,7 @@ def _verdict(check: dict) -> str:
 # --- verify ----------------------------------------------------------------------------------------------------------
 def verify(lm, edit, *, paraphrases=None, neighborhood=None, generation_prompts=None, mechanism: bool = True,
            sites=None, generation_tokens: int = 10, fluency_tokens: int = 30, mechanism_facts: int = 1,
-           perplexity_text: Sequence[str] = PERPLEXITY_TEXT) -> Verification:
+           perplexity_text: Sequence[str] = PERPLEXITY_TEXT, ripple=None) -> Verification:
     """Verify an edit (applied or not; it is left as it was).
 
     `paraphrases`, `generation_prompts`: prompts (for an edit of several facts, one list per fact);
@@ -364,10 +369,13 @@ def verify(lm, edit, *, paraphrases=None, neighborhood=None, generation_prompts=
     (EasyEdit locality rows) or Facts. Defaults come from the fact's dataset record (`fact.meta`). `sites`: the
     fact's SiteMap (or its dict), whose top heads the extraction check reads (default: the heads with the largest
     direct logit to the old target before the edit). `mechanism_facts`: how many of the edited facts get the
-    mechanistic checks. Greedy generations: `generation_tokens` for generation efficacy, `fluency_tokens` for GE."""
+    mechanistic checks. Greedy generations: `generation_tokens` for generation efficacy, `fluency_tokens` for GE.
+    `ripple`: ripple probes (`verification.ripple`; reported, not in the pass rule): None = the knowledge table's for
+    the edited facts, False = none, or `[(prompt, expected[, old])]`."""
     start = time.perf_counter()
     inputs = fact_inputs(edit, paraphrases=paraphrases, neighborhood=neighborhood,
                          generation_prompts=generation_prompts)
+    probes, probe_info = ripple_probes.verify_probes([x.fact for x in inputs], [x.new_target for x in inputs], ripple)
     setups = mechanism_setups(lm, inputs, edit.sites, sites, mechanism_facts) if mechanism else []
     options = dict(generation_tokens=generation_tokens, fluency_tokens=fluency_tokens,
                    perplexity_text=perplexity_text)
@@ -375,8 +383,12 @@ def verify(lm, edit, *, paraphrases=None, neighborhood=None, generation_prompts=
     with context:
         behaviour, mechanism_result, timings = verify_states(lm, lm, inputs, setups, before=edit.reverted,
                                                              **options)
+        t = time.perf_counter()
+        ripple_result = (ripple_probes.measure(lm, lm, probes, before=edit.reverted, info=probe_info)
+                         if probes else None)
+        timings["ripple"] = time.perf_counter() - t
     return Verification(edit.method, getattr(lm, "name", "?"), fact_rows(inputs), jsonable(dict(edit.sites)),
-                        behaviour, mechanism_result, time.perf_counter() - start, timings)
+                        behaviour, mechanism_result, time.perf_counter() - start, timings, ripple=ripple_result)
 
 
 def mechanism_setups(lm, inputs: Sequence[FactInputs], edit_sites: dict, sitemap, mechanism_facts: int) -> list:
@@ -429,7 +441,7 @@ def fact_rows(inputs: Sequence[FactInputs]) -> list[dict]:
 # --- verify_models: an edit made by another tool ----------------------------------------------------------------------
 def verify_models(base_lm, edited_lm, request, *, paraphrases=None, neighborhood=None, generation_prompts=None,
                   mechanism: bool = True, sites=None, generation_tokens: int = 10, fluency_tokens: int = 30,
-                  perplexity_text: Sequence[str] = PERPLEXITY_TEXT) -> Verification:
+                  perplexity_text: Sequence[str] = PERPLEXITY_TEXT, ripple=None) -> Verification:
     """Verify an edited model against its base without an `Edit` (a model edited by EasyEdit, a fine-tuned copy,
     a `save_model` directory): the two are checked compatible (architecture, geometry, parameters, tokenizer
     vocabulary; ModelMismatchError otherwise), the tensors that differ are listed with the rank of each change and
@@ -457,9 +469,11 @@ def verify_models(base_lm, edited_lm, request, *, paraphrases=None, neighborhood
         base_lm, edited_lm, inputs, setups, generation_tokens=generation_tokens, fluency_tokens=fluency_tokens,
         perplexity_text=perplexity_text)
     timings["weight_diff"] = diff_seconds
+    probes, probe_info = ripple_probes.verify_probes(facts, [x.new_target for x in inputs], ripple)
+    ripple_result = ripple_probes.measure(base_lm, edited_lm, probes, info=probe_info) if probes else None
     name = f"{getattr(base_lm, 'name', '?')} -> {getattr(edited_lm, 'name', '?')}"
     return Verification("external", name, fact_rows(inputs), jsonable(edit_sites), behaviour, mechanism_result,
-                        time.perf_counter() - start, timings, weight_diff=diff)
+                        time.perf_counter() - start, timings, weight_diff=diff, ripple=ripple_result)
 
 
 def _with_true_target(lm, fact: Fact) -> Fact:
