@@ -51,26 +51,35 @@ def behaviour_verdict(behaviour: Mapping[str, Any], ns_tolerance: float) -> dict
     return {"passed": bool(behaviour["passed"]), "checks": checks, "reported": reported}
 
 
-# per check: the continuous score (key, what it means) and each criterion (key, rule, test)
+# per check: the continuous score (key, what it means; higher is better unless it says otherwise)
 MECHANISM_SCORES = {
     "knockout": ("subject_logodds_drop_after", "log-odds drop of p(new) when last -> subject is blocked"),
     "extraction": ("new_minus_old_after", "summed direct logit of new minus old at the extraction heads"),
+    "sufficiency": ("logodds_gain", "log-odds gain of p(new) when the edited subject state is patched into the "
+                                    "unedited model"),
+    "necessity": ("logodds_drop", "log-odds drop of p(new) when the unedited subject state is patched into the "
+                                  "edited model"),
+    "ov_read": ("gain", "rise of the extraction heads' OV read (new minus old) of the subject state"),
     "enrichment": ("new_best_rank_after", "best logit-lens rank of new in the subject state (lower is better)"),
-    "locality": ("max_abs_relative_change", "largest relative change of a neighbour's p(true)"),
+    "locality": ("max_abs_relative_change", "largest relative change of a neighbour's p(true) (lower is better)"),
 }
 
 
 def mechanism_verdict(mechanism: Mapping[str, Any] | None) -> dict | None:
-    """Per mechanistic check: applicable, passed, its continuous score and what the score means."""
+    """Per mechanistic check: applicable, passed, its continuous score, what the score means and whether the
+    verdict counts it (`in_rule`; the others are evidence)."""
     if mechanism is None:
         return None
     checks = {}
     for name, (key, meaning) in MECHANISM_SCORES.items():
-        check = mechanism.get(name) or {}
+        check = mechanism.get(name)
+        if check is None:
+            continue
         applicable = check.get("applicable", True)
         checks[name] = {"applicable": bool(applicable), "passed": check.get("passed") if applicable else None,
                         "score": check.get(key) if applicable else None, "score_name": key,
-                        "score_meaning": meaning, "rule": check.get("rule")}
+                        "score_meaning": meaning, "rule": check.get("rule"), "in_rule": bool(check.get("in_rule",
+                                                                                                       True))}
     return {"passed": bool(mechanism.get("passed")), "checks": checks}
 
 
@@ -97,10 +106,15 @@ def verdict_lines(v: Mapping[str, Any]) -> list[str]:
                      + "; ".join(f"{c['name']} {_fmt(c['score'], '.4f')}" for c in b["reported"]))
     m = v.get("mechanism")
     if m is not None:
-        parts = [f"{name} {'n/a' if not c['applicable'] else ('pass' if c['passed'] else 'FAIL')} "
-                 f"({c['score_name']} {_fmt(c['score'], '.0f' if 'rank' in c['score_name'] else '.2f')})"
-                 for name, c in m["checks"].items()]
-        lines.append(f"verdict (mechanism): {'PASSED' if m['passed'] else 'FAILED'}: " + "; ".join(parts))
+        def part(name, c):
+            return (f"{name} {'n/a' if not c['applicable'] else ('pass' if c['passed'] else 'FAIL')} "
+                    f"({c['score_name']} {_fmt(c['score'], '.0f' if 'rank' in c['score_name'] else '.2f')})")
+
+        ruled = [part(n, c) for n, c in m["checks"].items() if c.get("in_rule", True)]
+        lines.append(f"verdict (mechanism): {'PASSED' if m['passed'] else 'FAILED'}: " + "; ".join(ruled))
+        evidence = [part(n, c) for n, c in m["checks"].items() if not c.get("in_rule", True)]
+        if evidence:
+            lines.append("  evidence, not in the rule (failed validation): " + "; ".join(evidence))
     return lines
 
 

@@ -406,8 +406,16 @@ def verify_states(lm_before, lm_after, inputs: Sequence[FactInputs], setups: Seq
     state_after = measure_behaviour(lm_after, inputs, **options)
     timings["behaviour_after"] = time.perf_counter() - t
     t = time.perf_counter()
-    mech_after = [mech.measure(lm_after, s, after=True) for s in setups]
+    mech_after = [mech.measure(lm_after, s, after=True, heads=b["ov_heads"]) for s, b in zip(setups, mech_before)]
+    for s, b, a in zip(setups, mech_before, mech_after):  # necessity: the unedited state in the edited model
+        a["patched"] = mech.cross_patch(lm_after, s, a, b)
     timings["mechanism_after"] = time.perf_counter() - t
+    if setups:  # sufficiency: the edited state in the unedited model
+        t = time.perf_counter()
+        with before():
+            for s, b, a in zip(setups, mech_before, mech_after):
+                b["patched"] = mech.cross_patch(lm_before, s, b, a)
+        timings["mechanism_before"] += time.perf_counter() - t
     behaviour = behaviour_metrics(inputs, state_before, state_after)
     mechanism_result = None
     if setups:
