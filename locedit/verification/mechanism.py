@@ -30,10 +30,9 @@ with its numbers, a pass rule and its evidence (the thresholds are the module co
   edits). The thresholds were set on SmolLM2 (Eiffel Tower -> Rome: the located layer-0 edit reaches rank 117 at
   " iffel", 8x better; a behaviourally successful layer-20 edit 3535, 1.6x): one calibration example, so treat the
   rule as a screen.
-* **locality** (of mechanism), cheap by design: for up to `LOCALITY_NEIGHBOURS` neighbourhood prompts, p(true)
-  (first token), the top MLP layer (largest drop of p(true) when one layer's MLP output is zeroed at the subject's
-  positions, or at every position but the first and last when the neighbour is a bare prompt) and the top head
-  (largest direct logit to the true target) before and after. Passes when every neighbour keeps its top MLP layer
+* **locality** (of mechanism), cheap by design (one forward per neighbour): for up to `LOCALITY_NEIGHBOURS`
+  neighbourhood prompts, p(true) (first token), the top MLP layer and the top head (largest direct logit to the
+  true target at the last position) before and after. Passes when every neighbour keeps its top MLP layer
   and its top head and its p(true) changes by at most `LOCALITY_MAX_REL_CHANGE` (relative). Not applicable without
   neighbours.
 
@@ -51,7 +50,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from locedit.core.engine import BlockAttention, Capture, SetResidual, SetSublayer, run
+from locedit.core.engine import BlockAttention, Capture, SetResidual, run
 from locedit.core.facts import EncodedFact, Fact
 from locedit.localization.heads import head_contributions
 from locedit.localization.knockout import attention_knockout, position_groups
@@ -151,9 +150,7 @@ def _state_readout(lm, enc: EncodedFact, token_ids: Sequence[int], position: int
     contributions = torch.stack([head_contributions(lm, layer, {("heads", layer): caps["heads", layer][:, -1]})
                                  for layer in range(L)])  # (L, H, d)
     ids = torch.tensor(list(token_ids), device=final.device)
-    logit = lm.unembed(final).float()[ids]
-    without = lm.unembed(final - contributions).float()[..., ids]
-    dla = (logit - without).cpu().numpy()  # (L, H, tokens)
+    dla = direct_logits(lm, final, contributions, token_ids).cpu().numpy()  # (L, H, tokens)
     attn = lm.project(torch.stack([caps["attn", l][0, -1] for l in range(L)]), "model").float().argmax(-1)
     mlp = lm.project(torch.stack([caps["mlp", l][0, -1] for l in range(L)]), "model").float().argmax(-1)
     states = torch.stack([caps["residual", l][0, position] for l in range(L + 1)])
@@ -164,40 +161,37 @@ def _state_readout(lm, enc: EncodedFact, token_ids: Sequence[int], position: int
             "p": lm.unembed(final).float().softmax(-1)[ids].tolist()}  # p(tokens) at the last position
 
 
+def direct_logits(lm, final: torch.Tensor, parts: torch.Tensor, token_ids: Sequence[int]) -> torch.Tensor:
+    """Direct logit of each part (..., d) of the final residual `final` (d,) for each token: the token's logit from
+    `final` minus its logit from `final - part` (the final norm sees the whole residual). Returns (..., tokens)."""
+    final = final.to(parts.device)
+    return torch.stack([lm.target_logit(final, int(t)) - lm.target_logit(final - parts, int(t)) for t in token_ids],
+                       dim=-1)
+
+
 @torch.no_grad()
 def _neighbour_readout(lm, prompt: Fact | str, true_target: str) -> dict:
-    """p(true first token), the top MLP layer (largest drop when one layer's MLP is zeroed at the subject's
-    positions, or at 1..n-2 for a bare prompt) and the top head (largest direct logit to the true target)."""
-    if isinstance(prompt, Fact):
-        enc = lm.encode(Fact(prompt.subject, prompt.prompt, true_target))
-        from locedit.localization.sites import site_positions
-
-        positions = site_positions(enc)
-        text = prompt.prompt
-    else:
-        text = prompt
-        ids = list(lm.tokenizer(text, add_special_tokens=True)["input_ids"])
-        positions = list(range(1, len(ids) - 1)) or list(range(max(1, len(ids) - 1)))
-        enc = ids
+    """p(true first token), the top MLP layer and the top head: the largest direct logit to the true target at the
+    last position (the target's logit from the final residual minus the logit without that MLP's / head's output),
+    all from one forward."""
     from locedit.verification.metrics import prompt_ids, target_ids
 
+    text = prompt.prompt if isinstance(prompt, Fact) else prompt
     pids = prompt_ids(lm, text)
     true_id = target_ids(lm, text, true_target, pids)[0]
     L = lm.num_layers
-    rows = [[]] + [[SetSublayer("mlp", [layer], positions)] for layer in range(L)]
-    out = run(lm, enc if isinstance(enc, EncodedFact) else pids, rows,
-              capture=Capture(heads=True, residual=True, layers=None, last_only=True))
-    probs = out.prob_of(true_id).cpu().numpy()
+    out = run(lm, pids, capture=Capture(heads=True, mlp=True, residual=True, layers=None, last_only=True))
+    p_true = float(out.prob_of(true_id)[0])
     caps = out.captures
     final = caps["residual", L][0]
     contributions = torch.stack([head_contributions(lm, layer, {("heads", layer): caps["heads", layer][:1]})
                                  for layer in range(L)])
-    logit = lm.unembed(final).float()[true_id]
-    dla = (logit - lm.unembed(final - contributions).float()[..., true_id]).cpu().numpy()
-    drops = probs[0] - probs[1:]
+    dla = direct_logits(lm, final, contributions, [true_id])[..., 0].cpu().numpy()
+    mlps = torch.stack([caps["mlp", layer][0] for layer in range(L)])
+    mlp_dla = direct_logits(lm, final, mlps, [true_id])[..., 0].cpu().numpy()
     top_head = np.unravel_index(int(np.argmax(dla)), dla.shape)
-    return {"prompt": text, "true_target": true_target, "p_true": float(probs[0]),
-            "top_mlp_layer": int(np.argmax(drops)), "mlp_drop": drops.tolist(),
+    return {"prompt": text, "true_target": true_target, "p_true": p_true,
+            "top_mlp_layer": int(np.argmax(mlp_dla)), "mlp_direct_logit": mlp_dla.tolist(),
             "top_head": [int(top_head[0]), int(top_head[1])], "top_head_dla": float(dla[top_head])}
 
 
@@ -237,13 +231,10 @@ def ov_reads(lm, enc: EncodedFact, heads: Sequence, position: int, final: torch.
     rows = [[BlockAttention([l], [n - 1], others, heads=[h])] for l, h in heads]
     layers = sorted({l for l, _ in heads})
     caps = run(lm, enc, rows, capture=Capture(heads=True, layers=layers, last_only=True)).captures
-    ids = torch.tensor(list(token_ids))
     final = final.to(lm.device)
-    out = []
-    for j, (l, h) in enumerate(heads):
-        c = head_contributions(lm, l, {("heads", l): caps["heads", l]}, row=j)[h]
-        out.append((lm.unembed(final).float()[ids] - lm.unembed(final - c).float()[ids]).tolist())
-    return out
+    parts = torch.stack([head_contributions(lm, l, {("heads", l): caps["heads", l]}, row=j)[h]
+                         for j, (l, h) in enumerate(heads)])
+    return direct_logits(lm, final, parts, token_ids).tolist()
 
 
 @torch.no_grad()
