@@ -2,7 +2,7 @@
 
 On known facts of `data/facts/heldout/facts.jsonl` (SmolLM2), each fact gets seven control edits:
 
-  (+) enrichment route:  rome_early   ROME at layer 1 (the model's measured edit layer) keyed at the subject's last token
+  (+) enrichment route:  rome_early   ROME at layer 1 (the model's measured edit layer), subject's last token
                          memit_early  MEMIT at layers 1-3, keyed at the subject's last token
   (-) shortcuts:         rome_last_mid   ROME at layer 12 keyed at the prompt's last token (key_position="last")
                          rome_last_late  ROME at layer 22 keyed at the prompt's last token
@@ -303,7 +303,8 @@ def summary_md(s: dict) -> str:
             return "-" if x is None else f"{_f(x['rate'])} [{_f(x['ci95'][0])}, {_f(x['ci95'][1])}] (n={x['n']})"
         a = e["auroc_heldout"]
         lines.append(f"| {name} | {_f(e['auroc_tuning'])} | {_f(a['value'])} [{_f(a['ci95'][0])}, "
-                     f"{_f(a['ci95'][1])}] | {'≥' if e['higher_is_better'] else '≤'} {_f(e.get('threshold_tuning'), '.3g')}"
+                     f"{_f(a['ci95'][1])}] | {'≥' if e['higher_is_better'] else '≤'} "
+                     f"{_f(e.get('threshold_tuning'), '.3g')}"
                      f" | {r('+')} | {r('-')} | {r('0')} | {'yes' if e['keep_in_rule'] else 'no'} |")
     lines += ["", "Held-out pass rates of the rules as coded when the run was made:", "",
               "| control | behaviour | mechanism | " + " | ".join(SCORES) + " | n |",

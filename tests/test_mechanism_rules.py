@@ -312,7 +312,7 @@ def test_rules_text_names_the_thresholds():
     assert set(mech.IN_RULE) <= set(mech.RULES)
 
 
-# --- causal enrichment (sufficiency, necessity, OV read) ---------------------------------------------------------------
+# --- causal enrichment (sufficiency, necessity, OV read) --------------------------------------------------------
 def test_causal_rules_thresholds_and_nan():
     for rule, t in ((mech.sufficiency_rule, mech.SUFFICIENCY_MIN_LOGODDS),
                     (mech.necessity_rule, mech.NECESSITY_MIN_LOGODDS), (mech.ov_rule, mech.OV_MIN_GAIN)):

@@ -30,9 +30,9 @@ def edit(lm, request: EditRequest | Sequence[EditRequest], *positional: object, 
     says the fact is retrieved (`sites=` passes the `SiteMap`, or one per request, already computed); heads are
     read with `Head.parse` ("L23H4", "23.4", (23, 4)). `key_position` is "subject_last" (ROME's choice) or
     "carrier" (locate's carrier token), default as `locate` recommends; "last" (the prompt's last token) is a
-    **control**, not a way to edit facts: a rank-one edit keyed there writes the new target without going through the
-    subject's enrichment (the shortcut that `verify`'s mechanistic checks must fail; `recipes/validate_verify.py`). `hparams`: a dict, a JSON/YAML file (ROME,
-    MEMIT and EasyEdit files as they are: `alg_name` picks the method, their `layers` and `fact_token` are used
+    **control**, not a way to edit facts: a rank-one edit keyed there writes the new target without going through
+    the subject's enrichment (a shortcut `verify`'s mechanistic checks must fail; `recipes/validate_verify.py`).
+    `hparams`: a dict, a JSON/YAML file (ROME, MEMIT and EasyEdit files as they are: `alg_name` picks the method, their `layers` and `fact_token` are used
     where not given here, keys that do not apply are listed in `Edit.hparams_ignored` and one warning) or the
     method's dataclass. `stats`: key statistics from `locedit.editing.stats.key_statistics` (computed and cached
     on disk when None, over `corpus` or the model's own sampled text). The old form `edit(lm, fact, " Rome")` is

@@ -1,9 +1,10 @@
 """The verdict of a verification, for a script: behaviour and mechanism separately, each check with its continuous
 score beside its pass, and the exit status the CLI returns (0 passed, 1 failed; 2 is a user error).
 
-The behaviour rule is `verify.BEHAVIOUR_RULE` (unchanged). NS+ (the neighbourhood score with the edit prompt
-prefixed, CounterFact+) and NKL (the neighbourhood KL) are reported beside it with `in_rule: False`: putting them
-in the rule needs thresholds validated on control edits (issue #17 §1), which has not been run.
+The behaviour rule is `verify.behaviour_rule()`. NS+ (the neighbourhood score with the edit prompt prefixed,
+CounterFact+) and NKL (the neighbourhood KL) are in it when `verify.NS_PREFIXED_TOLERANCE` / `verify.NKL_MAX` are set
+(thresholds from the control-edit validation run, `recipes/validate_verify.py`), else reported with `in_rule: False`.
+Mechanistic checks carry `in_rule` too: those that failed validation are evidence, not part of the verdict.
 """
 
 from __future__ import annotations
@@ -23,8 +24,10 @@ def criterion(name: str, score: float | bool | None, passed: bool | None, rule: 
             "in_rule": in_rule}
 
 
-def behaviour_verdict(behaviour: Mapping[str, Any], ns_tolerance: float) -> dict:
-    """The behaviour rule's criteria with their scores, plus NS+ and NKL (reported, not in the rule)."""
+def behaviour_verdict(behaviour: Mapping[str, Any], ns_tolerance: float, ns_prefixed_tolerance: float | None = None,
+                      nkl_max: float | None = None) -> dict:
+    """The behaviour rule's criteria with their scores; NS+ and NKL are in the rule when their validated
+    thresholds are given (`verify.NS_PREFIXED_TOLERANCE`, `verify.NKL_MAX`), else reported beside it."""
     before = behaviour["before"]
     es = behaviour["efficacy_score"]
     checks = [criterion("efficacy_score", es, es == 1.0, "ES = 1"),
@@ -41,13 +44,22 @@ def behaviour_verdict(behaviour: Mapping[str, Any], ns_tolerance: float) -> dict
     reported = []
     pre, pre_before = behaviour.get("neighborhood_score_prefixed"), before.get("neighborhood_score_prefixed")
     if pre is not None:
-        reported.append(criterion("neighborhood_score_prefixed_drop", (pre_before or 0.0) - pre, None,
-                                  f"NS+ before ({_fmt(pre_before)}) - NS+ after ({_fmt(pre)}); no validated "
-                                  "threshold yet", in_rule=False))
-    if behaviour.get("neighborhood_kl") is not None:
-        reported.append(criterion("neighborhood_kl", behaviour["neighborhood_kl"], None,
-                                  "KL(before || after) on the prefixed neighbours, nats; no validated threshold yet",
-                                  in_rule=False))
+        drop = (pre_before or 0.0) - pre
+        if ns_prefixed_tolerance is None:
+            reported.append(criterion("neighborhood_score_prefixed_drop", drop, None,
+                                      f"NS+ before ({_fmt(pre_before)}) - NS+ after ({_fmt(pre)}); no validated "
+                                      "threshold", in_rule=False))
+        else:
+            checks.append(criterion("neighborhood_score_prefixed_drop", drop, drop <= ns_prefixed_tolerance,
+                                    f"NS+ before - NS+ after <= {ns_prefixed_tolerance:g} (CounterFact+)"))
+    nkl = behaviour.get("neighborhood_kl")
+    if nkl is not None:
+        if nkl_max is None:
+            reported.append(criterion("neighborhood_kl", nkl, None, "KL(before || after) on the prefixed "
+                                      "neighbours, nats; no validated threshold", in_rule=False))
+        else:
+            checks.append(criterion("neighborhood_kl", nkl, nkl <= nkl_max,
+                                    f"KL(before || after) on the prefixed neighbours <= {nkl_max:g} nats"))
     return {"passed": bool(behaviour["passed"]), "checks": checks, "reported": reported}
 
 
@@ -83,9 +95,10 @@ def mechanism_verdict(mechanism: Mapping[str, Any] | None) -> dict | None:
     return {"passed": bool(mechanism.get("passed")), "checks": checks}
 
 
-def verdict(behaviour: Mapping[str, Any], mechanism: Mapping[str, Any] | None, ns_tolerance: float) -> dict:
+def verdict(behaviour: Mapping[str, Any], mechanism: Mapping[str, Any] | None, ns_tolerance: float,
+            ns_prefixed_tolerance: float | None = None, nkl_max: float | None = None) -> dict:
     """Behaviour and mechanism verdicts side by side, the overall pass and its exit status."""
-    b = behaviour_verdict(behaviour, ns_tolerance)
+    b = behaviour_verdict(behaviour, ns_tolerance, ns_prefixed_tolerance, nkl_max)
     m = mechanism_verdict(mechanism)
     passed = b["passed"] and (m is None or m["passed"])
     return {"passed": passed, "exit_status": exit_status(passed), "behaviour": b, "mechanism": m}
