@@ -23,7 +23,7 @@ dropped). Facts alternate between the `tuning` and the `heldout` split so a run 
 The analysis: per check's continuous score, AUROC of (+) against (-) with a bootstrap CI over facts; the threshold
 maximising TPR(+) - FPR(-) (Youden) on the **tuning** facts; on the **held-out** facts, at that threshold and at the
 threshold in the code: pass rate of (+), false-pass rate of (-) and of (0), each with a bootstrap CI. Checks whose
-held-out AUROC is below 0.8 are marked for leaving the rule. The constants in `locedit/verification/mechanism.py`
+tuning AUROC is below 0.8 are marked for leaving the rule (the held-out AUROC is what is reported). The constants in `locedit/verification/mechanism.py`
 and `verify.py` name this run.
 """
 
@@ -231,14 +231,19 @@ def _auroc_ci(pos, neg, higher: bool, resamples: int = 1000, seed: int = 0):
 
 
 def _youden(pos, neg, higher: bool):
-    """The threshold (on the score's own scale) maximising TPR - FPR; passes are score >= t (higher) or <= t."""
+    """The threshold maximising TPR - FPR (passes: score >= t, or <= t when lower is better), placed halfway between
+    the best cut's score and the next observed score on the failing side (not on a sample point); and the J."""
     p, q = np.array([v for _, v in pos]), np.array([v for _, v in neg])
+    values = np.unique(np.concatenate([p, q]))
     best, best_t = -2.0, None
-    for t in np.unique(np.concatenate([p, q])):
+    for t in values:
         tpr = np.mean(p >= t) if higher else np.mean(p <= t)
         fpr = np.mean(q >= t) if higher else np.mean(q <= t)
         if tpr - fpr > best:
             best, best_t = tpr - fpr, float(t)
+    beyond = values[values < best_t] if higher else values[values > best_t]
+    if beyond.size:
+        best_t = (best_t + float(beyond.max() if higher else beyond.min())) / 2
     return best_t, float(best)
 
 
@@ -269,7 +274,8 @@ def analyse(rows: list[dict]) -> dict:
         if code is not None:
             entry["threshold_code"] = code
             entry["heldout_at_code_threshold"] = {c: _rate(held[c], code, higher) for c in "+-0" if held[c]}
-        entry["keep_in_rule"] = bool(a_h[0] is not None and a_h[0] >= 0.8)
+        # kept in the rule when it separates (+) from (-) on the tuning facts; the held-out AUROC is the report
+        entry["keep_in_rule"] = bool(a_t[0] is not None and a_t[0] >= 0.8)
         out["checks"][name] = entry
     # the rules as coded (the pass flags), per class and control, held-out
     out["pass_rates_heldout"] = {}
