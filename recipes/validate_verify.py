@@ -277,6 +277,36 @@ def analyse(rows: list[dict]) -> dict:
         # kept in the rule when it separates (+) from (-) on the tuning facts; the held-out AUROC is the report
         entry["keep_in_rule"] = bool(a_t[0] is not None and a_t[0] >= 0.8)
         out["checks"][name] = entry
+    # the verdict with the tuned rule: behaviour as coded plus the kept behaviour scores, and every kept mechanistic
+    # check's score at its tuning threshold (scores only: locality's same-sites condition is not re-applied here)
+    kept = {n: e for n, e in out["checks"].items() if e["keep_in_rule"] and "threshold_tuning" in e}
+    def passes(r, n):
+        v = _score(r, n)
+        if v is None:
+            return None
+        t = kept[n]["threshold_tuning"]
+        return v >= t if kept[n]["higher_is_better"] else v <= t
+    out["tuned_rule"] = {"mechanism": sorted(n for n in kept if n in SCORES),
+                         "behaviour_added": sorted(n for n in kept if n in BEHAVIOUR_SCORES
+                                                   and n != "neighborhood_score_drop")}
+    for split in ("tuning", "heldout"):
+        per = {}
+        for cls in "+-0":
+            sub = [r for r in rows if r["class"] == cls and r["split"] == split]
+            mech_ok, all_ok = [], []
+            for r in sub:
+                m = [passes(r, n) for n in out["tuned_rule"]["mechanism"]]
+                m = [x for x in m if x is not None]
+                mo = bool(m) and all(m)
+                b = r["behaviour_passed"] and all(passes(r, n) is not False
+                                                  for n in out["tuned_rule"]["behaviour_added"])
+                mech_ok.append(float(mo))
+                all_ok.append(float(mo and b))
+            if sub:
+                em, ea = bootstrap_mean(mech_ok), bootstrap_mean(all_ok)
+                per[cls] = {"mechanism_pass": {"rate": em.mean, "ci95": [em.low, em.high]},
+                            "verdict_pass": {"rate": ea.mean, "ci95": [ea.low, ea.high]}, "n": len(sub)}
+        out["tuned_rule"][split] = per
     # the rules as coded (the pass flags), per class and control, held-out
     out["pass_rates_heldout"] = {}
     for control in CONTROLS:
@@ -312,6 +342,15 @@ def summary_md(s: dict) -> str:
                      f"{_f(a['ci95'][1])}] | {'≥' if e['higher_is_better'] else '≤'} "
                      f"{_f(e.get('threshold_tuning'), '.3g')}"
                      f" | {r('+')} | {r('-')} | {r('0')} | {'yes' if e['keep_in_rule'] else 'no'} |")
+    t = s.get("tuned_rule", {})
+    lines += ["", f"The tuned rule: mechanism = {', '.join(t.get('mechanism', [])) or '-'}; behaviour adds "
+              f"{', '.join(t.get('behaviour_added', [])) or 'nothing'}. Its pass rates per class:", "",
+              "| split | class | mechanism passes | verdict (behaviour and mechanism) passes | n |", "|---|---|---|---|---|"]
+    for split in ("tuning", "heldout"):
+        for cls, d in t.get(split, {}).items():
+            mp, vp = d["mechanism_pass"], d["verdict_pass"]
+            lines.append(f"| {split} | {cls} | {_f(mp['rate'])} [{_f(mp['ci95'][0])}, {_f(mp['ci95'][1])}] | "
+                         f"{_f(vp['rate'])} [{_f(vp['ci95'][0])}, {_f(vp['ci95'][1])}] | {d['n']} |")
     lines += ["", "Held-out pass rates of the rules as coded when the run was made:", "",
               "| control | behaviour | mechanism | " + " | ".join(SCORES) + " | n |",
               "|---|---|---|" + "---|" * len(SCORES) + "---|"]
