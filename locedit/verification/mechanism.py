@@ -65,13 +65,18 @@ EXTRACTION_MIN_GAIN = 0.0
 ENRICHMENT_MAX_RANK = 500
 ENRICHMENT_MIN_FACTOR = 4.0
 LOCALITY_NEIGHBOURS = 2
-LOCALITY_MAX_REL_CHANGE = 0.25
+# Thresholds below and IN_RULE: chosen on the tuning facts of the control-edit validation run
+# data/results/validate_verify/ (summary.json, `recipes/validate_verify.py`: 4 tuning + 3 held-out SmolLM2 facts,
+# 7 controls each; Youden cut of (+) subject-keyed ROME/MEMIT against (-) last-token-keyed ROME and head-output
+# edits, halfway into the gap). Knockout, extraction, OV read and the logit lens separated (+) from (-) with tuning
+# AUROC < 0.8 (0.62, 0.25, 0.57, 0.63): they are measured and reported as evidence, not part of the verdict.
+LOCALITY_MAX_REL_CHANGE = 0.57
 # causal enrichment (issue #17 §2): log-odds of p(new) in nats, the OV read in logits
-SUFFICIENCY_MIN_LOGODDS = 1.0
-NECESSITY_MIN_LOGODDS = 1.0
-OV_MIN_GAIN = 1.0
-# the checks the mechanism verdict is made of; the others are measured and reported as evidence
-IN_RULE = ("knockout", "extraction", "sufficiency", "necessity", "ov_read", "locality")
+SUFFICIENCY_MIN_LOGODDS = 1.81
+NECESSITY_MIN_LOGODDS = 1.78
+OV_MIN_GAIN = 0.22
+# the checks the mechanism verdict is made of (tuning AUROC >= 0.8); the others are evidence
+IN_RULE = ("sufficiency", "necessity", "locality")
 
 RULES = {
     "knockout": f"after the edit, blocking last->subject lowers the log-odds of p(new) by >= "
