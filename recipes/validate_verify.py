@@ -23,8 +23,8 @@ dropped). Facts alternate between the `tuning` and the `heldout` split so a run 
 The analysis: per check's continuous score, AUROC of (+) against (-) with a bootstrap CI over facts; the threshold
 maximising TPR(+) - FPR(-) (Youden) on the **tuning** facts; on the **held-out** facts, at that threshold and at the
 threshold in the code: pass rate of (+), false-pass rate of (-) and of (0), each with a bootstrap CI. Checks whose
-tuning AUROC is below 0.8 are marked for leaving the rule (the held-out AUROC is what is reported). The constants in `locedit/verification/mechanism.py`
-and `verify.py` name this run.
+tuning AUROC is below 0.8 are marked for leaving the rule (the held-out AUROC is what is reported). The constants
+in `locedit/verification/mechanism.py` and `verify.py` name this run.
 """
 
 from __future__ import annotations
@@ -345,7 +345,8 @@ def summary_md(s: dict) -> str:
     t = s.get("tuned_rule", {})
     lines += ["", f"The tuned rule: mechanism = {', '.join(t.get('mechanism', [])) or '-'}; behaviour adds "
               f"{', '.join(t.get('behaviour_added', [])) or 'nothing'}. Its pass rates per class:", "",
-              "| split | class | mechanism passes | verdict (behaviour and mechanism) passes | n |", "|---|---|---|---|---|"]
+              "| split | class | mechanism passes | verdict (behaviour and mechanism) passes | n |",
+              "|---|---|---|---|---|"]
     for split in ("tuning", "heldout"):
         for cls, d in t.get(split, {}).items():
             mp, vp = d["mechanism_pass"], d["verdict_pass"]

@@ -1,8 +1,17 @@
 """Mechanistic verification: is the new attribute retrieved through the same mechanism as the old one?
 
 After the edit, locedit's own analyses are re-run on the edit prompt for the **new** target and compared with the
-same analyses for the **old** target on the unedited model (measured with the edit reverted). Four checks, each
-with its numbers, a pass rule and its evidence (the thresholds are the module constants below):
+same analyses for the **old** target on the unedited model (measured with the edit reverted). Seven checks, each
+with its numbers, a continuous score, a pass rule and its evidence (the thresholds are the module constants below,
+chosen on control edits; `IN_RULE` names the checks the verdict counts, the others are evidence):
+
+* **sufficiency** / **necessity** (causal enrichment): the residual leaving the (last) edited layer at the subject key
+  position, taken from the edited model and patched into the unedited one, raises the log-odds of p(new) by at
+  least `SUFFICIENCY_MIN_LOGODDS`; the unedited state patched into the edited model lowers it by at least
+  `NECESSITY_MIN_LOGODDS` (`SetResidual`, one forward each). Not applicable to edits that change no layer.
+* **OV read**: the extraction heads with every key but the subject key position blocked (`BlockAttention`: the
+  head's OV circuit applied to the subject state), read as direct logits of new - old at the last position; passes
+  when that rose by at least `OV_MIN_GAIN`.
 
 * **knockout** (attention knockout, `locedit.localization.attention_knockout`, window 9, groups subject / non-subject /
   last): blocking last -> subject must still cut the prediction, at about the same layers. Passes when, after the
@@ -26,19 +35,17 @@ with its numbers, a pass rule and its evidence (the thresholds are the module co
   last layer: there the subject position mostly reads its own next-token prediction, which any edit at that
   position writes directly). Passes when the best rank of the new target over those layers improved by at least a
   factor `ENRICHMENT_MIN_FACTOR` and is at most `ENRICHMENT_MAX_RANK`, and the old target's median rank over those
-  layers did not improve (the old one ranks the same or lower). Not applicable to edits without an MLP layer (head
-  edits). The thresholds were set on SmolLM2 (Eiffel Tower -> Rome: the located layer-0 edit reaches rank 117 at
-  " iffel", 8x better; a behaviourally successful layer-20 edit 3535, 1.6x): one calibration example, so treat the
-  rule as a screen.
+  layers did not improve (the old one ranks the same or lower). Its thresholds come from one calibration example
+  (Eiffel Tower -> Rome); on control edits it does not separate the routes, so it is evidence, not in the verdict.
 * **locality** (of mechanism), cheap by design (one forward per neighbour): for up to `LOCALITY_NEIGHBOURS`
   neighbourhood prompts, p(true) (first token), the top MLP layer and the top head (largest direct logit to the
   true target at the last position) before and after. Passes when every neighbour keeps its top MLP layer
   and its top head and its p(true) changes by at most `LOCALITY_MAX_REL_CHANGE` (relative). Not applicable without
   neighbours.
 
-The mechanism passes when every applicable check passes. Each check can fail: an edit at a site far from the
-located one (e.g. the last layer keyed at the last token) writes the new target without the subject's enrichment
-and without the extraction heads, and a failed edit changes neither.
+The mechanism passes when every applicable check of `IN_RULE` passes. Each check can fail: an edit keyed at the
+prompt's last token writes the new target without changing the subject state (sufficiency and necessity near 0),
+and a failed edit changes nothing.
 """
 
 from __future__ import annotations
