@@ -456,3 +456,45 @@ def test_a_calibrated_edit_layer_becomes_the_recommendation_and_the_default():
     other = tiny.lm("llama", seed=1)
     assert other.name == lm.name and other.num_layers == lm.num_layers
     assert locate(other, fact).recommendation["rank_one"]["source"] == "located"
+
+
+def _mlp_keys(lm, fact, layer):
+    from locedit.core.engine import Capture, run
+
+    caps = run(lm, lm.encode(fact), capture=Capture(mlp_keys=True, layers=[layer])).captures
+    return caps["mlp_keys", layer][0].float()
+
+
+@pytest.mark.parametrize("method,layers", [("rome", [1]), ("memit", [1, 2])])
+def test_key_position_last_is_a_control_keyed_at_the_last_token(method, layers):
+    """key_position="last": the rank-one key is read at the prompt's last token, not at the subject."""
+    lm = tiny.lm("llama")
+    saved = _weights(lm)
+    fact = Fact("Eiffel Tower", "The Eiffel Tower is in the city of", " Paris")  # the subject is not last
+    keys = _mlp_keys(lm, fact, layers[-1])
+    enc = lm.encode(fact)
+    hp = {**FAST, "mom2_adjustment": False} if method == "rome" else FAST
+    cosines = {}
+    for rule in ("subject_last", "last"):
+        edit = locedit.edit(lm, EditRequest(fact, NEW), method=method, layers=layers, key_position=rule, hparams=hp)
+        assert edit.sites["key_position"] == rule
+        u = edit.deltas[-1].right[:, 0].float()  # the update's input direction at the last edited layer
+        cos = torch.nn.functional.cosine_similarity(keys, u[None].expand_as(keys), dim=-1).abs()
+        cosines[rule] = (float(cos[len(enc) - 1]), float(cos[enc.subject_end - 1]))
+        edit.revert()
+        assert _same(lm, saved)
+    if method == "rome":  # C = I: u is the template-averaged key itself
+        last_at_last, last_at_subject = cosines["last"]
+        subject_at_last, subject_at_subject = cosines["subject_last"]
+        assert last_at_last > last_at_subject and subject_at_subject > subject_at_last
+    assert cosines["last"] != cosines["subject_last"]
+
+
+def test_key_position_is_checked():
+    lm = tiny.lm("llama")
+    saved = _weights(lm)
+    with pytest.raises(EditError, match="key_position must be one of"):
+        locedit.edit(lm, EditRequest(FACT, NEW), method="rome", layers=[1], key_position="first", hparams=FAST)
+    with pytest.raises(EditError, match="FT has no key position"):
+        locedit.edit(lm, EditRequest(FACT, NEW), method="ft", layers=[1], key_position="last")
+    assert _same(lm, saved)

@@ -304,4 +304,79 @@ def test_rules_text_names_the_thresholds():
     assert f"{mech.KNOCKOUT_MIN_CORR:g}" in mech.RULES["knockout"]
     assert str(mech.ENRICHMENT_MAX_RANK) in mech.RULES["enrichment"]
     assert f"{mech.LOCALITY_MAX_REL_CHANGE:.0%}" in mech.RULES["locality"]
-    assert set(mech.RULES) == {"knockout", "extraction", "enrichment", "locality"}
+    assert f"{mech.SUFFICIENCY_MIN_LOGODDS:g}" in mech.RULES["sufficiency"]
+    assert f"{mech.NECESSITY_MIN_LOGODDS:g}" in mech.RULES["necessity"]
+    assert f"{mech.OV_MIN_GAIN:g}" in mech.RULES["ov_read"]
+    assert set(mech.RULES) == {"knockout", "extraction", "sufficiency", "necessity", "ov_read", "enrichment",
+                               "locality"}
+    assert set(mech.IN_RULE) <= set(mech.RULES)
+
+
+# --- causal enrichment (sufficiency, necessity, OV read) --------------------------------------------------------
+def test_causal_rules_thresholds_and_nan():
+    for rule, t in ((mech.sufficiency_rule, mech.SUFFICIENCY_MIN_LOGODDS),
+                    (mech.necessity_rule, mech.NECESSITY_MIN_LOGODDS), (mech.ov_rule, mech.OV_MIN_GAIN)):
+        assert rule(t) is True and rule(t + 1.0) is True
+        assert rule(t - EPS) is False and rule(NAN) is False and rule(-abs(t) - 1) is False
+
+
+def test_fraction():
+    assert mech.fraction(1.0, 4.0) == 0.25 and mech.fraction(-2.0, 4.0) == -0.5
+    assert math.isnan(mech.fraction(1.0, 0.0))
+
+
+def _causal_states(p_before, p_after, patched_before, patched_after):
+    """Measurements as `measure` + `cross_patch` leave them: p = [p(old), p(new)]."""
+    before = {"readout": {"p": [0.5, p_before]}, "patched": [0.1, patched_before]}
+    after = {"readout": {"p": [0.1, p_after]}, "patched": [0.4, patched_after]}
+    return before, after
+
+
+SETUP = mech.MechanismSetup(None, " Rome", 3, 2, None, [])
+
+
+def test_sufficiency_and_necessity_checks_by_hand():
+    lo = lambda p: math.log(p / (1 - p))  # noqa: E731
+    # a subject-keyed edit: the edited state alone carries the new target, the unedited one removes it
+    before, after = _causal_states(0.01, 0.9, 0.8, 0.02)
+    s, n = mech.sufficiency_check(before, after, SETUP), mech.necessity_check(before, after, SETUP)
+    assert s["logodds_gain"] == pytest.approx(lo(0.8) - lo(0.01)) and s["passed"] is True
+    assert s["share_of_edit"] == pytest.approx((lo(0.8) - lo(0.01)) / (lo(0.9) - lo(0.01)))
+    assert n["logodds_drop"] == pytest.approx(lo(0.9) - lo(0.02)) and n["passed"] is True
+    # a shortcut at the last token: patching the subject state changes nothing either way
+    before, after = _causal_states(0.01, 0.9, 0.01, 0.9)
+    s, n = mech.sufficiency_check(before, after, SETUP), mech.necessity_check(before, after, SETUP)
+    assert s["logodds_gain"] == pytest.approx(0.0) and s["passed"] is False
+    assert n["logodds_drop"] == pytest.approx(0.0) and n["passed"] is False
+    # just inside / just outside each threshold
+    p0 = 0.01
+    for margin, passed in ((1e-4, True), (-1e-4, False)):
+        target = lo(p0) + mech.SUFFICIENCY_MIN_LOGODDS + margin
+        px = 1 / (1 + math.exp(-target))
+        before, after = _causal_states(p0, 0.9, px, 0.9)
+        assert mech.sufficiency_check(before, after, SETUP)["passed"] is passed
+        target = lo(0.9) - mech.NECESSITY_MIN_LOGODDS - margin
+        before, after = _causal_states(p0, 0.9, p0, 1 / (1 + math.exp(-target)))
+        assert mech.necessity_check(before, after, SETUP)["passed"] is passed
+
+
+def test_causal_checks_not_applicable_without_a_layer():
+    setup = mech.MechanismSetup(None, " Rome", None, 2, None, [])
+    before, after = {"readout": {"p": [0.5, 0.1]}, "patched": None}, {"readout": {"p": [0.1, 0.9]}, "patched": None}
+    for check in (mech.sufficiency_check, mech.necessity_check):
+        c = check(before, after, setup)
+        assert c["applicable"] is False and c["passed"] is None
+
+
+def test_ov_check_by_hand():
+    heads = [[20, 1], [23, 4]]
+    before = {"ov": [[2.0, -1.0], [1.0, 0.0]], "ov_heads": heads}  # per head [old, new]
+    after = {"ov": [[1.0, 1.5], [0.5, 2.0]], "ov_heads": heads}
+    c = mech.ov_check(before, after, 3)
+    assert c["new_minus_old_before"] == pytest.approx(-3.0 + -1.0)
+    assert c["new_minus_old_after"] == pytest.approx(0.5 + 1.5)
+    assert c["gain"] == pytest.approx(6.0) and c["passed"] is (6.0 >= mech.OV_MIN_GAIN)
+    assert c["evidence"]["per_head"][1] == {"layer": 23, "head": 4, "old_before": 1.0, "new_before": 0.0,
+                                            "old_after": 0.5, "new_after": 2.0}
+    same = mech.ov_check(before, before, 3)
+    assert same["gain"] == 0.0 and same["passed"] is False

@@ -94,7 +94,8 @@ def test_verify_models_matches_verify_of_the_same_edit(base_dir):
                 "neighborhood_kl", "perplexity"):
         assert by_models.behaviour[key] == pytest.approx(by_edit.behaviour[key], rel=1e-4, abs=1e-6), key
     for check, key in (("extraction", "new_minus_old_after"), ("enrichment", "new_best_rank_after"),
-                       ("knockout", "subject_logodds_drop_after")):
+                       ("knockout", "subject_logodds_drop_after"), ("sufficiency", "logodds_gain"),
+                       ("necessity", "logodds_drop"), ("ov_read", "gain")):
         assert by_models.mechanism[check][key] == pytest.approx(by_edit.mechanism[check][key], rel=1e-3,
                                                                 abs=1e-4), check
     assert by_models.passed == by_edit.passed
@@ -115,7 +116,9 @@ def test_hand_made_rank_two_change(base_dir):
                         neighborhood=NEIGHBOURS, **FAST)
     assert ver.facts[0]["true_target"] == fact.target_text()  # the base model's top-1
     assert ver.mechanism["enrichment"]["layer"] == 2 and ver.sites["layers"] == [2]
-    assert set(ver.verdict["mechanism"]["checks"]) == {"knockout", "extraction", "enrichment", "locality"}
+    assert set(ver.verdict["mechanism"]["checks"]) == {"knockout", "extraction", "sufficiency", "necessity", "ov_read",
+                                                       "enrichment", "locality"}
+    assert ver.mechanism["sufficiency"]["layer"] == 2 and ver.mechanism["necessity"]["applicable"]
 
 
 def test_one_fine_tuning_step_changes_many_tensors_at_high_rank(base_dir, tmp_path):
@@ -284,7 +287,7 @@ def test_smollm2_rome_edit_saved_and_verified_against_its_base(smollm2, eiffel, 
     assert ver.sites["layers"] == edit.layers and ver.mechanism["enrichment"]["layer"] == edit.layers[0]
     b = ver.behaviour
     assert b["before"]["efficacy_score"] == 0.0 and b["efficacy_score"] == 1.0
-    for name in ("knockout", "extraction", "enrichment", "locality"):
+    for name in ("knockout", "extraction", "sufficiency", "necessity", "ov_read", "enrichment", "locality"):
         assert ver.mechanism[name]["passed"] is not None, name
         assert ver.verdict["mechanism"]["checks"][name]["score"] is not None, name
     assert ver.exit_status == (0 if ver.passed else 1)

@@ -39,8 +39,9 @@ def add_parser(sub) -> None:
                    help="edit these layers (default: located; not with --method head)")
     p.add_argument("--heads", type=common.head_spec, nargs="+", default=None,
                    help="--method head only: heads as LAYER.HEAD (23.4) or L23H4 (default: located)")
-    p.add_argument("--key-position", choices=["subject_last", "carrier"], default=None,
-                   help="where the key is read (default: as locate recommends; not with --method ft)")
+    p.add_argument("--key-position", choices=["subject_last", "carrier", "last"], default=None,
+                   help="where the key is read (default: as locate recommends; not with --method ft); 'last' "
+                        "(the prompt's last token) is a control edit that bypasses the subject")
     p.add_argument("--nullspace", action="store_true", help="memit: AlphaEdit's null-space projection")
     p.add_argument("--hparams", type=Path, default=None, help="JSON/YAML hyper-parameters of the method")
     p.add_argument("--corpus", default=None, help="text for the key statistics (.txt/.jsonl, or a dataset name); "

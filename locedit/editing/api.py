@@ -14,6 +14,8 @@ from locedit.editing.hparams import METHOD_HPARAMS, as_dict, read_hparams
 from locedit.errors import EditError, FactError, InterventionError
 
 METHODS = tuple(METHOD_HPARAMS)
+# where a rank-one edit reads its key; "last" (the prompt's last token) is the control of issue #17 §1
+KEY_POSITIONS = ("subject_last", "carrier", "last")
 
 
 def edit(lm, request: EditRequest | Sequence[EditRequest], *positional: object, method: str | None = None,
@@ -27,8 +29,10 @@ def edit(lm, request: EditRequest | Sequence[EditRequest], *positional: object, 
     model's top-1; the edit records which in `target_sources`). `layers=None` / `heads=None` edit where `locate`
     says the fact is retrieved (`sites=` passes the `SiteMap`, or one per request, already computed); heads are
     read with `Head.parse` ("L23H4", "23.4", (23, 4)). `key_position` is "subject_last" (ROME's choice) or
-    "carrier" (locate's carrier token), default as `locate` recommends. `hparams`: a dict, a JSON/YAML file (ROME,
-    MEMIT and EasyEdit files as they are: `alg_name` picks the method, their `layers` and `fact_token` are used
+    "carrier" (locate's carrier token), default as `locate` recommends; "last" (the prompt's last token) is a
+    **control**, not a way to edit facts: a rank-one edit keyed there writes the new target without going through
+    the subject's enrichment (a shortcut `verify`'s mechanistic checks must fail; `recipes/validate_verify.py`).
+    `hparams`: a dict, a JSON/YAML file (ROME, MEMIT and EasyEdit files as they are: `alg_name` picks the method, their `layers` and `fact_token` are used
     where not given here, keys that do not apply are listed in `Edit.hparams_ignored` and one warning) or the
     method's dataclass. `stats`: key statistics from `locedit.editing.stats.key_statistics` (computed and cached
     on disk when None, over `corpus` or the model's own sampled text). The old form `edit(lm, fact, " Rome")` is
@@ -67,8 +71,10 @@ def edit(lm, request: EditRequest | Sequence[EditRequest], *positional: object, 
     # default key position: as locate recommends when it ran (its carrier token, or the calibrated site's key
     # position for these weights), ROME's subject-last token at given sites
     rule = key_position or (_recommended_key_position(site_maps[0]) if needs_location else "subject_last")
-    if rule not in ("subject_last", "carrier"):
-        raise EditError(f"key_position must be 'subject_last' or 'carrier', not {rule!r}")
+    if rule not in KEY_POSITIONS:
+        raise EditError(f"key_position must be one of {', '.join(map(repr, KEY_POSITIONS))}, not {rule!r}")
+    if rule == "last" and method == "ft":
+        raise EditError("key_position='last' is a control of the rank-one and head edits; FT has no key position")
     offsets = [_carrier_offset(lm, f, s) if rule == "carrier" else None for f, s in zip(facts, site_maps)]
     located_seconds = time.perf_counter() - start
     located = needs_location and layers is None and heads is None

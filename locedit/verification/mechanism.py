@@ -1,8 +1,17 @@
 """Mechanistic verification: is the new attribute retrieved through the same mechanism as the old one?
 
 After the edit, locedit's own analyses are re-run on the edit prompt for the **new** target and compared with the
-same analyses for the **old** target on the unedited model (measured with the edit reverted). Four checks, each
-with its numbers, a pass rule and its evidence (the thresholds are the module constants below):
+same analyses for the **old** target on the unedited model (measured with the edit reverted). Seven checks, each
+with its numbers, a continuous score, a pass rule and its evidence (the thresholds are the module constants below,
+chosen on control edits; `IN_RULE` names the checks the verdict counts, the others are evidence):
+
+* **sufficiency** / **necessity** (causal enrichment): the residual leaving the (last) edited layer at the subject key
+  position, taken from the edited model and patched into the unedited one, raises the log-odds of p(new) by at
+  least `SUFFICIENCY_MIN_LOGODDS`; the unedited state patched into the edited model lowers it by at least
+  `NECESSITY_MIN_LOGODDS` (`SetResidual`, one forward each). Not applicable to edits that change no layer.
+* **OV read**: the extraction heads with every key but the subject key position blocked (`BlockAttention`: the
+  head's OV circuit applied to the subject state), read as direct logits of new - old at the last position; passes
+  when that rose by at least `OV_MIN_GAIN`.
 
 * **knockout** (attention knockout, `locedit.localization.attention_knockout`, window 9, groups subject / non-subject /
   last): blocking last -> subject must still cut the prediction, at about the same layers. Passes when, after the
@@ -26,20 +35,17 @@ with its numbers, a pass rule and its evidence (the thresholds are the module co
   last layer: there the subject position mostly reads its own next-token prediction, which any edit at that
   position writes directly). Passes when the best rank of the new target over those layers improved by at least a
   factor `ENRICHMENT_MIN_FACTOR` and is at most `ENRICHMENT_MAX_RANK`, and the old target's median rank over those
-  layers did not improve (the old one ranks the same or lower). Not applicable to edits without an MLP layer (head
-  edits). The thresholds were set on SmolLM2 (Eiffel Tower -> Rome: the located layer-0 edit reaches rank 117 at
-  " iffel", 8x better; a behaviourally successful layer-20 edit 3535, 1.6x): one calibration example, so treat the
-  rule as a screen.
-* **locality** (of mechanism), cheap by design: for up to `LOCALITY_NEIGHBOURS` neighbourhood prompts, p(true)
-  (first token), the top MLP layer (largest drop of p(true) when one layer's MLP output is zeroed at the subject's
-  positions, or at every position but the first and last when the neighbour is a bare prompt) and the top head
-  (largest direct logit to the true target) before and after. Passes when every neighbour keeps its top MLP layer
+  layers did not improve (the old one ranks the same or lower). Its thresholds come from one calibration example
+  (Eiffel Tower -> Rome); on control edits it does not separate the routes, so it is evidence, not in the verdict.
+* **locality** (of mechanism), cheap by design (one forward per neighbour): for up to `LOCALITY_NEIGHBOURS`
+  neighbourhood prompts, p(true) (first token), the top MLP layer and the top head (largest direct logit to the
+  true target at the last position) before and after. Passes when every neighbour keeps its top MLP layer
   and its top head and its p(true) changes by at most `LOCALITY_MAX_REL_CHANGE` (relative). Not applicable without
   neighbours.
 
-The mechanism passes when every applicable check passes. Each check can fail: an edit at a site far from the
-located one (e.g. the last layer keyed at the last token) writes the new target without the subject's enrichment
-and without the extraction heads, and a failed edit changes neither.
+The mechanism passes when every applicable check of `IN_RULE` passes. Each check can fail: an edit keyed at the
+prompt's last token writes the new target without changing the subject state (sufficiency and necessity near 0),
+and a failed edit changes nothing.
 """
 
 from __future__ import annotations
@@ -51,7 +57,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from locedit.core.engine import Capture, SetSublayer, run
+from locedit.core.engine import BlockAttention, Capture, SetResidual, run
 from locedit.core.facts import EncodedFact, Fact
 from locedit.localization.heads import head_contributions
 from locedit.localization.knockout import attention_knockout, position_groups
@@ -66,7 +72,18 @@ EXTRACTION_MIN_GAIN = 0.0
 ENRICHMENT_MAX_RANK = 500
 ENRICHMENT_MIN_FACTOR = 4.0
 LOCALITY_NEIGHBOURS = 2
-LOCALITY_MAX_REL_CHANGE = 0.25
+# Thresholds below and IN_RULE: chosen on the tuning facts of the control-edit validation run
+# data/results/validate_verify/ (summary.json, `recipes/validate_verify.py`: 4 tuning + 3 held-out SmolLM2 facts,
+# 7 controls each; Youden cut of (+) subject-keyed ROME/MEMIT against (-) last-token-keyed ROME and head-output
+# edits, halfway into the gap). Knockout, extraction, OV read and the logit lens separated (+) from (-) with tuning
+# AUROC < 0.8 (0.62, 0.25, 0.57, 0.63): they are measured and reported as evidence, not part of the verdict.
+LOCALITY_MAX_REL_CHANGE = 0.57
+# causal enrichment (issue #17 §2): log-odds of p(new) in nats, the OV read in logits
+SUFFICIENCY_MIN_LOGODDS = 1.81
+NECESSITY_MIN_LOGODDS = 1.78
+OV_MIN_GAIN = 0.22
+# the checks the mechanism verdict is made of (tuning AUROC >= 0.8); the others are evidence
+IN_RULE = ("sufficiency", "necessity", "locality")
 
 RULES = {
     "knockout": f"after the edit, blocking last->subject lowers the log-odds of p(new) by >= "
@@ -81,6 +98,12 @@ RULES = {
                   "improved",
     "locality": f"up to {LOCALITY_NEIGHBOURS} neighbours keep their top MLP layer and top head, and p(true) "
                 f"changes <= {LOCALITY_MAX_REL_CHANGE:.0%}",
+    "sufficiency": f"the edited model's state leaving the edited layer at the subject key position, patched into "
+                   f"the unedited model, raises the log-odds of p(new) by >= {SUFFICIENCY_MIN_LOGODDS:g}",
+    "necessity": f"the unedited model's state leaving the edited layer at the subject key position, patched into "
+                 f"the edited model, lowers the log-odds of p(new) by >= {NECESSITY_MIN_LOGODDS:g}",
+    "ov_read": f"the extraction heads' OV circuits reading only the subject key position (every other key "
+               f"blocked): summed direct logit of new minus old rose by >= {OV_MIN_GAIN:g}",
 }
 
 
@@ -139,57 +162,55 @@ def _state_readout(lm, enc: EncodedFact, token_ids: Sequence[int], position: int
     contributions = torch.stack([head_contributions(lm, layer, {("heads", layer): caps["heads", layer][:, -1]})
                                  for layer in range(L)])  # (L, H, d)
     ids = torch.tensor(list(token_ids), device=final.device)
-    logit = lm.unembed(final).float()[ids]
-    without = lm.unembed(final - contributions).float()[..., ids]
-    dla = (logit - without).cpu().numpy()  # (L, H, tokens)
+    dla = direct_logits(lm, final, contributions, token_ids).cpu().numpy()  # (L, H, tokens)
     attn = lm.project(torch.stack([caps["attn", l][0, -1] for l in range(L)]), "model").float().argmax(-1)
     mlp = lm.project(torch.stack([caps["mlp", l][0, -1] for l in range(L)]), "model").float().argmax(-1)
     states = torch.stack([caps["residual", l][0, position] for l in range(L + 1)])
     scores = lm.project(states, "model").float()
     ranks = np.stack([rank_of(scores, int(t)).cpu().numpy() for t in token_ids], axis=1)  # (L+1, tokens)
-    return {"dla": dla, "attn_top1": attn.tolist(), "mlp_top1": mlp.tolist(), "ranks": ranks}
+    return {"dla": dla, "attn_top1": attn.tolist(), "mlp_top1": mlp.tolist(), "ranks": ranks,
+            "states": states.detach().cpu(), "final": final.detach().cpu(),
+            "p": lm.unembed(final).float().softmax(-1)[ids].tolist()}  # p(tokens) at the last position
+
+
+def direct_logits(lm, final: torch.Tensor, parts: torch.Tensor, token_ids: Sequence[int]) -> torch.Tensor:
+    """Direct logit of each part (..., d) of the final residual `final` (d,) for each token: the token's logit from
+    `final` minus its logit from `final - part` (the final norm sees the whole residual). Returns (..., tokens)."""
+    final = final.to(parts.device)
+    return torch.stack([lm.target_logit(final, int(t)) - lm.target_logit(final - parts, int(t)) for t in token_ids],
+                       dim=-1)
 
 
 @torch.no_grad()
 def _neighbour_readout(lm, prompt: Fact | str, true_target: str) -> dict:
-    """p(true first token), the top MLP layer (largest drop when one layer's MLP is zeroed at the subject's
-    positions, or at 1..n-2 for a bare prompt) and the top head (largest direct logit to the true target)."""
-    if isinstance(prompt, Fact):
-        enc = lm.encode(Fact(prompt.subject, prompt.prompt, true_target))
-        from locedit.localization.sites import site_positions
-
-        positions = site_positions(enc)
-        text = prompt.prompt
-    else:
-        text = prompt
-        ids = list(lm.tokenizer(text, add_special_tokens=True)["input_ids"])
-        positions = list(range(1, len(ids) - 1)) or list(range(max(1, len(ids) - 1)))
-        enc = ids
+    """p(true first token), the top MLP layer and the top head: the largest direct logit to the true target at the
+    last position (the target's logit from the final residual minus the logit without that MLP's / head's output),
+    all from one forward."""
     from locedit.verification.metrics import prompt_ids, target_ids
 
+    text = prompt.prompt if isinstance(prompt, Fact) else prompt
     pids = prompt_ids(lm, text)
     true_id = target_ids(lm, text, true_target, pids)[0]
     L = lm.num_layers
-    rows = [[]] + [[SetSublayer("mlp", [layer], positions)] for layer in range(L)]
-    out = run(lm, enc if isinstance(enc, EncodedFact) else pids, rows,
-              capture=Capture(heads=True, residual=True, layers=None, last_only=True))
-    probs = out.prob_of(true_id).cpu().numpy()
+    out = run(lm, pids, capture=Capture(heads=True, mlp=True, residual=True, layers=None, last_only=True))
+    p_true = float(out.prob_of(true_id)[0])
     caps = out.captures
     final = caps["residual", L][0]
     contributions = torch.stack([head_contributions(lm, layer, {("heads", layer): caps["heads", layer][:1]})
                                  for layer in range(L)])
-    logit = lm.unembed(final).float()[true_id]
-    dla = (logit - lm.unembed(final - contributions).float()[..., true_id]).cpu().numpy()
-    drops = probs[0] - probs[1:]
+    dla = direct_logits(lm, final, contributions, [true_id])[..., 0].cpu().numpy()
+    mlps = torch.stack([caps["mlp", layer][0] for layer in range(L)])
+    mlp_dla = direct_logits(lm, final, mlps, [true_id])[..., 0].cpu().numpy()
     top_head = np.unravel_index(int(np.argmax(dla)), dla.shape)
-    return {"prompt": text, "true_target": true_target, "p_true": float(probs[0]),
-            "top_mlp_layer": int(np.argmax(drops)), "mlp_drop": drops.tolist(),
+    return {"prompt": text, "true_target": true_target, "p_true": p_true,
+            "top_mlp_layer": int(np.argmax(mlp_dla)), "mlp_direct_logit": mlp_dla.tolist(),
             "top_head": [int(top_head[0]), int(top_head[1])], "top_head_dla": float(dla[top_head])}
 
 
-def measure(lm, setup: MechanismSetup, *, after: bool) -> dict:
+def measure(lm, setup: MechanismSetup, *, after: bool, heads: list | None = None) -> dict:
     """Everything the checks need from the current model state: the old target's analyses before the edit
-    (`after=False`), the new target's after it."""
+    (`after=False`), the new target's after it. `heads`: the extraction heads whose OV reads are measured (default:
+    the setup's, else those with the largest direct logit to the old target in this state)."""
     fact = setup.fact
     old_id = token_id(lm, fact.prompt, fact.subject, fact.target)
     new_id = token_id(lm, fact.prompt, fact.subject, setup.new_target)
@@ -198,9 +219,54 @@ def measure(lm, setup: MechanismSetup, *, after: bool) -> dict:
     groups = {k: v for k, v in position_groups(enc).items() if k in ("subject", "non_subject", "last")}
     knockout = attention_knockout(lm, enc, window=min(KNOCKOUT_WINDOW, lm.num_layers), groups=groups)
     readout = _state_readout(lm, enc, [old_id, new_id], setup.position)
+    heads = heads or setup.heads or top_heads(readout["dla"])
+    ov = ov_reads(lm, enc, heads, setup.position, readout["final"], [old_id, new_id])
     neighbours = [_neighbour_readout(lm, p, t) for p, t in setup.neighbours]
     return {"old_id": old_id, "new_id": new_id, "knockout": knockout.to_dict(), "readout": readout,
-            "neighbours": neighbours}
+            "neighbours": neighbours, "ov_heads": [list(h) for h in heads], "ov": ov}
+
+
+def top_heads(dla: np.ndarray) -> list[tuple[int, int]]:
+    """The TOP_HEADS heads with the largest direct logit to the old target (dla: (L, H, [old, new]))."""
+    order = np.argsort(-dla[..., 0], axis=None)[:TOP_HEADS]
+    return [tuple(int(x) for x in np.unravel_index(int(i), dla.shape[:2])) for i in order]
+
+
+@torch.no_grad()
+def ov_reads(lm, enc: EncodedFact, heads: Sequence, position: int, final: torch.Tensor,
+             token_ids: Sequence[int]) -> list[list[float]]:
+    """Per head, the direct logits of the tokens (old, new) of what the head writes at the last position when it
+    may attend only to `position` (every other key blocked, so its softmax puts all weight there): its OV circuit
+    applied to the subject state, read as the extraction check reads a head (final residual with and without it)."""
+    n = len(enc)
+    others = [p for p in range(n) if p != position]
+    rows = [[BlockAttention([l], [n - 1], others, heads=[h])] for l, h in heads]
+    layers = sorted({l for l, _ in heads})
+    caps = run(lm, enc, rows, capture=Capture(heads=True, layers=layers, last_only=True)).captures
+    final = final.to(lm.device)
+    parts = torch.stack([head_contributions(lm, l, {("heads", l): caps["heads", l]}, row=j)[h]
+                         for j, (l, h) in enumerate(heads)])
+    return direct_logits(lm, final, parts, token_ids).tolist()
+
+
+@torch.no_grad()
+def patched_probs(lm, setup: MechanismSetup, state: torch.Tensor, token_ids: Sequence[int]) -> list[float] | None:
+    """p(old), p(new) (first tokens) in the current model with the residual leaving the edited layer at the key
+    position replaced by `state` (the other model's); None when the edit changes no layer."""
+    if setup.layer is None:
+        return None
+    tracked = lm.encode(setup.fact)
+    iv = SetResidual(setup.layer + 1, [setup.position], state.to(lm.device)[None])
+    out = run(lm, tracked, [[iv]])
+    return out.probs()[0, list(token_ids)].tolist()
+
+
+def cross_patch(lm, setup: MechanismSetup, measured: dict, other: dict) -> list[float] | None:
+    """`patched_probs` with the other state's residual leaving the edited layer at the key position."""
+    if setup.layer is None:
+        return None
+    return patched_probs(lm, setup, other["readout"]["states"][setup.layer + 1],
+                         [measured["old_id"], measured["new_id"]])
 
 
 # --- the pass rules: small pure functions of the numbers (unit-tested in tests/test_mechanism_rules.py) -------------
@@ -268,6 +334,29 @@ def locality_rule(same_sites: Sequence[bool], relative_changes: Sequence[float])
                     for same, change in zip(same_sites, relative_changes, strict=True)))
 
 
+def sufficiency_rule(logodds_gain: float) -> bool:
+    """The edited state patched into the unedited model raised the log-odds of p(new) by >= SUFFICIENCY_MIN_LOGODDS
+    (NaN fails)."""
+    return bool(logodds_gain >= SUFFICIENCY_MIN_LOGODDS)
+
+
+def necessity_rule(logodds_drop: float) -> bool:
+    """The unedited state patched into the edited model lowered the log-odds of p(new) by >= NECESSITY_MIN_LOGODDS
+    (NaN fails)."""
+    return bool(logodds_drop >= NECESSITY_MIN_LOGODDS)
+
+
+def ov_rule(gain: float) -> bool:
+    """The extraction heads' OV read of the subject state: summed direct logit of new minus old rose by >=
+    OV_MIN_GAIN (NaN fails)."""
+    return bool(gain >= OV_MIN_GAIN)
+
+
+def fraction(part: float, whole: float) -> float:
+    """part / whole; NaN when `whole` is (about) zero: the share of the edit's effect a patch carries."""
+    return float(part / whole) if abs(whole) > 1e-6 else float("nan")
+
+
 def overall_rule(verdicts: Sequence[bool | None]) -> bool:
     """The mechanism passes when at least one check applies and every applicable one (not None) passed."""
     applicable = [v for v in verdicts if v is not None]
@@ -302,8 +391,7 @@ def knockout_check(before: dict, after: dict) -> dict:
 def extraction_check(lm, before: dict, after: dict, heads: list | None, source: str) -> dict:
     db, da = before["readout"]["dla"], after["readout"]["dla"]  # (L, H, [old, new])
     if heads is None:
-        order = np.argsort(-db[..., 0], axis=None)[:TOP_HEADS]
-        heads = [tuple(int(x) for x in np.unravel_index(int(i), db.shape[:2])) for i in order]
+        heads = top_heads(db)
     rows = [{"layer": l, "head": h, "old_before": float(db[l, h, 0]), "new_before": float(db[l, h, 1]),
              "old_after": float(da[l, h, 0]), "new_after": float(da[l, h, 1])} for l, h in heads]
     total = {k: float(sum(r[k] for r in rows)) for k in ("old_before", "new_before", "old_after", "new_after")}
@@ -338,6 +426,46 @@ def enrichment_check(before: dict, after: dict, layer: int | None, position: int
                          "old_rank_before": rb[:, 0].tolist(), "old_rank_after": ra[:, 0].tolist()}}
 
 
+def _lo(p: float) -> float:
+    return float(log_odds(p))
+
+
+def sufficiency_check(before: dict, after: dict, setup: MechanismSetup) -> dict:
+    """Patch the edited state into the unedited model: does p(new) rise?"""
+    if setup.layer is None or before.get("patched") is None:
+        return {"applicable": False, "passed": None, "reason": "the edit changes no layer",
+                "rule": RULES["sufficiency"]}
+    p_b, p_a, p_x = before["readout"]["p"][1], after["readout"]["p"][1], before["patched"][1]
+    gain = _lo(p_x) - _lo(p_b)
+    return {"layer": setup.layer, "position": setup.position, "p_new_before": p_b, "p_new_after": p_a,
+            "p_new_patched": p_x, "logodds_gain": gain, "share_of_edit": fraction(gain, _lo(p_a) - _lo(p_b)),
+            "applicable": True, "passed": sufficiency_rule(gain), "rule": RULES["sufficiency"]}
+
+
+def necessity_check(before: dict, after: dict, setup: MechanismSetup) -> dict:
+    """Patch the unedited state into the edited model: does p(new) fall?"""
+    if setup.layer is None or after.get("patched") is None:
+        return {"applicable": False, "passed": None, "reason": "the edit changes no layer",
+                "rule": RULES["necessity"]}
+    p_b, p_a, p_x = before["readout"]["p"][1], after["readout"]["p"][1], after["patched"][1]
+    drop = _lo(p_a) - _lo(p_x)
+    return {"layer": setup.layer, "position": setup.position, "p_new_before": p_b, "p_new_after": p_a,
+            "p_new_patched": p_x, "logodds_drop": drop, "share_of_edit": fraction(drop, _lo(p_a) - _lo(p_b)),
+            "applicable": True, "passed": necessity_rule(drop), "rule": RULES["necessity"]}
+
+
+def ov_check(before: dict, after: dict, position: int) -> dict:
+    """The extraction heads' OV circuits reading the subject state: new minus old, before and after."""
+    ob, oa = np.asarray(before["ov"], float).reshape(-1, 2), np.asarray(after["ov"], float).reshape(-1, 2)
+    diff_b, diff_a = float((ob[:, 1] - ob[:, 0]).sum()), float((oa[:, 1] - oa[:, 0]).sum())
+    gain = diff_a - diff_b
+    rows = [{"layer": int(l), "head": int(h), "old_before": float(b[0]), "new_before": float(b[1]),
+             "old_after": float(a[0]), "new_after": float(a[1])} for (l, h), b, a in zip(after["ov_heads"], ob, oa)]
+    return {"heads": after["ov_heads"], "position": position, "new_minus_old_before": diff_b,
+            "new_minus_old_after": diff_a, "gain": gain, "applicable": True, "passed": ov_rule(gain),
+            "rule": RULES["ov_read"], "evidence": {"per_head": rows}}
+
+
 def locality_check(before: dict, after: dict) -> dict:
     if not before["neighbours"]:
         return {"applicable": False, "passed": None, "reason": "no neighbourhood prompts",
@@ -357,16 +485,22 @@ def locality_check(before: dict, after: dict) -> dict:
 
 
 def compare(lm, setup: MechanismSetup, before: dict, after: dict) -> dict:
-    """The four checks and the overall verdict (every applicable check passed)."""
+    """Every check, each with `in_rule` (whether the mechanism verdict counts it), and the overall verdict (every
+    applicable in-rule check passed). `before["patched"]` / `after["patched"]`: `cross_patch` of each state."""
     enc = lm.encode(setup.fact)
     checks = {
         "knockout": knockout_check(before, after),
         "extraction": extraction_check(lm, before, after, setup.heads,
                                        "sitemap" if setup.heads is not None else "direct_logit_before"),
+        "sufficiency": sufficiency_check(before, after, setup),
+        "necessity": necessity_check(before, after, setup),
+        "ov_read": ov_check(before, after, setup.position),
         "enrichment": enrichment_check(before, after, setup.layer, setup.position, enc.tokens[setup.position]),
         "locality": locality_check(before, after),
     }
-    checks["passed"] = overall_rule([c.get("passed") for c in checks.values()])
+    for name, c in checks.items():
+        c["in_rule"] = name in IN_RULE
+    checks["passed"] = overall_rule([c.get("passed") for name, c in checks.items() if name in IN_RULE])
     return checks
 
 

@@ -15,7 +15,7 @@ from locedit.core.report import figure_data_uri, figure_html, page, table
 from locedit.core.results import write_atomic
 from locedit.verification.ripple import ripple_html
 
-CHECKS = ("knockout", "extraction", "enrichment", "locality")
+CHECKS = ("knockout", "extraction", "sufficiency", "necessity", "ov_read", "enrichment", "locality")
 
 # What each outcome means, one sentence each.
 VERDICT_MEANING = {
@@ -40,11 +40,24 @@ CHECK_MEANING = {
               "the old.",
         False: "Extraction failed: the extraction heads do not write the new target above the old one, so the answer "
                "reaches the output some other way."},
+    "sufficiency": {
+        True: "Sufficiency passed: the edited subject state alone, patched into the unedited model, raises the new "
+              "target, so the subject's representation carries it.",
+        False: "Sufficiency failed: the edited subject state alone, patched into the unedited model, does not raise "
+               "the new target: the edit acts somewhere other than the subject's representation."},
+    "necessity": {
+        True: "Necessity passed: restoring the unedited subject state in the edited model removes the new target, "
+              "so the edit works through the subject's representation.",
+        False: "Necessity failed: with the unedited subject state restored the edited model still gives the new "
+               "target, so the edit reaches the output another way."},
+    "ov_read": {
+        True: "OV read passed: the extraction heads, reading only the edited subject state, now write the new "
+              "target more than before.",
+        False: "OV read failed: the extraction heads reading the edited subject state do not write the new target "
+               "more than before."},
     "enrichment": {
-        True: "Enrichment passed: under the logit lens the edited subject state now points at the new target, so the "
-              "subject's own representation carries it.",
-        False: "Enrichment failed: the edited subject state does not come near the new target under the logit lens, "
-               "so the change is not visible in the subject's representation."},
+        True: "Logit lens: the edited subject state points at the new target under the logit lens.",
+        False: "Logit lens: the edited subject state does not come near the new target under the logit lens."},
     "locality": {
         True: "Locality passed: neighbouring facts keep their answer's probability (within 25%) and their top MLP "
               "layer and head.",
@@ -56,7 +69,8 @@ LAYER_SOURCE_WORDS = {"located": "the layer `locate` ranked top for this fact",
                       "calibrated": "the calibrated edit layer of these weights (locedit calibrate)",
                       "measured": "this model's measured edit layer"}  # edits saved before calibrations existed
 KEY_WORDS = {"subject_last": "the subject's last token", "carrier": "the subject token that carries the fact, by "
-                                                                    "locate's causal trace"}
+                                                                    "locate's causal trace",
+             "last": "the prompt's last token, a control that bypasses the subject"}
 BEHAVIOUR_ROWS = (
     ("Efficacy score ES", "efficacy_score"), ("Efficacy magnitude EM", "efficacy_magnitude"),
     ("Paraphrase score PS", "paraphrase_score"), ("Paraphrase magnitude PM", "paraphrase_magnitude"),
@@ -165,7 +179,10 @@ def _behaviour_failures(b: Mapping) -> list[str]:
 def _check_sentence(name: str, check: Mapping) -> str:
     if check.get("passed") is None or check.get("applicable") is False:
         return f"{name.capitalize()} not applicable: {check.get('reason', 'no numbers for this edit')}."
-    return CHECK_MEANING[name][bool(check["passed"])]
+    text = CHECK_MEANING[name][bool(check["passed"])]
+    if check.get("in_rule") is False:
+        text += " (Evidence only: this check failed validation on control edits and is not in the verdict.)"
+    return text
 
 
 def _outcome(passed: bool | None) -> str:
@@ -204,7 +221,8 @@ def verdict_scores_html(v: Mapping | None) -> list[str]:
     m = v.get("mechanism")
     if m is not None:
         rows = [{"check": name, "score": c["score"], "score is": c["score_meaning"],
-                 "outcome": "n/a" if not c["applicable"] else ("pass" if c["passed"] else "FAIL")}
+                 "outcome": "n/a" if not c["applicable"] else ("pass" if c["passed"] else "FAIL")
+                 + ("" if c.get("in_rule", True) else " (evidence, not in the rule)")}
                 for name, c in m["checks"].items()]
         out += ["<h3>Mechanism</h3>", table(rows, ["check", "score", "score is", "outcome"])]
     out.append(f"<p>Exit status of <code>locedit verify</code>: <b>{v['exit_status']}</b> (0 passed, 1 failed, "

@@ -1,9 +1,10 @@
 """The verdict of a verification, for a script: behaviour and mechanism separately, each check with its continuous
 score beside its pass, and the exit status the CLI returns (0 passed, 1 failed; 2 is a user error).
 
-The behaviour rule is `verify.BEHAVIOUR_RULE` (unchanged). NS+ (the neighbourhood score with the edit prompt
-prefixed, CounterFact+) and NKL (the neighbourhood KL) are reported beside it with `in_rule: False`: putting them
-in the rule needs thresholds validated on control edits (issue #17 §1), which has not been run.
+The behaviour rule is `verify.behaviour_rule()`. NS+ (the neighbourhood score with the edit prompt prefixed,
+CounterFact+) and NKL (the neighbourhood KL) are in it when `verify.NS_PREFIXED_TOLERANCE` / `verify.NKL_MAX` are set
+(thresholds from the control-edit validation run, `recipes/validate_verify.py`), else reported with `in_rule: False`.
+Mechanistic checks carry `in_rule` too: those that failed validation are evidence, not part of the verdict.
 """
 
 from __future__ import annotations
@@ -23,8 +24,10 @@ def criterion(name: str, score: float | bool | None, passed: bool | None, rule: 
             "in_rule": in_rule}
 
 
-def behaviour_verdict(behaviour: Mapping[str, Any], ns_tolerance: float) -> dict:
-    """The behaviour rule's criteria with their scores, plus NS+ and NKL (reported, not in the rule)."""
+def behaviour_verdict(behaviour: Mapping[str, Any], ns_tolerance: float, ns_prefixed_tolerance: float | None = None,
+                      nkl_max: float | None = None) -> dict:
+    """The behaviour rule's criteria with their scores; NS+ and NKL are in the rule when their validated
+    thresholds are given (`verify.NS_PREFIXED_TOLERANCE`, `verify.NKL_MAX`), else reported beside it."""
     before = behaviour["before"]
     es = behaviour["efficacy_score"]
     checks = [criterion("efficacy_score", es, es == 1.0, "ES = 1"),
@@ -41,42 +44,61 @@ def behaviour_verdict(behaviour: Mapping[str, Any], ns_tolerance: float) -> dict
     reported = []
     pre, pre_before = behaviour.get("neighborhood_score_prefixed"), before.get("neighborhood_score_prefixed")
     if pre is not None:
-        reported.append(criterion("neighborhood_score_prefixed_drop", (pre_before or 0.0) - pre, None,
-                                  f"NS+ before ({_fmt(pre_before)}) - NS+ after ({_fmt(pre)}); no validated "
-                                  "threshold yet", in_rule=False))
-    if behaviour.get("neighborhood_kl") is not None:
-        reported.append(criterion("neighborhood_kl", behaviour["neighborhood_kl"], None,
-                                  "KL(before || after) on the prefixed neighbours, nats; no validated threshold yet",
-                                  in_rule=False))
+        drop = (pre_before or 0.0) - pre
+        if ns_prefixed_tolerance is None:
+            reported.append(criterion("neighborhood_score_prefixed_drop", drop, None,
+                                      f"NS+ before ({_fmt(pre_before)}) - NS+ after ({_fmt(pre)}); no validated "
+                                      "threshold", in_rule=False))
+        else:
+            checks.append(criterion("neighborhood_score_prefixed_drop", drop, drop <= ns_prefixed_tolerance,
+                                    f"NS+ before - NS+ after <= {ns_prefixed_tolerance:g} (CounterFact+)"))
+    nkl = behaviour.get("neighborhood_kl")
+    if nkl is not None:
+        if nkl_max is None:
+            reported.append(criterion("neighborhood_kl", nkl, None, "KL(before || after) on the prefixed "
+                                      "neighbours, nats; no validated threshold", in_rule=False))
+        else:
+            checks.append(criterion("neighborhood_kl", nkl, nkl <= nkl_max,
+                                    f"KL(before || after) on the prefixed neighbours <= {nkl_max:g} nats"))
     return {"passed": bool(behaviour["passed"]), "checks": checks, "reported": reported}
 
 
-# per check: the continuous score (key, what it means) and each criterion (key, rule, test)
+# per check: the continuous score (key, what it means; higher is better unless it says otherwise)
 MECHANISM_SCORES = {
     "knockout": ("subject_logodds_drop_after", "log-odds drop of p(new) when last -> subject is blocked"),
     "extraction": ("new_minus_old_after", "summed direct logit of new minus old at the extraction heads"),
+    "sufficiency": ("logodds_gain", "log-odds gain of p(new) when the edited subject state is patched into the "
+                                    "unedited model"),
+    "necessity": ("logodds_drop", "log-odds drop of p(new) when the unedited subject state is patched into the "
+                                  "edited model"),
+    "ov_read": ("gain", "rise of the extraction heads' OV read (new minus old) of the subject state"),
     "enrichment": ("new_best_rank_after", "best logit-lens rank of new in the subject state (lower is better)"),
-    "locality": ("max_abs_relative_change", "largest relative change of a neighbour's p(true)"),
+    "locality": ("max_abs_relative_change", "largest relative change of a neighbour's p(true) (lower is better)"),
 }
 
 
 def mechanism_verdict(mechanism: Mapping[str, Any] | None) -> dict | None:
-    """Per mechanistic check: applicable, passed, its continuous score and what the score means."""
+    """Per mechanistic check: applicable, passed, its continuous score, what the score means and whether the
+    verdict counts it (`in_rule`; the others are evidence)."""
     if mechanism is None:
         return None
     checks = {}
     for name, (key, meaning) in MECHANISM_SCORES.items():
-        check = mechanism.get(name) or {}
+        check = mechanism.get(name)
+        if check is None:
+            continue
         applicable = check.get("applicable", True)
         checks[name] = {"applicable": bool(applicable), "passed": check.get("passed") if applicable else None,
                         "score": check.get(key) if applicable else None, "score_name": key,
-                        "score_meaning": meaning, "rule": check.get("rule")}
+                        "score_meaning": meaning, "rule": check.get("rule"), "in_rule": bool(check.get("in_rule",
+                                                                                                       True))}
     return {"passed": bool(mechanism.get("passed")), "checks": checks}
 
 
-def verdict(behaviour: Mapping[str, Any], mechanism: Mapping[str, Any] | None, ns_tolerance: float) -> dict:
+def verdict(behaviour: Mapping[str, Any], mechanism: Mapping[str, Any] | None, ns_tolerance: float,
+            ns_prefixed_tolerance: float | None = None, nkl_max: float | None = None) -> dict:
     """Behaviour and mechanism verdicts side by side, the overall pass and its exit status."""
-    b = behaviour_verdict(behaviour, ns_tolerance)
+    b = behaviour_verdict(behaviour, ns_tolerance, ns_prefixed_tolerance, nkl_max)
     m = mechanism_verdict(mechanism)
     passed = b["passed"] and (m is None or m["passed"])
     return {"passed": passed, "exit_status": exit_status(passed), "behaviour": b, "mechanism": m}
@@ -97,10 +119,15 @@ def verdict_lines(v: Mapping[str, Any]) -> list[str]:
                      + "; ".join(f"{c['name']} {_fmt(c['score'], '.4f')}" for c in b["reported"]))
     m = v.get("mechanism")
     if m is not None:
-        parts = [f"{name} {'n/a' if not c['applicable'] else ('pass' if c['passed'] else 'FAIL')} "
-                 f"({c['score_name']} {_fmt(c['score'], '.0f' if 'rank' in c['score_name'] else '.2f')})"
-                 for name, c in m["checks"].items()]
-        lines.append(f"verdict (mechanism): {'PASSED' if m['passed'] else 'FAILED'}: " + "; ".join(parts))
+        def part(name, c):
+            return (f"{name} {'n/a' if not c['applicable'] else ('pass' if c['passed'] else 'FAIL')} "
+                    f"({c['score_name']} {_fmt(c['score'], '.0f' if 'rank' in c['score_name'] else '.2f')})")
+
+        ruled = [part(n, c) for n, c in m["checks"].items() if c.get("in_rule", True)]
+        lines.append(f"verdict (mechanism): {'PASSED' if m['passed'] else 'FAILED'}: " + "; ".join(ruled))
+        evidence = [part(n, c) for n, c in m["checks"].items() if not c.get("in_rule", True)]
+        if evidence:
+            lines.append("  evidence, not in the rule (failed validation): " + "; ".join(evidence))
     return lines
 
 

@@ -35,9 +35,27 @@ from locedit.verification.weight_diff import diff_lines, edited_mlp_layers, weig
 from locedit.verification.metrics import (PERPLEXITY_TEXT, contains_target, fluency, greedy_generate_ids, harmonic_mean,
                       kl_divergence, perplexity, success_and_magnitude, target_probs)
 
-BEHAVIOUR_RULE = ("ES = 1 on the rewrite prompt; greedy generation from the rewrite prompt contains the new target; "
-                  "PS >= 0.5 (when paraphrases); NS after >= NS before - 0.1 (when neighbours)")
 NS_TOLERANCE = 0.1
+# NS+ (CounterFact+) and NKL in the behaviour rule: thresholds from the control-edit validation run
+# (data/results/validate_verify/, tuning split); None = reported beside the rule, not in it. In that run neither
+# separated subject-keyed edits from last-token shortcuts well enough (tuning AUROC 0.65 and 0.75 < 0.8), while the
+# NS drop did (0.83, threshold 0.1 as before): both stay reported, not in the rule.
+NS_PREFIXED_TOLERANCE: float | None = None  # NS+ before - NS+ after <= this
+NKL_MAX: float | None = None  # neighbourhood KL(before || after), nats, <= this
+
+
+def behaviour_rule() -> str:
+    """The behaviour pass rule in words, with the thresholds in force."""
+    rule = ("ES = 1 on the rewrite prompt; greedy generation from the rewrite prompt contains the new target; "
+            f"PS >= 0.5 (when paraphrases); NS after >= NS before - {NS_TOLERANCE:g} (when neighbours)")
+    if NS_PREFIXED_TOLERANCE is not None:
+        rule += f"; NS+ after >= NS+ before - {NS_PREFIXED_TOLERANCE:g} (when neighbours)"
+    if NKL_MAX is not None:
+        rule += f"; neighbourhood KL <= {NKL_MAX:g} nats (when neighbours)"
+    return rule
+
+
+BEHAVIOUR_RULE = behaviour_rule()
 BEHAVIOUR_KEYS = ("efficacy_score", "efficacy_magnitude", "paraphrase_score", "paraphrase_magnitude",
                   "neighborhood_score", "neighborhood_magnitude", "score", "generation_efficacy",
                   "generation_efficacy_prompt", "neighborhood_score_prefixed", "fluency", "perplexity")
@@ -225,8 +243,13 @@ def behaviour_metrics(inputs: Sequence[FactInputs], before: dict, after: dict) -
         checks.append(out["paraphrase_score"] >= 0.5)
     if out["neighborhood_score"] is not None:
         checks.append(out["neighborhood_score"] >= b["mean"]["neighborhood_score"] - NS_TOLERANCE)
+    pre, pre_before = out.get("neighborhood_score_prefixed"), b["mean"].get("neighborhood_score_prefixed")
+    if NS_PREFIXED_TOLERANCE is not None and pre is not None and pre_before is not None:
+        checks.append(pre >= pre_before - NS_PREFIXED_TOLERANCE)
+    if NKL_MAX is not None and out["neighborhood_kl"] is not None:
+        checks.append(out["neighborhood_kl"] <= NKL_MAX)
     out["passed"] = all(checks)
-    out["rule"] = BEHAVIOUR_RULE
+    out["rule"] = behaviour_rule()
     out["per_fact"] = []
     for x, fa, fb, da, db in zip(inputs, a["per_fact"], b["per_fact"], after["per_fact"], before["per_fact"]):
         out["per_fact"].append({
@@ -269,7 +292,7 @@ class Verification(Result):
     def verdict(self) -> dict:
         """Behaviour and mechanism verdicts separately, each check's score beside its pass, and `exit_status`
         (0 passed, 1 failed: what `locedit verify` returns)."""
-        return verdict(self.behaviour, self.mechanism, NS_TOLERANCE)
+        return verdict(self.behaviour, self.mechanism, NS_TOLERANCE, NS_PREFIXED_TOLERANCE, NKL_MAX)
 
     @property
     def exit_status(self) -> int:
@@ -335,11 +358,26 @@ def summary_text(d: dict) -> str:
                  f"extraction {_verdict(e)} (heads {', '.join(f'L{l}H{h}' for l, h in e['heads'])}: new-old "
                  f"{e['new_minus_old_before']:+.2f} -> {e['new_minus_old_after']:+.2f})"]
         if n.get("applicable"):
-            parts.append(f"enrichment {_verdict(n)} (L{n['layer']} at {n['token']!r}: best rank of new "
+            tag = "" if n.get("in_rule", True) else " (evidence)"
+            parts.append(f"logit lens {_verdict(n)}{tag} (L{n['layer']} at {n['token']!r}: best rank of new "
                          f"{n['new_best_rank_before']} -> {n['new_best_rank_after']}, old median "
                          f"{n['old_median_rank_before']:.0f} -> {n['old_median_rank_after']:.0f})")
         else:
-            parts.append(f"enrichment n/a ({n.get('reason')})")
+            parts.append(f"logit lens n/a ({n.get('reason')})")
+        for name, key in (("sufficiency", "logodds_gain"), ("necessity", "logodds_drop"), ("ov_read", "gain")):
+            c = m.get(name)
+            if c is None:
+                continue
+            if not c.get("applicable"):
+                parts.append(f"{name} n/a ({c.get('reason')})")
+            elif name == "ov_read":
+                parts.append(f"OV read {_verdict(c)} (new-old {c['new_minus_old_before']:+.2f} -> "
+                             f"{c['new_minus_old_after']:+.2f})")
+            else:
+                start = c["p_new_before"] if name == "sufficiency" else c["p_new_after"]
+                sign = "+" if name == "sufficiency" else "-"
+                parts.append(f"{name} {_verdict(c)} (p(new) {start:.3f} -> {c['p_new_patched']:.3f} patched, "
+                             f"log-odds {sign}{c[key]:.2f})")
         if loc.get("applicable"):
             parts.append(f"locality {_verdict(loc)} ({loc['same_sites']}/{loc['neighbours']} neighbours keep "
                          f"their sites, max |dp| {100 * loc['max_abs_relative_change']:.0f}%)")
@@ -418,8 +456,16 @@ def verify_states(lm_before, lm_after, inputs: Sequence[FactInputs], setups: Seq
     state_after = measure_behaviour(lm_after, inputs, **options)
     timings["behaviour_after"] = time.perf_counter() - t
     t = time.perf_counter()
-    mech_after = [mech.measure(lm_after, s, after=True) for s in setups]
+    mech_after = [mech.measure(lm_after, s, after=True, heads=b["ov_heads"]) for s, b in zip(setups, mech_before)]
+    for s, b, a in zip(setups, mech_before, mech_after):  # necessity: the unedited state in the edited model
+        a["patched"] = mech.cross_patch(lm_after, s, a, b)
     timings["mechanism_after"] = time.perf_counter() - t
+    if setups:  # sufficiency: the edited state in the unedited model
+        t = time.perf_counter()
+        with before():
+            for s, b, a in zip(setups, mech_before, mech_after):
+                b["patched"] = mech.cross_patch(lm_before, s, b, a)
+        timings["mechanism_before"] += time.perf_counter() - t
     behaviour = behaviour_metrics(inputs, state_before, state_after)
     mechanism_result = None
     if setups:
