@@ -32,6 +32,9 @@ class ValueHyperParams:
     context_template_length_params: list = field(default_factory=lambda: [[5, 10], [10, 10]])
     kl_prompt: str = "{} is a"
     seed: int = 0
+    # how templated prompts are tokenized (`values.templated_prompts`): "text" (ROME's: the joined text) or
+    # "prompt" (the prefix, a newline, then the bare prompt's tokens: the same key token in every template)
+    template_tokens: str = "text"
 
 
 @dataclass
