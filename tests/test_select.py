@@ -17,9 +17,9 @@ from locedit.errors import EditError, LoceditError
 FAST = {"v_num_grad_steps": 6, "clamp_norm_factor": 10, "context_template_length_params": [[3, 2]],
         "mom2_adjustment": False}
 SUBJECTS = ["Eiffel Tower", "Beats Music", "Michael Jordan", "Jimi Hendrix", "Big Ben", "Colosseum", "Louvre",
-            "Microsoft", "Brazil", "Japan"]
+            "Microsoft", "Brazil", "Japan", "Toyota", "Danielle Darrieux", "Apple", "Italy", "Mount Fuji", "Nile"]
 TEMPLATES = ["{} is located in the city of", "The city of the {} is", "{} is owned by", "The capital of {} is",
-             "{} was founded by", "{} is in"]
+             "{} was founded by", "{} is in", "The language of {} is", "{} was made by", "People of {} speak"]
 
 
 @pytest.fixture(autouse=True)
@@ -37,7 +37,9 @@ def pool_facts(lm) -> list[Fact]:
             if top[0].token.strip() and lm.encode(Fact(subject, prompt, top[0].token)).target_id == top[0].token_id:
                 new = next(t.token.strip() for t in top[1:] if t.token.strip() not in ("", top[0].token.strip()))
                 out.append(Fact(subject, prompt, top[0].token, "rel", {"id": prompt, "target_new": new}))
-    return out
+    first = out[0].subject
+    assert len({f.subject for f in out}) >= 4, lm.adapter.family  # other subjects to draw neighbours from
+    return sorted(out, key=lambda f: f.subject != first)
 
 
 def request_and_pool(lm):
@@ -66,10 +68,11 @@ def test_select_trial_edits_the_shortlist_and_keeps_the_best_on_selection_probes
     evaluation = {request.fact.prompt, *request.fact.meta["paraphrases"], *request.fact.meta["neighborhood"]}
     assert not evaluation & set(sel["probes"]["paraphrases"] + sel["probes"]["neighbours"])
     # the chosen edit is the trial's: its selection score reproduces the table's
-    probes = selection_probes(lm, request.fact, request.new_target_text(), pool)
-    after = probe_snapshot(lm, request.fact, probes)
-    with e.reverted():
+    with e.reverted():  # the probes and the baseline come from the unedited model
+        probes = selection_probes(lm, request.fact, request.new_target_text(), pool)
         clean = probe_snapshot(lm, request.fact, probes)
+    assert probes.paraphrases == sel["probes"]["paraphrases"]
+    after = probe_snapshot(lm, request.fact, probes)
     assert probe_score(clean, after)["S_sel"] == pytest.approx(chosen["S_sel"])
     e.revert()
     assert all(torch.equal(a, b) for a, b in zip(before, lm.model.parameters()))  # bit-exact
@@ -147,3 +150,27 @@ def test_text_tokens_change_a_leading_subjects_token_and_prompt_tokens_do_not():
                      key_position="subject_last", hparams={**FAST, "template_tokens": "prompt"})
     assert e.hparams["template_tokens"] == "prompt"
     e.revert()
+
+
+def test_cli_sites_select_prints_the_trials_and_writes_the_chosen_edit(tmp_path, capsys):
+    import json
+
+    from locedit.cli.main import main
+
+    model_dir = tiny.save(tmp_path / "model", "llama")
+    lm = locedit.load(str(model_dir))
+    request, pool = request_and_pool(lm)
+    (tmp_path / "pool.jsonl").write_text("".join(
+        json.dumps({"subject": f.subject, "prompt": f.prompt, "target": f.target.strip(), "relation": "rel",
+                    "target_new": f.meta["target_new"]}) + "\n" for f in pool))
+    (tmp_path / "hp.json").write_text(json.dumps(FAST))
+    fact = request.fact
+    args = ["edit", "--model", str(model_dir), "--subject", fact.subject, "--prompt", fact.prompt,
+            "--new-target", request.new_target, "--hparams", str(tmp_path / "hp.json"), "--out", str(tmp_path / "e")]
+    assert main(args + ["--sites", "select", "--select-pool", str(tmp_path / "pool.jsonl")]) == 0
+    out = capsys.readouterr().out
+    assert "selected by" in out and out.count(" trial layer ") >= 1 and out.count(" * trial layer ") == 1
+    saved = json.loads((tmp_path / "e" / "edit.json").read_text())
+    assert saved["sites"]["layer_source"] == "selected"
+    assert main(args + ["--select-pool", str(tmp_path / "pool.jsonl")]) == 2  # the pool needs --sites select
+    assert main(args + ["--sites", "select", "--layers", "1"]) == 2  # select chooses the layer itself

@@ -39,7 +39,7 @@ class Selection:
     curated set). `max_trials`: shortlist size (trial edits per fact)."""
 
     pool: Sequence[Fact] | None = None
-    max_trials: int = 4
+    max_trials: int = 3  # with locate, probes and the predictor: under 4 edits of cost (the issue's bound)
     n_paraphrases: int = 4
     n_neighbours: int = 5
     predictor: bool = True
@@ -156,9 +156,10 @@ def best_trial(trials: Sequence[dict]) -> int:
     return min(scored, key=lambda i: (-trials[i]["S_sel"], trials[i]["NKL_sel"], i))
 
 
-def shortlist(lm, request: EditRequest, probes: Probes, selection: Selection, site_map=None, stats=None
-              ) -> list[dict]:
-    """The candidate sites `{"layer", "key_position", "source"}` (module docstring), at most `max_trials`."""
+def shortlist(lm, request: EditRequest, probes: Probes, selection: Selection, site_map=None, stats=None,
+              predicted: int | None = None) -> list[dict]:
+    """The candidate sites `{"layer", "key_position", "source"}` (module docstring), at most `max_trials`.
+    `predicted`: the predictor's layer when already computed."""
     from locedit.editing.calibration import calibrated_site
 
     out: list[dict] = []
@@ -171,11 +172,9 @@ def shortlist(lm, request: EditRequest, probes: Probes, selection: Selection, si
     if site is not None:
         add(site["layers"][-1], site["key_position"], "calibrated")
     if selection.predictor:
-        from locedit.editing.layer_predictor import rome_reach_scores
-
-        scores = rome_reach_scores(lm, request, stats, paraphrases=probes.paraphrases,
-                                   neighbours=[p for p, _ in probes.neighbours])
-        add(scores.best("neighbour"), "subject_last", "predictor")
+        if predicted is None:
+            predicted = predicted_layer(lm, request, probes, stats)
+        add(predicted, "subject_last", "predictor")
     if site_map is not None:
         for m in site_map.mlp_layers[:selection.locate_layers]:
             add(m["layer"], "carrier", "located")
@@ -184,6 +183,15 @@ def shortlist(lm, request: EditRequest, probes: Probes, selection: Selection, si
         if other == "subject_last" or site_map is not None:
             add(site["layers"][-1], other, "calibrated, other key")
     return out[:max(1, selection.max_trials)]
+
+
+def predicted_layer(lm, request: EditRequest, probes: Probes, stats=None) -> int:
+    """The layer ROME's closed-form neighbour leak ranks first, on the selection probes (never the evaluation's)."""
+    from locedit.editing.layer_predictor import rome_reach_scores
+
+    scores = rome_reach_scores(lm, request, stats, paraphrases=probes.paraphrases,
+                               neighbours=[p for p, _ in probes.neighbours])
+    return scores.best("neighbour")
 
 
 def select_edit(lm, request: EditRequest, selection: Selection, *, method: str = "rome", hparams=None,
