@@ -9,6 +9,9 @@ calibrated layer) once per `template_tokens` choice, measured (`locedit.study.me
 one row per (fact, choice) in `data/results/key_tokens/rows.jsonl`; `summary.{json,md}` hold the mean per choice
 and the paired differences prompt − text (bootstrap 95% CI), for all facts and for those whose prompt starts with
 the subject (where the two tokenizations give the subject different tokens on a tokenizer without BOS).
+
+Decision rule (written before any row existed): the default becomes "prompt" only if its paired ΔS over all facts
+is positive with a CI whose lower end is ≥ 0; otherwise it stays "text" (ROME's tokenization).
 """
 
 from __future__ import annotations
@@ -73,6 +76,7 @@ def markdown(s: dict, command: str) -> str:
         wtl = "/".join(str(m["S"].get(k, "")) for k in ("wins", "ties", "losses"))
         lines.append(f"| {g} | {m['S']['n']} | " + " | ".join(ci(m[k], 1 if k == "NKL" else 100) for k in METRICS)
                      + f" | {wtl} |")
+    lines += ["", f"Default by the rule in the recipe's docstring: **{s.get('default')}**."]
     return "\n".join(lines) + "\n"
 
 
@@ -120,6 +124,8 @@ def main(argv=None) -> int:
                 rows[key] = row
                 print(f"{key} S={m['S']:.2f} ({seconds:.0f} s)", file=sys.stderr, flush=True)
     s = summary(rows, facts)
+    d = s["paired"]["all"]["S"]
+    s["default"] = "prompt" if d["mean"] is not None and d["mean"] > 0 and (d["low"] or 0) >= 0 else "text"
     command = "python recipes/key_tokens.py " + " ".join(argv if argv is not None else sys.argv[1:])
     s["command"] = command
     (OUT / "summary.json").write_text(json.dumps(s, indent=1, default=str) + "\n")
