@@ -10,6 +10,10 @@ one row per (fact, choice) in `data/results/key_tokens/rows.jsonl`; `summary.{js
 and the paired differences prompt − text (bootstrap 95% CI), for all facts and for those whose prompt starts with
 the subject (where the two tokenizations give the subject different tokens on a tokenizer without BOS).
 
+`--keys` (forwards only, no edit; every tuning fact): at `--layer`, the cosine between the bare prompt's key and
+ROME's template-averaged key k*, and the share of the change written at k* that the bare prompt's key receives,
+(k_bareᵀC⁻¹k*)/(k*ᵀC⁻¹k*) (1 = all of δ reaches the bare prompt), per choice: `keys.jsonl` and `keys` in the summary.
+
 Decision rule (written before any row existed): the default becomes "prompt" only if its paired ΔS over all facts
 is positive with a CI whose lower end is ≥ 0; otherwise it stays "text" (ROME's tokenization).
 """
@@ -22,6 +26,8 @@ import sys
 import time
 from datetime import datetime
 from pathlib import Path
+
+import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "data" / "results" / "key_tokens"
@@ -37,6 +43,33 @@ def tuning_facts(n: int) -> list:
     splits = [json.loads(line)["split"] for line in FACTS.read_text().splitlines() if line.strip()]
     facts = [f for f, split in zip(read_facts(FACTS).facts, splits) if split == "tuning"]
     return sorted(facts, key=lambda f: fact_hash(f.meta["id"]))[:n]
+
+
+def key_geometry(lm, fact, layer: int, choice: str, C) -> dict:
+    """Cosine(k_bare, k*) and the reach ratio of k_bare for ROME's templates tokenized by `choice`."""
+    import torch
+
+    from locedit.editing.hparams import read_hparams
+    from locedit.editing.layer_predictor import reach_ratio
+    from locedit.editing.templates import context_templates
+    from locedit.editing.values import pad_rows, templated_prompts
+
+    hp = read_hparams("rome", None).params
+    templates = context_templates(lm, hp.context_template_length_params, hp.seed)
+    rows, keys, _ = templated_prompts(lm, fact, templates, "subject_last", None, choice)
+    ids, mask = pad_rows(lm, rows)
+    got = {}
+    module = lm.adapter.layer_part(lm.model, layer, lm.adapter.mlp_down)
+    hook = module.register_forward_pre_hook(
+        lambda m, a: got.__setitem__("k", a[0][torch.arange(len(rows)), torch.tensor(keys)].float()))
+    try:
+        with torch.no_grad():
+            lm.model(input_ids=ids, attention_mask=mask)
+    finally:
+        hook.remove()
+    k_bare, k_star = got["k"][0], got["k"].mean(0)
+    return {"cos": float(torch.nn.functional.cosine_similarity(k_bare, k_star, dim=0)),
+            "share": float(reach_ratio(C, k_star, k_bare[None])[0])}
 
 
 def summary(rows: dict, facts: list) -> dict:
@@ -58,13 +91,29 @@ def summary(rows: dict, facts: list) -> dict:
     return out
 
 
+def key_summary(key_rows: dict) -> dict:
+    """Mean [CI] of cos and share per choice, for all facts and those whose prompt starts with the subject."""
+    from locedit.core.statistics import bootstrap_mean
+
+    out: dict = {}
+    for group, keep in (("all", lambda r: True), ("subject_first", lambda r: r["subject_first"]),
+                        ("subject_later", lambda r: not r["subject_first"])):
+        for choice in CHOICES:
+            rs = [r for r in key_rows.values() if r["choice"] == choice and keep(r)]
+            out[f"{group}|{choice}"] = {"n": len(rs), "cos": bootstrap_mean([r["cos"] for r in rs])._asdict(),
+                                        "share": bootstrap_mean([r["share"] for r in rs])._asdict(),
+                                        "share_below_half": float(np.mean([r["share"] < 0.5 for r in rs]))
+                                        if rs else None}
+    return out
+
+
 def markdown(s: dict, command: str) -> str:
     def ci(d: dict, scale: float) -> str:
         if d.get("mean") is None:
             return "—"
         lo, hi = d.get("low"), d.get("high")
-        body = f"{d['mean'] * scale:+.1f}" if "n" in d else f"{d['mean'] * scale:.1f}"
-        return body + ("" if lo is None else f" [{lo * scale:+.1f}, {hi * scale:+.1f}]")
+        f = "{:+.1f}" if "n" in d else ("{:.1f}" if scale != 1 else "{:.2f}")
+        return f.format(d["mean"] * scale) + ("" if lo is None else f" [{f.format(lo * scale)}, {f.format(hi * scale)}]")
 
     lines = ["# Key consistency: template_tokens 'prompt' vs 'text' (tuning facts)", "", f"    {command}", "",
              "| choice | S | ES | PS | NS | NKL | gen. efficacy |", "|---|---|---|---|---|---|---|"]
@@ -76,6 +125,15 @@ def markdown(s: dict, command: str) -> str:
         wtl = "/".join(str(m["S"].get(k, "")) for k in ("wins", "ties", "losses"))
         lines.append(f"| {g} | {m['S']['n']} | " + " | ".join(ci(m[k], 1 if k == "NKL" else 100) for k in METRICS)
                      + f" | {wtl} |")
+    if s.get("keys"):
+        lines += ["", "Key geometry (forwards only, every tuning fact): cos(k_bare, k*) and the share of δ that reaches "
+                  "the bare prompt's key, (k_bareᵀC⁻¹k*)/(k*ᵀC⁻¹k*):", "",
+                  "| facts | choice | n | cos | share | share < 0.5 |", "|---|---|---|---|---|---|"]
+        for name, k in s["keys"].items():
+            if k["n"]:
+                g, c = name.split("|")
+                lines.append(f"| {g} | {c} | {k['n']} | {ci(k['cos'], 1)} | {ci(k['share'], 1)} | "
+                             f"{100 * k['share_below_half']:.0f}% |")
     lines += ["", f"Default by the rule in the recipe's docstring: **{s.get('default')}**."]
     return "\n".join(lines) + "\n"
 
@@ -86,6 +144,7 @@ def main(argv=None) -> int:
     ap.add_argument("--layer", type=int, default=1)
     ap.add_argument("--stop-at", default=None, help="HH:MM (UTC): start no new fact after it")
     ap.add_argument("--summary-only", action="store_true")
+    ap.add_argument("--keys", action="store_true", help="the forwards-only key geometry of every tuning fact")
     args = ap.parse_args(argv)
     from locedit.core.store import RunStore
 
@@ -93,7 +152,24 @@ def main(argv=None) -> int:
     store = RunStore(OUT / "rows.jsonl", key="key")
     rows = dict(store.latest())
     facts = tuning_facts(args.n)
-    if not args.summary_only:
+    key_store = RunStore(OUT / "keys.jsonl", key="key")
+    key_rows = dict(key_store.latest())
+    if args.keys:
+        import locedit
+        from locedit.editing.stats import key_statistics
+
+        lm = locedit.load("smollm2-135m")
+        C = key_statistics(lm, layers=[args.layer], kinds=("mlp",), progress=False).get("mlp", args.layer)
+        for fact in tuning_facts(10 ** 6):
+            for choice in CHOICES:
+                key = f"{fact.meta['id']}|{choice}|L{args.layer}"
+                if key not in key_rows:
+                    row = {"key": key, "fact": fact.meta["id"], "choice": choice, "layer": args.layer,
+                           "subject_first": fact.prompt.startswith(fact.subject),
+                           **key_geometry(lm, fact, args.layer, choice, C)}
+                    key_store.append(row)
+                    key_rows[key] = row
+    if not args.summary_only and not args.keys:
         import locedit
         from locedit.core.facts import EditRequest
         from locedit.study.measure import edit_metrics, snapshot
@@ -124,6 +200,7 @@ def main(argv=None) -> int:
                 rows[key] = row
                 print(f"{key} S={m['S']:.2f} ({seconds:.0f} s)", file=sys.stderr, flush=True)
     s = summary(rows, facts)
+    s["keys"] = key_summary(key_rows)
     d = s["paired"]["all"]["S"]
     s["default"] = "prompt" if d["mean"] is not None and d["mean"] > 0 and (d["low"] or 0) >= 0 else "text"
     command = "python recipes/key_tokens.py " + " ".join(argv if argv is not None else sys.argv[1:])

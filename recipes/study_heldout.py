@@ -135,6 +135,12 @@ class Fact_run:
                 "forward_s": self.forward_s, **m, **sel, "t": time.time()}
 
 
+def canonical(plan: dict, layer: int, key: str) -> tuple[int, str]:
+    """A site as edited: the carrier key is the subject-last key when locate's carrier is the subject's last token
+    (the same edit, made once)."""
+    return (layer, "subject_last") if key == "carrier" and plan.get("carrier_is_subject_last") else (layer, key)
+
+
 def past(stop_at: str | None) -> bool:
     """Whether the wall clock (UTC) is at or after `stop_at` ("HH:MM")."""
     return bool(stop_at) and datetime.utcnow().strftime("%H:%M") >= stop_at
@@ -160,11 +166,13 @@ def run_fact(lm, fact, pool, stats, tokens, rows, store, oracle: bool, stop_at: 
         short = shortlist(lm, run.request, run.probes, Selection(), sm, stats, predicted=predicted)
         shortlist_s = time.perf_counter() - t0 + predictor_s
         fixed, _ = calibrated_site(lm, "rome", warn=False)
+        enc = lm.encode(fact)
         plan = {"key": plan_key, "phase": "plan", "fact": fid, "template_tokens": tokens, "num_layers": lm.num_layers,
                 "sites": {"fixed": [fixed["layers"][-1], fixed["key_position"]], "located": [located_layer(sm), "carrier"],
                           "predictor": [predicted, "subject_last"],
                           "random": [random_layer(fid, lm.num_layers), "carrier"]},
-                "shortlist": short, "locate_s": run.locate_s, "predictor_s": predictor_s,
+                "shortlist": short, "carrier_is_subject_last": int(sm.carrier["position"]) == enc.subject_end - 1,
+                "locate_s": run.locate_s, "predictor_s": predictor_s,
                 "shortlist_s": shortlist_s, "probes_s": run.probes_s, "forward_s": run.forward_s,
                 "probe_sources": run.probes.sources, "t": time.time()}
         store.append(plan)
@@ -173,7 +181,7 @@ def run_fact(lm, fact, pool, stats, tokens, rows, store, oracle: bool, stop_at: 
     sites += [(c["layer"], c["key_position"]) for c in plan["shortlist"]]
     if oracle:
         sites += [(l, "subject_last") for l in oracle_layers(lm.num_layers)]
-    for layer, key in dict.fromkeys(sites):
+    for layer, key in dict.fromkeys(canonical(plan, l, k) for l, k in sites):
         k = site_key(fid, layer, key, tokens)
         if k not in rows:
             if past(stop_at):
@@ -183,7 +191,8 @@ def run_fact(lm, fact, pool, stats, tokens, rows, store, oracle: bool, stop_at: 
             rows[k] = row
             print(f"{fid} L{layer} {key}: S={row['S']} S_sel={row['S_sel']} ({row['edit_s']:.0f} s)",
                   file=sys.stderr, flush=True)
-    trials = [{**c, **rows[site_key(fid, c["layer"], c["key_position"], tokens)]} for c in plan["shortlist"]]
+    trials = [{**c, **rows[site_key(fid, *canonical(plan, c["layer"], c["key_position"]), tokens)]}
+              for c in plan["shortlist"]]
     choice = plan["shortlist"][best_trial(trials)]
     if plan.get("selected") != [choice["layer"], choice["key_position"]]:
         plan = {**plan, "selected": [choice["layer"], choice["key_position"]], "t": time.time()}
@@ -197,7 +206,7 @@ def policy_rows(rows: dict, tokens: str) -> dict[str, dict[str, dict]]:
     out: dict[str, dict] = {p: {} for p in POLICIES}
     for plan in (r for r in rows.values() if r.get("phase") == "plan" and r["template_tokens"] == tokens):
         fid = plan["fact"]
-        get = lambda l, k: rows.get(site_key(fid, l, k, tokens))  # noqa: E731
+        get = lambda l, k: rows.get(site_key(fid, *canonical(plan, l, k), tokens))  # noqa: E731
         per_edit = lambda r: r["edit_s"]  # noqa: E731
         for name, (layer, key) in plan["sites"].items():
             r = get(layer, key)

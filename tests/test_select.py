@@ -113,7 +113,7 @@ def test_select_refuses_what_it_cannot_do():
         locedit.edit(lm, request, sites="selected")
     with pytest.raises(EditError, match="one request"):
         locedit.edit(lm, [request, request], sites="select")
-    with pytest.raises(EditError, match="head"):
+    with pytest.raises(EditError, match="rome, ft"):
         locedit.edit(lm, request, sites=Selection(pool=pool), method="head")
     assert applied_edits(lm) == []
 

@@ -120,8 +120,18 @@ def _select(lm, requests, single, sites, method, layers, heads, key_position, hp
              if v is not None]
     if given:
         raise EditError(f"sites='select' chooses the layer and key position itself; do not give {', '.join(given)}")
-    return select_edit(lm, requests[0], sites if isinstance(sites, Selection) else Selection(), method=method,
-                       hparams=hparams, stats=stats, corpus=corpus)
+    if method not in ("rome", "ft"):
+        raise EditError(f"sites='select' chooses the layer of one-layer edits (rome, ft), not method {method!r}")
+    fact, _ = _resolved(lm, requests[0].fact)
+    request = EditRequest(fact, requests[0].new_target)
+    _new_target_text(lm, fact, request)  # refused before any trial, as edit refuses it
+
+    def trial(layer: int, key: str, site_map) -> Edit:
+        return edit(lm, request, method=method, layers=[layer], key_position=key, hparams=hparams, stats=stats,
+                    corpus=corpus, sites=site_map)
+
+    return select_edit(lm, request, sites if isinstance(sites, Selection) else Selection(), trial, stats=stats,
+                       corpus=corpus)
 
 
 def check_request(lm, request: EditRequest) -> None:

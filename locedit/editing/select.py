@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -194,20 +194,14 @@ def predicted_layer(lm, request: EditRequest, probes: Probes, stats=None) -> int
     return scores.best("neighbour")
 
 
-def select_edit(lm, request: EditRequest, selection: Selection, *, method: str = "rome", hparams=None,
-                stats=None, corpus=None):
-    """Trial-edit every shortlisted site, keep the best on the selection probes; the returned `Edit` is applied
-    and records the trial table in `sites["selection"]` and the cost in `timings`."""
-    from locedit.editing.api import _new_target_text, _resolved, edit
-    from locedit.editing.calibrate import candidate_layers
+def select_edit(lm, request: EditRequest, selection: Selection, trial: Callable, *, stats=None, corpus=None):
+    """Trial-edit every shortlisted site, keep the best on the selection probes. `request.fact` has its true target;
+    `trial(layer, key_position, site_map)` makes and returns one applied edit (`locedit.edit` at that site). The
+    returned `Edit` is applied and records the trial table in `sites["selection"]` and the cost in `timings`."""
     from locedit.localization.sites import locate
 
-    if method not in ("rome", "memit", "ft"):
-        raise EditError(f"sites='select' chooses layers of rank-one and FT edits, not method {method!r}")
     start = time.perf_counter()
-    fact, _ = _resolved(lm, request.fact)
-    _new_target_text(lm, fact, request)  # the FactError edit would raise
-    request = EditRequest(fact, request.new_target)
+    fact = request.fact
     if stats is None:
         from locedit.editing.hparams import read_hparams
         from locedit.editing.stats import key_statistics
@@ -225,9 +219,7 @@ def select_edit(lm, request: EditRequest, selection: Selection, *, method: str =
     trials, edits = [], []
     for cand in candidates:
         t0 = time.perf_counter()
-        e = edit(lm, request, method=method, layers=candidate_layers(method, cand["layer"]),
-                 key_position=cand["key_position"], hparams=hparams, stats=stats, corpus=corpus,
-                 sites=site_map if cand["key_position"] == "carrier" else None)
+        e = trial(cand["layer"], cand["key_position"], site_map if cand["key_position"] == "carrier" else None)
         try:
             score = probe_score(before, probe_snapshot(lm, fact, probes))
         finally:
@@ -243,4 +235,3 @@ def select_edit(lm, request: EditRequest, selection: Selection, *, method: str =
                            "selection_locate_s": locate_s, "trial_edits": len(trials),
                            "total_s": time.perf_counter() - start})
     return result
-
