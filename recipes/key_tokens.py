@@ -93,7 +93,7 @@ def summary(rows: dict, facts: list) -> dict:
 
 def key_summary(key_rows: dict) -> dict:
     """Mean [CI] of cos and share per choice, for all facts and those whose prompt starts with the subject."""
-    from locedit.core.statistics import bootstrap_mean
+    from locedit.core.statistics import bootstrap_mean, paired_difference
 
     out: dict = {}
     for group, keep in (("all", lambda r: True), ("subject_first", lambda r: r["subject_first"]),
@@ -104,6 +104,10 @@ def key_summary(key_rows: dict) -> dict:
                                         "share": bootstrap_mean([r["share"] for r in rs])._asdict(),
                                         "share_below_half": float(np.mean([r["share"] < 0.5 for r in rs]))
                                         if rs else None}
+        pairs = {c: {r["fact"]: r for r in key_rows.values() if r["choice"] == c and keep(r)} for c in CHOICES}
+        for m in ("cos", "share"):
+            out[f"{group}|prompt − text|{m}"] = paired_difference({f: r[m] for f, r in pairs["prompt"].items()},
+                                                                  {f: r[m] for f, r in pairs["text"].items()})
     return out
 
 
@@ -112,7 +116,7 @@ def markdown(s: dict, command: str) -> str:
         if d.get("mean") is None:
             return "—"
         lo, hi = d.get("low"), d.get("high")
-        f = "{:+.1f}" if "n" in d else ("{:.1f}" if scale != 1 else "{:.2f}")
+        f = ("{:+" if "n" in d else "{:") + (".1f}" if scale != 1 else ".3f}")
         return f.format(d["mean"] * scale) + ("" if lo is None else f" [{f.format(lo * scale)}, {f.format(hi * scale)}]")
 
     lines = ["# Key consistency: template_tokens 'prompt' vs 'text' (tuning facts)", "", f"    {command}", "",
@@ -130,10 +134,19 @@ def markdown(s: dict, command: str) -> str:
                   "the bare prompt's key, (k_bareᵀC⁻¹k*)/(k*ᵀC⁻¹k*):", "",
                   "| facts | choice | n | cos | share | share < 0.5 |", "|---|---|---|---|---|---|"]
         for name, k in s["keys"].items():
+            if name.count("|") == 2:
+                continue
             if k["n"]:
                 g, c = name.split("|")
                 lines.append(f"| {g} | {c} | {k['n']} | {ci(k['cos'], 1)} | {ci(k['share'], 1)} | "
                              f"{100 * k['share_below_half']:.0f}% |")
+    if s.get("keys"):
+        lines += ["", "Paired prompt − text over the same facts:", "", "| facts | n | Δcos | Δshare | share w/t/l |",
+                  "|---|---|---|---|---|"]
+        for g in ("all", "subject_first", "subject_later"):
+            c, sh = s["keys"].get(f"{g}|prompt − text|cos"), s["keys"].get(f"{g}|prompt − text|share")
+            if c and c["n"]:
+                lines.append(f"| {g} | {c['n']} | {ci(c, 1)} | {ci(sh, 1)} | {sh['wins']}/{sh['ties']}/{sh['losses']} |")
     lines += ["", f"Default by the rule in the recipe's docstring: **{s.get('default')}**."]
     return "\n".join(lines) + "\n"
 
