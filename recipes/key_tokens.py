@@ -117,7 +117,8 @@ def markdown(s: dict, command: str) -> str:
             return "—"
         lo, hi = d.get("low"), d.get("high")
         f = ("{:+" if "n" in d else "{:") + (".1f}" if scale != 1 else ".3f}")
-        return f.format(d["mean"] * scale) + ("" if lo is None else f" [{f.format(lo * scale)}, {f.format(hi * scale)}]")
+        interval = "" if lo is None else f" [{f.format(lo * scale)}, {f.format(hi * scale)}]"
+        return f.format(d["mean"] * scale) + interval
 
     lines = ["# Key consistency: template_tokens 'prompt' vs 'text' (tuning facts)", "", f"    {command}", "",
              "| choice | S | ES | PS | NS | NKL | gen. efficacy |", "|---|---|---|---|---|---|---|"]
@@ -130,8 +131,8 @@ def markdown(s: dict, command: str) -> str:
         lines.append(f"| {g} | {m['S']['n']} | " + " | ".join(ci(m[k], 1 if k == "NKL" else 100) for k in METRICS)
                      + f" | {wtl} |")
     if s.get("keys"):
-        lines += ["", "Key geometry (forwards only, every tuning fact): cos(k_bare, k*) and the share of δ that reaches "
-                  "the bare prompt's key, (k_bareᵀC⁻¹k*)/(k*ᵀC⁻¹k*):", "",
+        lines += ["", "Key geometry (forwards only, tuning facts): cos(k_bare, k*) and the share of δ that "
+                  "reaches the bare prompt's key, (k_bareᵀC⁻¹k*)/(k*ᵀC⁻¹k*):", "",
                   "| facts | choice | n | cos | share | share < 0.5 |", "|---|---|---|---|---|---|"]
         for name, k in s["keys"].items():
             if name.count("|") == 2:
@@ -146,7 +147,8 @@ def markdown(s: dict, command: str) -> str:
         for g in ("all", "subject_first", "subject_later"):
             c, sh = s["keys"].get(f"{g}|prompt − text|cos"), s["keys"].get(f"{g}|prompt − text|share")
             if c and c["n"]:
-                lines.append(f"| {g} | {c['n']} | {ci(c, 1)} | {ci(sh, 1)} | {sh['wins']}/{sh['ties']}/{sh['losses']} |")
+                wtl = f"{sh['wins']}/{sh['ties']}/{sh['losses']}"
+                lines.append(f"| {g} | {c['n']} | {ci(c, 1)} | {ci(sh, 1)} | {wtl} |")
     lines += ["", f"Default by the rule in the recipe's docstring: **{s.get('default')}**."]
     return "\n".join(lines) + "\n"
 

@@ -1,7 +1,8 @@
 """The site study on the NEW held-out split (issue #16 §5): calibrated fixed layer vs located, predictor, per-fact
 selection, random layer and a dense oracle, ROME on SmolLM2-135M.
 
-    nice -n 10 python recipes/study_heldout.py [--facts 40] [--oracle-facts 4] [--random-every 1] [--template-tokens text]
+    nice -n 10 python recipes/study_heldout.py [--facts 40] [--oracle-facts 4] [--random-every 1]
+        [--template-tokens text]
         [--stop-at 02:00] [--summary-only]
 
 Facts: the `heldout` split of `data/facts/heldout/facts.jsonl` in sha256(fact id) order (`locedit.study.split.
@@ -81,7 +82,7 @@ def clean_forward_seconds(lm, fact, repeats: int = 5) -> float:
     return float(min(times))  # the least-contended of the repeats (a shared CPU)
 
 
-class Fact_run:
+class FactRun:
     """Everything measured around one fact: the unedited snapshots, selection probes, locate, predictor."""
 
     def __init__(self, lm, fact, pool, stats, tokens: str) -> None:
@@ -154,7 +155,7 @@ def run_fact(lm, fact, pool, stats, tokens, rows, store, oracle: bool, stop_at: 
 
     fid = fact.meta["id"]
     plan_key = f"plan|{fid}|{tokens}"
-    run = Fact_run(lm, fact, pool, stats, tokens)
+    run = FactRun(lm, fact, pool, stats, tokens)
     if plan_key in rows:
         plan = rows[plan_key]
     else:
@@ -168,7 +169,8 @@ def run_fact(lm, fact, pool, stats, tokens, rows, store, oracle: bool, stop_at: 
         fixed, _ = calibrated_site(lm, "rome", warn=False)
         enc = lm.encode(fact)
         plan = {"key": plan_key, "phase": "plan", "fact": fid, "template_tokens": tokens, "num_layers": lm.num_layers,
-                "sites": {"fixed": [fixed["layers"][-1], fixed["key_position"]], "located": [located_layer(sm), "carrier"],
+                "sites": {"fixed": [fixed["layers"][-1], fixed["key_position"]],
+                          "located": [located_layer(sm), "carrier"],
                           "predictor": [predicted, "subject_last"],
                           "random": [random_layer(fid, lm.num_layers), "carrier"]},
                 "shortlist": short, "carrier_is_subject_last": int(sm.carrier["position"]) == enc.subject_end - 1,
@@ -289,8 +291,10 @@ def markdown(s: dict, command: str) -> str:
                                                               for m in METRICS) + f" | {wtl} | {cr} |")
     if "goal" in s:
         g = s["goal"]
-        lines += ["", f"Goal (selection − fixed ΔS ≥ 3 pp, CI excluding 0, cost ≤ 4×): **{'met' if g['met'] else 'not met'}**"
-                  f" (ΔS {g['delta_S_pp']:+.1f} pp, CI excludes 0: {g['ci_excludes_zero']}, cost × {g['cost_ratio']:.1f})."]
+        verdict = "met" if g["met"] else "not met"
+        lines += ["", f"Goal (selection − fixed ΔS ≥ 3 pp, CI excluding 0, cost ≤ 4×): **{verdict}** "
+                  f"(ΔS {g['delta_S_pp']:+.1f} pp, CI excludes 0: {g['ci_excludes_zero']}, "
+                  f"cost × {g['cost_ratio']:.1f})."]
     return "\n".join(lines) + "\n"
 
 

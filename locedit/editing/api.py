@@ -26,8 +26,8 @@ def edit(lm, request: EditRequest | Sequence[EditRequest], *positional: object, 
     (default "memit"; ROME, head and FT edits take one request). `fact.target` is the attribute replaced (None: the
     model's top-1; the edit records which in `target_sources`). `layers=None` / `heads=None` edit where `locate`
     says the fact is retrieved (`sites=` passes the `SiteMap`, or one per request, already computed); heads are
-    read with `Head.parse` ("L23H4", "23.4", (23, 4)). `sites="select"` (or a
-    `locedit.editing.select.Selection`) chooses the site per fact by trial edits on selection probes. `key_position` is "subject_last" (ROME's choice) or
+    read with `Head.parse` ("L23H4", "23.4", (23, 4)); `sites="select"` (or a `locedit.editing.select.Selection`)
+    chooses the site per fact by trial edits on selection probes. `key_position` is "subject_last" (ROME's choice) or
     "carrier" (locate's carrier token), default as `locate` recommends. `hparams`: a dict, a JSON/YAML file (ROME,
     MEMIT and EasyEdit files as they are: `alg_name` picks the method, their `layers` and `fact_token` are used
     where not given here, keys that do not apply are listed in `Edit.hparams_ignored` and one warning) or the
