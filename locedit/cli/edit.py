@@ -42,6 +42,12 @@ def add_parser(sub) -> None:
     p.add_argument("--key-position", choices=["subject_last", "carrier", "last"], default=None,
                    help="where the key is read (default: as locate recommends; not with --method ft); 'last' "
                         "(the prompt's last token) is a control edit that bypasses the subject")
+    p.add_argument("--sites", choices=["default", "select"], default="default",
+                   help="select: choose the layer per fact by trial edits scored on selection probes (never the "
+                        "fact's own paraphrases or neighbours; docs/study.md); default: the calibrated/located site")
+    p.add_argument("--select-pool", type=Path, default=None,
+                   help="--sites select: a fact file whose known facts give the selection's neighbours and "
+                        "relation templates (default: locedit's curated facts)")
     p.add_argument("--nullspace", action="store_true", help="memit: AlphaEdit's null-space projection")
     p.add_argument("--hparams", type=Path, default=None, help="JSON/YAML hyper-parameters of the method")
     p.add_argument("--corpus", default=None, help="text for the key statistics (.txt/.jsonl, or a dataset name); "
@@ -79,6 +85,10 @@ def run(args: argparse.Namespace) -> int:
     from locedit.core.facts import EditRequest
 
     single = args.facts is None
+    if args.sites == "select" and (args.sequential or not single):
+        raise common.UsageError("--sites select chooses the site of one fact: give --prompt/--subject, not --facts")
+    if args.select_pool is not None and args.sites != "select":
+        raise common.UsageError("--select-pool applies only with --sites select")
     if args.sequential:
         if single:
             raise common.UsageError("--sequential edits a fact file one batch after another: give --facts")
@@ -171,6 +181,15 @@ def _edit_and_write(lm, requests, method: str, hparams, args: argparse.Namespace
     heads = list(args.heads) if args.heads else None
     options = dict(method=method, layers=args.layers, heads=heads, key_position=args.key_position,
                    hparams=hparams, corpus=args.corpus, progress=True)
+    if getattr(args, "sites", "default") == "select":
+        from locedit.editing.select import Selection
+
+        pool = None
+        if args.select_pool is not None:
+            from locedit.core.datasets import read_facts
+
+            pool = list(read_facts(common.check_input_file(args.select_pool, "--select-pool")).facts)
+        options = {**options, "sites": Selection(pool=pool), "progress": False}
     first = requests[0] if isinstance(requests, list) else requests
     before = _readout(lm, first.fact, first.new_target)
     edit = compute_edit(lm, requests, **options)
@@ -182,6 +201,10 @@ def _edit_and_write(lm, requests, method: str, hparams, args: argparse.Namespace
               f"{_source(sites)}; {edit.timings.get('total_s', 0):.1f} s")
         for note in edit.notes:
             print(f"note: {note}")
+        for i, t in enumerate(sites.get("selection", {}).get("trials", [])):
+            mark = "*" if i == sites["selection"]["chosen"] else " "
+            print(f" {mark} trial layer {t['layer']} ({t['key_position']}, {t['source']}): S_sel {t['S_sel']:.2f} "
+                  f"PS_sel {t['PS_sel']:.2f} NS_sel {t['NS_sel']:.2f} NKL_sel {t['NKL_sel']:.3f}")
         fact = edit.facts[0]
         print(f"prompt: {fact.prompt!r}")
         print(f"  p(old {fact.target!r}): {before['p_old']:.4f} -> {after['p_old']:.4f}")
@@ -230,6 +253,8 @@ def _readout(lm, fact, new_target: str) -> dict:
 
 
 def _source(sites: dict) -> str:
+    if sites.get("layer_source") == "selected":
+        return f" (selected by {len(sites['selection']['trials'])} trial edits on selection probes)"
     if not sites.get("located"):
         return ""
     if sites.get("layer_source") == "calibrated":

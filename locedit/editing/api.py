@@ -28,11 +28,13 @@ def edit(lm, request: EditRequest | Sequence[EditRequest], *positional: object, 
     (default "memit"; ROME, head and FT edits take one request). `fact.target` is the attribute replaced (None: the
     model's top-1; the edit records which in `target_sources`). `layers=None` / `heads=None` edit where `locate`
     says the fact is retrieved (`sites=` passes the `SiteMap`, or one per request, already computed); heads are
-    read with `Head.parse` ("L23H4", "23.4", (23, 4)). `key_position` is "subject_last" (ROME's choice) or
+    read with `Head.parse` ("L23H4", "23.4", (23, 4)); `sites="select"` (or a `locedit.editing.select.Selection`)
+    chooses the site per fact by trial edits on selection probes. `key_position` is "subject_last" (ROME's choice) or
     "carrier" (locate's carrier token), default as `locate` recommends; "last" (the prompt's last token) is a
     **control**, not a way to edit facts: a rank-one edit keyed there writes the new target without going through
     the subject's enrichment (a shortcut `verify`'s mechanistic checks must fail; `recipes/validate_verify.py`).
-    `hparams`: a dict, a JSON/YAML file (ROME, MEMIT and EasyEdit files as they are: `alg_name` picks the method, their `layers` and `fact_token` are used
+    `hparams`: a dict, a JSON/YAML file (ROME, MEMIT and EasyEdit files as they are: `alg_name` picks the method,
+    their `layers` and `fact_token` are used
     where not given here, keys that do not apply are listed in `Edit.hparams_ignored` and one warning) or the
     method's dataclass. `stats`: key statistics from `locedit.editing.stats.key_statistics` (computed and cached
     on disk when None, over `corpus` or the model's own sampled text). The old form `edit(lm, fact, " Rome")` is
@@ -41,6 +43,8 @@ def edit(lm, request: EditRequest | Sequence[EditRequest], *positional: object, 
     requests, single = _requests(request, positional)
     read = read_hparams(method, hparams, default_method="rome" if single else "memit")
     method = method or read.method or ("rome" if single else "memit")
+    if isinstance(sites, str) or _is_selection(sites):
+        return _select(lm, requests, single, sites, method, layers, heads, key_position, hparams, stats, corpus)
     if method != "memit" and len(requests) > 1:
         raise EditError(f"method {method!r} edits one fact at a time; use method='memit' for a joint edit of "
                         f"{len(requests)} requests")
@@ -103,6 +107,38 @@ def edit(lm, request: EditRequest | Sequence[EditRequest], *positional: object, 
     edit_obj.timings["locate_s"] = located_seconds
     edit_obj.timings["total_s"] = time.perf_counter() - start
     return edit_obj.apply(lm)
+
+
+def _is_selection(sites) -> bool:
+    from locedit.editing.select import Selection
+
+    return isinstance(sites, Selection)
+
+
+def _select(lm, requests, single, sites, method, layers, heads, key_position, hparams, stats, corpus) -> Edit:
+    """`sites="select"` (or a `Selection`): per-fact site selection by trial edits (`locedit.editing.select`)."""
+    from locedit.editing.select import Selection, select_edit
+
+    if isinstance(sites, str) and sites != "select":
+        raise EditError(f"sites= takes a SiteMap, 'select' or a Selection, not the string {sites!r}")
+    if not single:
+        raise EditError("sites='select' chooses the site of one request; edit the requests one at a time")
+    given = [name for name, v in (("layers", layers), ("heads", heads), ("key_position", key_position))
+             if v is not None]
+    if given:
+        raise EditError(f"sites='select' chooses the layer and key position itself; do not give {', '.join(given)}")
+    if method not in ("rome", "ft"):
+        raise EditError(f"sites='select' chooses the layer of one-layer edits (rome, ft), not method {method!r}")
+    fact, _ = _resolved(lm, requests[0].fact)
+    request = EditRequest(fact, requests[0].new_target)
+    _new_target_text(lm, fact, request)  # refused before any trial, as edit refuses it
+
+    def trial(layer: int, key: str, site_map) -> Edit:
+        return edit(lm, request, method=method, layers=[layer], key_position=key, hparams=hparams, stats=stats,
+                    corpus=corpus, sites=site_map)
+
+    return select_edit(lm, request, sites if isinstance(sites, Selection) else Selection(), trial, stats=stats,
+                       corpus=corpus)
 
 
 def check_request(lm, request: EditRequest) -> None:

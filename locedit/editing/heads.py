@@ -45,7 +45,8 @@ def head_update(lm, fact: Fact, new_target_text: str, heads, rule: str, carrier_
     templates = context_templates(lm, hp.context_template_length_params, hp.seed)
     notes: list[str] = []
     if hp.mode == "out":
-        batch = build_batch(lm, fact, new_target_text, templates, "last", None, hp.kl_prompt)
+        batch = build_batch(lm, fact, new_target_text, templates, "last", None, hp.kl_prompt,
+                            hp.template_tokens)
         sites, plan = [], []
         for layer, head in heads:
             module = lm.adapter.layer_part(lm.model, layer, lm.adapter.attn_o)
@@ -68,7 +69,8 @@ def head_update(lm, fact: Fact, new_target_text: str, heads, rule: str, carrier_
             merged[layer] = (left, right, module)
         deltas = [linear_delta(lm.model, m, left, right, lm.adapter.conv1d) for left, right, m in merged.values()]
     else:
-        batch = build_batch(lm, fact, new_target_text, templates, rule, carrier_offset, hp.kl_prompt)
+        batch = build_batch(lm, fact, new_target_text, templates, rule, carrier_offset, hp.kl_prompt,
+                            hp.template_tokens)
         groups: dict[tuple[int, int], list[int]] = {}
         group = lm.num_heads // lm.num_kv_heads
         for layer, head in heads:

@@ -32,6 +32,9 @@ class ValueHyperParams:
     context_template_length_params: list = field(default_factory=lambda: [[5, 10], [10, 10]])
     kl_prompt: str = "{} is a"
     seed: int = 0
+    # how templated prompts are tokenized (`values.templated_prompts`): "text" (ROME's: the joined text) or
+    # "prompt" (the prefix, a newline, then the bare prompt's tokens: the same key token in every template)
+    template_tokens: str = "text"
 
 
 FAST_ROME_SCHEDULE = {"v_lr": 1.0, "v_num_grad_steps": 14, "context_template_length_params": [[5, 5], [10, 5]]}

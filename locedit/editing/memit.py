@@ -47,7 +47,7 @@ def memit_update(lm, facts: Sequence[Fact], new_targets: Sequence[str], layers: 
     top = layers[-1]
     templates = context_templates(lm, hp.context_template_length_params, hp.seed)
     zs, losses, seconds = [], [], 0.0
-    batches = [build_batch(lm, fact, target, templates, rule, offset, hp.kl_prompt)
+    batches = [build_batch(lm, fact, target, templates, rule, offset, hp.kl_prompt, hp.template_tokens)
                for fact, target, offset in zip(facts, new_targets, carrier_offsets)]
     for chunk in range(0, len(batches), hp.batch_facts):  # the z of several facts in one forward per step
         results = optimize_values_many(lm, batches[chunk:chunk + hp.batch_facts],
@@ -57,7 +57,8 @@ def memit_update(lm, facts: Sequence[Fact], new_targets: Sequence[str], layers: 
             losses.append(result.losses)
             seconds += result.seconds
     Z = torch.stack(zs, dim=1)  # (d_model, n)
-    prompts = [templated_prompts(lm, f, templates, rule, off) for f, off in zip(facts, carrier_offsets)]
+    prompts = [templated_prompts(lm, f, templates, rule, off, hp.template_tokens)
+               for f, off in zip(facts, carrier_offsets)]
     deltas, keys = [], {}
     modules = {l: lm.adapter.layer_part(lm.model, l, lm.adapter.mlp_down) for l in layers}
     with _restoring([modules[l].weight for l in layers]):

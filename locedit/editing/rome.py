@@ -34,7 +34,8 @@ def rome_update(lm, fact: Fact, new_target_text: str, layer: int, rule: str, car
     """Compute (do not apply) ROME's rank-one change of layer `layer`'s MLP output projection."""
     module = lm.adapter.layer_part(lm.model, layer, lm.adapter.mlp_down)
     templates = context_templates(lm, hp.context_template_length_params, hp.seed)
-    batch = build_batch(lm, fact, new_target_text, templates, rule, carrier_offset, hp.kl_prompt)
+    batch = build_batch(lm, fact, new_target_text, templates, rule, carrier_offset, hp.kl_prompt,
+                        hp.template_tokens)
     result = optimize_values(lm, batch, [Site("mlp_down", layer)], hp)
     key, delta = result.keys[0], result.deltas[0]
     left, right = rank_one(C if hp.mom2_adjustment else None, key, delta)

@@ -112,9 +112,21 @@ def key_position(enc, rule: str, carrier_offset: int | None = None) -> int:
     raise LoceditError(f"unknown key position {rule!r}; use one of {KEY_POSITIONS}")
 
 
-def templated_prompts(lm, fact: Fact, templates: Sequence[str], rule: str,
-                      carrier_offset: int | None) -> tuple[list[list[int]], list[int], list[str]]:
-    """Token ids of `template.format(prompt)` for each template, with each one's key position."""
+TEMPLATE_TOKENS = ("text", "prompt")
+
+
+def templated_prompts(lm, fact: Fact, templates: Sequence[str], rule: str, carrier_offset: int | None,
+                      template_tokens: str = "text") -> tuple[list[list[int]], list[int], list[str]]:
+    """Token ids of `template.format(prompt)` for each template, with each one's key position.
+
+    `template_tokens="text"` tokenizes the whole templated text (ROME's way: a prompt that starts with its subject
+    and a tokenizer without BOS give the subject a leading-space token in every template but the bare one);
+    `"prompt"` writes each template's prefix, a newline, then the bare prompt's own tokens, so the key's token
+    (and every token after the prefix) is the same in every template."""
+    if template_tokens not in TEMPLATE_TOKENS:
+        raise LoceditError(f"template_tokens must be one of {TEMPLATE_TOKENS}, not {template_tokens!r}")
+    if template_tokens == "prompt":
+        return _prompt_token_templates(lm, fact, templates, rule, carrier_offset)
     rows, keys, texts = [], [], []
     for template in templates:
         text = template.format(fact.prompt) if "{}" in template else template + fact.prompt
@@ -123,6 +135,33 @@ def templated_prompts(lm, fact: Fact, templates: Sequence[str], rule: str,
         rows.append(list(enc.input_ids))
         keys.append(key_position(enc, rule, carrier_offset))
         texts.append(text)
+    return rows, keys, texts
+
+
+def _prompt_token_templates(lm, fact: Fact, templates: Sequence[str], rule: str,
+                            carrier_offset: int | None) -> tuple[list[list[int]], list[int], list[str]]:
+    """`templated_prompts` with `template_tokens="prompt"`: prefix tokens + the bare prompt's tokens."""
+    tok = lm.tokenizer
+    enc = encode_fact(tok, fact)
+    special = set(getattr(tok, "all_special_ids", []) or [])
+    lead = 0
+    while lead < len(enc.input_ids) and enc.input_ids[lead] in special:
+        lead += 1  # BOS: the templated prompt has the prefix's own
+    own = list(enc.input_ids[lead:])
+    key = key_position(enc, rule, carrier_offset) - lead
+    rows, keys, texts = [], [], []
+    for template in templates:
+        prefix = template.split("{}")[0] if "{}" in template else template
+        if not prefix.strip():
+            rows.append(list(enc.input_ids))
+            keys.append(key + lead)
+            texts.append(fact.prompt)
+            continue
+        head = prefix.rstrip() + "\n"
+        ids = list(tok(head, add_special_tokens=True)["input_ids"])
+        rows.append(ids + own)
+        keys.append(len(ids) + key)
+        texts.append(head + fact.prompt)
     return rows, keys, texts
 
 
@@ -140,11 +179,11 @@ def pad_rows(lm, rows: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Ten
 
 
 def build_batch(lm, fact: Fact, new_target_text: str, templates: Sequence[str], rule: str,
-                carrier_offset: int | None, kl_prompt: str | None) -> PromptBatch:
-    """Rewrite prompts `template.format(prompt) + target[:-1]` and the KL prompt, tokenised, with their key
-    positions aligned on one column by left padding."""
+                carrier_offset: int | None, kl_prompt: str | None, template_tokens: str = "text") -> PromptBatch:
+    """Rewrite prompts `template.format(prompt) + target[:-1]` and the KL prompt, tokenised (`templated_prompts`),
+    with their key positions aligned on one column by left padding."""
     target_ids = target_token_ids(lm.tokenizer, fact.prompt, new_target_text)
-    prompt_rows, keys, prompts = templated_prompts(lm, fact, templates, rule, carrier_offset)
+    prompt_rows, keys, prompts = templated_prompts(lm, fact, templates, rule, carrier_offset, template_tokens)
     rows = [ids + target_ids[:-1] for ids in prompt_rows]
     ends = [len(ids) for ids in prompt_rows]
     if kl_prompt:
