@@ -290,7 +290,7 @@ def test_cli_sequential_on_counterfact_and_zsre_files_resumes(tmp_path, model_di
 @pytest.mark.parametrize("extra,message", [
     (["--batch-size", "2"], "--batch-size applies only with --sequential"),
     (["--sequential", "--method", "rome", "--batch-size", "2"], "--batch-size must be 1"),
-    (["--sequential", "--method", "head"], "--sequential edits with memit, rome, ft"),
+    (["--sequential", "--method", "head"], "--sequential edits with memit, locft, rome, ft"),
 ])
 def test_cli_sequential_usage_errors(tmp_path, model_dir, capsys, extra, message):
     code = main(["edit", "--model", str(model_dir), "--facts", str(DATA / "zsre_mend_sample.json"),

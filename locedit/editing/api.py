@@ -14,6 +14,7 @@ from locedit.editing.hparams import METHOD_HPARAMS, as_dict, read_hparams
 from locedit.errors import EditError, FactError, InterventionError
 
 METHODS = tuple(METHOD_HPARAMS)
+JOINT = ("memit", "locft")  # methods that edit many requests in one update
 
 
 def edit(lm, request: EditRequest | Sequence[EditRequest], *positional: object, method: str | None = None,
@@ -37,7 +38,7 @@ def edit(lm, request: EditRequest | Sequence[EditRequest], *positional: object, 
     requests, single = _requests(request, positional)
     read = read_hparams(method, hparams, default_method="rome" if single else "memit")
     method = method or read.method or ("rome" if single else "memit")
-    if method != "memit" and len(requests) > 1:
+    if method not in JOINT and len(requests) > 1:
         raise EditError(f"method {method!r} edits one fact at a time; use method='memit' for a joint edit of "
                         f"{len(requests)} requests")
     hp, ignored = read.params, dict(read.ignored)
@@ -53,9 +54,19 @@ def edit(lm, request: EditRequest | Sequence[EditRequest], *positional: object, 
             ignored["fact_token"] = "key_position= given to edit"
         else:
             key_position = read.key_position
-    facts, sources = zip(*[_resolved(lm, r.fact) for r in requests])
-    facts = list(facts)
-    targets = [_new_target_text(lm, f, r) for f, r in zip(facts, requests)]
+    locft_source = None
+    if method == "locft":  # trains on the new targets only: no top-1 needed, and no forward per request
+        facts, sources = [r.fact for r in requests], ["given" if r.fact.target else "none" for r in requests]
+        targets = [r.new_target_text() for r in requests]
+        if layers is None:
+            from locedit.editing.locft import locft_layer
+
+            layer, locft_source = locft_layer(lm)
+            layers = [layer]
+    else:
+        facts, sources = zip(*[_resolved(lm, r.fact) for r in requests])
+        facts = list(facts)
+        targets = [_new_target_text(lm, f, r) for f, r in zip(facts, requests)]
     site_maps = _site_maps(sites, single, len(requests))
     calibrated = _calibrated_layers(lm, method) if layers is None and method in ("memit", "ft") else None
     if calibrated is not None and key_position is None:
@@ -80,10 +91,12 @@ def edit(lm, request: EditRequest | Sequence[EditRequest], *positional: object, 
         if layers is None:
             layers = calibrated["layers"] if calibrated is not None else _located_layers(site_maps, method)
         layers_used = _checked_layers(lm, layers)
-        if method in ("rome", "ft") and len(layers_used) != 1:
+        if method in ("rome", "ft", "locft") and len(layers_used) != 1:
             raise EditError(f"{method} edits exactly one layer; got layers {layers_used}")
     edit_obj = _compute(lm, method, facts, targets, layers_used, heads, rule, offsets, hp, stats, corpus, progress)
     edit_obj.sites.update({"key_position": rule, "located": located})
+    if locft_source is not None:
+        edit_obj.sites["layer_source"] = locft_source
     if located and method != "head":  # "located": locate's layer; "calibrated": these weights' calibrated site
         edit_obj.sites["layer_source"] = "calibrated" if calibrated is not None else \
             site_maps[0].recommendation["rank_one"].get("source", "located")
@@ -154,7 +167,7 @@ def _compute(lm, method, facts, targets, layers, heads, rule, offsets, hp, stats
     t0 = time.perf_counter()
     stats_key = None
     with unedited(lm):  # statistics and templates always describe the unedited model
-        if method != "ft":
+        if method not in ("ft", "locft"):
             context_templates(lm, hp.context_template_length_params, hp.seed)
         if method == "memit" or (method in ("rome", "head") and hp.mom2_adjustment):
             kind = "mlp" if method != "head" else ("attn_out" if hp.mode == "out" else "attn_in")
@@ -185,6 +198,14 @@ def _compute(lm, method, facts, targets, layers, heads, rule, offsets, hp, stats
         deltas, keys, losses = result.deltas, {}, [result.losses]
         notes += result.notes
         timings["values_s"] = result.seconds
+    elif method == "locft":
+        from locedit.editing.locft import locft_update
+
+        result = locft_update(lm, facts, targets, layers[0], hp)
+        deltas, keys, losses = [result.delta], {}, [result.losses]
+        timings["values_s"] = result.seconds
+        notes.append(f"LocFT-BF: {len(result.losses)} epoch(s), {result.steps} step(s), final epoch loss "
+                     f"{result.losses[-1]:.4f}")
     else:
         from locedit.editing.ft import ft_update
 
