@@ -24,7 +24,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-DATA = ROOT.parent / "shared" / "data"
+# ../shared/data of the checkout (a git worktree one level deeper finds it one level up)
+DATA = next((p for p in (ROOT.parent / "shared" / "data", ROOT.parent.parent / "shared" / "data") if p.is_dir()),
+            ROOT.parent / "shared" / "data")
 OUT = ROOT / "data" / "results" / "long_run"
 CHECKPOINTS = (10, 100, 1000)
 PROBES = 150
@@ -33,6 +35,7 @@ PROBES = 150
 def stream(name: str):
     """The EditRequests of a stream (see the module docstring)."""
     from locedit.core.datasets import edit_request, read_facts
+    from locedit.errors import FactError
 
     if name == "tune":
         facts = read_facts(DATA / "counterfact-val.json").facts[:200]
@@ -42,7 +45,15 @@ def stream(name: str):
         facts = read_facts(DATA / "zsre_mend_train-1k.json").facts
     else:
         raise SystemExit(f"unknown stream {name!r}: tune, cf or zsre")
-    return [r for r in (edit_request(f) for f in facts) if r is not None]
+    requests = []
+    for fact in facts:  # rows whose new target is the true one (or missing) are not edit requests
+        try:
+            request = edit_request(fact)
+        except FactError:
+            continue
+        if request is not None:
+            requests.append(request)
+    return requests
 
 
 def clean_forward_s(lm, repeats: int = 7) -> float:
@@ -87,7 +98,8 @@ def run(args) -> None:
     out = Path(args.out)
     run_dir = out / name
     lm = locedit.load(args.model)
-    requests = stream(args.stream)[:args.edits]
+    requests = stream(args.stream)  # the whole stream: a later, longer run resumes this one
+    edits = min(args.edits, len(requests))
     hparams = json.loads(args.hparams) if args.hparams else {}
     if args.nullspace:
         hparams["nullspace"] = True
@@ -99,7 +111,7 @@ def run(args) -> None:
     session = EditSession(lm, run_dir / "session", method=args.method, hparams=hparams or None,
                           layers=args.layers, batch_size=args.batch_size, checkpoint_every=args.checkpoint_every,
                           progress=True)
-    checkpoints = [c for c in CHECKPOINTS if c < len(requests)] + [len(requests)]
+    checkpoints = [c for c in CHECKPOINTS if c < edits] + [edits]
     for c in sorted(set(checkpoints)):
         report = session.run(requests, limit=c)
         if report.interrupted:

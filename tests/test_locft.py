@@ -81,10 +81,10 @@ def test_locft_is_deterministic_and_its_hparams_are_read():
         read_hparams("locft", {"v_lr": 0.1})
 
 
-def test_locft_layer_defaults_to_the_calibrated_rome_site_else_a_fraction_of_the_depth():
+def test_locft_layer_defaults_to_a_fraction_of_the_depth_without_a_calibrated_site():
     lm = tiny.lm("llama")
     layer, source = locft_layer(lm)
-    assert source.startswith("default") and layer == round(0.2 * (lm.num_layers - 1))
+    assert source.startswith("default") and layer == round(0.4 * (lm.num_layers - 1))
     e = locedit.edit(lm, REQUESTS[:2], method="locft", hparams=HP)
     assert e.layers == [layer] and e.sites["layer_source"] == source
     e.revert()

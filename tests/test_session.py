@@ -191,7 +191,7 @@ def test_session_arguments_are_checked():
     lm = tiny.lm("llama")
     with pytest.raises(EditError, match="batch_size must be 1"):
         EditSession(lm, "unused", method="rome", batch_size=4)
-    with pytest.raises(EditError, match="one of memit, rome, ft"):
+    with pytest.raises(EditError, match="one of memit, locft, rome, ft"):
         EditSession(lm, "unused", method="head")
 
 
