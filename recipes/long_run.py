@@ -104,7 +104,9 @@ def run(args) -> None:
     if args.nullspace:
         hparams["nullspace"] = True
     probes = probe_facts(lm, WildEvaluator, out)
-    evaluator = WildEvaluator(lm, probes, max_new_tokens=args.max_new_tokens)
+    cache_path = out / f"unedited_generations_{args.max_new_tokens}.json"  # the unedited model's, once per prompt
+    cached = json.loads(cache_path.read_text()) if cache_path.exists() and args.model == "smollm2-135m" else {}
+    evaluator = WildEvaluator(lm, probes, max_new_tokens=args.max_new_tokens, unedited=cached)
     rows = RunStore(run_dir / "rows.jsonl", key="checkpoint")
     done = {int(r["checkpoint"]) for r in rows.read()[0]}
     forward_s = clean_forward_s(lm)
@@ -127,13 +129,18 @@ def run(args) -> None:
         scores = evaluator.score(edited)
         forward_now = clean_forward_s(lm)  # the same machine load as the edits, roughly
         row = {"checkpoint": str(c), "run": name, "stream": args.stream, "method": args.method,
-               "nullspace": bool(args.nullspace), "hparams": hparams, "layers": session.layers,
+               "nullspace": bool(args.nullspace), "hparams": hparams,
+               "params": {k: v for k, v in vars(session.params).items()}, "layers": session.layers,
                "batch_size": session.batch_size, "requests": c, "skipped": c - len(edited),
                **scores.to_dict(), "edit_s": edit_s, "s_per_edit": edit_s / max(1, c),
                "clean_forward_s": forward_s, "clean_forward_s_now": forward_now,
                "forwards_per_edit": edit_s / max(1, c) / forward_s}
         rows.append([row])
-        print(json.dumps({k: row[k] for k in ("run", "requests", "reliability", "generalisation", "locality",
+        if args.model == "smollm2-135m":
+            from locedit.core.results import write_atomic
+
+            write_atomic(cache_path, json.dumps(evaluator.unedited_cache))
+        print(json.dumps({k: row.get(k) for k in ("run", "requests", "reliability", "generalisation", "locality",
                                                "probe_retention", "perplexity_drift", "tf_reliability",
                                                "s_per_edit", "forwards_per_edit")}), flush=True)
     session.revert()
@@ -141,6 +148,7 @@ def run(args) -> None:
 
 COLUMNS = [("edits", "requests", "{}"), ("reliability", "reliability", "{:.1%}"),
            ("generalisation", "generalisation", "{:.1%}"), ("locality", "locality", "{:.1%}"),
+           ("loc. strict", "locality_strict", "{:.1%}"),
            ("probes kept", "probe_retention", "{:.1%}"), ("ppl drift", "perplexity_drift", "{:+.1%}"),
            ("TF rel.", "tf_reliability", "{:.1%}"), ("TF gen.", "tf_generalisation", "{:.1%}"),
            ("s/edit", "s_per_edit", "{:.2f}"), ("× clean fwd", "forwards_per_edit", "{:.1f}"),

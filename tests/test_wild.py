@@ -86,10 +86,19 @@ def test_after_a_large_edit_generations_change_and_are_scored_against_the_unedit
         s = ev.score([EditRequest(Fact(r.fact.subject, r.fact.prompt, None, None, r.fact.meta), "Berlin")
                       for r in reqs])
         assert s.reliability == 1.0  # every prompt now says Berlin
-        assert s.locality < 1.0 and s.probe_retention < 1.0  # the locality prompts are edited prompts too
+        assert s.locality_strict < 1.0 and s.probe_retention < 1.0  # the locality prompts are edited prompts too
         assert s.perplexity_drift != 0.0
         assert s.tf_reliability > 0.9
     finally:
         e.revert()
     assert all(torch.equal(original[n], p) for n, p in lm.model.named_parameters())
     assert ev.score(reqs).locality == 1.0  # unedited again
+
+
+def test_locality_compares_as_many_tokens_as_the_recorded_answer_has(lm):
+    from locedit.verification.wild import _answer_tokens
+    from locedit.verification.metrics import target_ids
+
+    prompt = PROMPTS[2]
+    assert _answer_tokens(lm, prompt, None) == 1
+    assert _answer_tokens(lm, prompt, "London, England") == len(target_ids(lm, prompt, " London, England")) > 1

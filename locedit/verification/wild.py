@@ -5,7 +5,9 @@ edits (96.8% where generation gives 38.5%); LocFT-BF (arXiv 2509.22072) reports 
 batched greedy generation (`metrics.greedy_generate_ids`: left padding, KV cache):
 - **reliability**: the continuation of each edited prompt contains its new target (whole words, case-insensitive);
 - **generalisation**: the same for each request's first paraphrase;
-- **locality**: each request's first locality prompt generates exactly the tokens the unedited model generates;
+- **locality**: each request's first locality prompt generates the same first k tokens as the unedited model,
+  k = the length of its recorded answer (`neighborhood_targets`; 1 without one): its answer is unchanged;
+  `locality_strict` asks the same of all `max_new_tokens` tokens;
 - **probe retention**: of a fixed probe set of facts the unedited model states (its continuation contains the true
   target), none of them edited, the share the edited model still states;
 - **perplexity** of `metrics.PERPLEXITY_TEXT` and its drift against the unedited model;
@@ -24,6 +26,7 @@ import torch
 
 from locedit.core.facts import EditRequest, Fact
 from locedit.errors import LoceditError
+from locedit.verification.metrics import continuation
 
 
 @dataclass
@@ -34,6 +37,7 @@ class WildScores:
     reliability: float | None
     generalisation: float | None
     locality: float | None
+    locality_strict: float | None
     probe_retention: float | None
     perplexity: float
     perplexity_drift: float
@@ -82,10 +86,11 @@ def teacher_forced_accuracy(lm, pairs: Sequence[tuple[str, str]], *, batch_token
 class WildEvaluator:
     """Scores an edited model against the unedited one on the requests edited so far and on `probes` (facts with
     true targets, none edited). `max_new_tokens`: length of every greedy continuation; `batch`: prompts per
-    generation batch."""
+    generation batch. `unedited`: prompt -> the unedited model's continuation ids, from an earlier run with the
+    same model and `max_new_tokens` (`self.unedited_cache` after a run), so they are not generated again."""
 
     def __init__(self, lm, probes: Sequence[Fact], *, max_new_tokens: int = 10, batch: int = 32,
-                 texts: Sequence[str] | None = None) -> None:
+                 texts: Sequence[str] | None = None, unedited: dict[str, list[int]] | None = None) -> None:
         from locedit.verification.metrics import PERPLEXITY_TEXT
 
         for fact in probes:
@@ -96,7 +101,7 @@ class WildEvaluator:
         self.max_new_tokens = max_new_tokens
         self.batch = batch
         self.texts = list(texts or PERPLEXITY_TEXT)
-        self._unedited: dict[str, list[int]] = {}
+        self.unedited_cache: dict[str, list[int]] = dict(unedited or {})
         self._ppl0: float | None = None
 
     def _generate(self, prompts: Sequence[str]) -> list[list[int]]:
@@ -108,12 +113,12 @@ class WildEvaluator:
         """The unedited model's greedy continuations (token ids), computed once per prompt."""
         from locedit.editing.edit import unedited
 
-        todo = sorted({p for p in prompts if p not in self._unedited})
+        todo = sorted({p for p in prompts if p not in self.unedited_cache})
         if todo:
             with unedited(self.lm):
                 for prompt, ids in zip(todo, self._generate(todo)):
-                    self._unedited[prompt] = ids
-        return [self._unedited[p] for p in prompts]
+                    self.unedited_cache[prompt] = ids
+        return [self.unedited_cache[p] for p in prompts]
 
     def stated(self, facts: Sequence[Fact], generations: Sequence[list[int]]) -> list[bool]:
         from locedit.verification.metrics import contains_target
@@ -147,7 +152,12 @@ class WildEvaluator:
         requests = list(requests)
         paraphrased = [(first(r.fact.meta.get("paraphrases")), r) for r in requests]
         paraphrased = [(p, r) for p, r in paraphrased if p]
-        local = [p for p in (first(r.fact.meta.get("neighborhood")) for r in requests) if p]
+        local, answer_len = [], []
+        for r in requests:
+            prompt = first(r.fact.meta.get("neighborhood"))
+            if prompt:
+                local.append(prompt)
+                answer_len.append(_answer_tokens(self.lm, prompt, first(r.fact.meta.get("neighborhood_targets"))))
         base_local = self.unedited_generations(local)
         base_probe = self.unedited_generations([f.prompt for f in self.probes])
         prompts = [r.fact.prompt for r in requests] + [p for p, _ in paraphrased] + local + \
@@ -158,7 +168,9 @@ class WildEvaluator:
                for g, r in zip(gens[:n_r], requests)]
         gen = [contains_target(tok.decode(g, skip_special_tokens=True), r.new_target)
                for g, (_, r) in zip(gens[n_r:n_r + n_p], paraphrased)]
-        loc = [g == b for g, b in zip(gens[n_r + n_p:n_r + n_p + n_l], base_local)]
+        loc_gens = gens[n_r + n_p:n_r + n_p + n_l]
+        loc = [g[:k] == b[:k] for g, b, k in zip(loc_gens, base_local, answer_len)]
+        loc_strict = [g == b for g, b in zip(loc_gens, base_local)]
         probe_gens = gens[n_r + n_p + n_l:]
         was = self.stated(self.probes, base_probe)
         now = self.stated(self.probes, probe_gens)
@@ -169,12 +181,23 @@ class WildEvaluator:
         ppl = perplexity(self.lm, self.texts)
         counts = {"requests": n_r, "paraphrases": n_p, "locality": n_l, "probes": int(sum(was))}
         return WildScores(edits=n_r, reliability=rate(rel), generalisation=rate(gen), locality=rate(loc),
+                          locality_strict=rate(loc_strict),
                           probe_retention=rate(kept), perplexity=ppl, perplexity_drift=ppl / ppl0 - 1,
                           tf_reliability=rate(tf_r) if tf_r else None, tf_generalisation=rate(tf_g) if tf_g else None,
                           counts=counts, seconds=time.perf_counter() - start)
 
 
 def _continuing(prompt: str, target: str) -> str:
-    from locedit.verification.metrics import continuation
-
     return continuation(prompt, target)
+
+
+def _answer_tokens(lm, prompt: str, answer: str | None) -> int:
+    """How many tokens the locality answer takes after its prompt (1 when there is no answer)."""
+    from locedit.verification.metrics import target_ids
+
+    if not answer or not answer.strip():
+        return 1
+    try:
+        return len(target_ids(lm, prompt, continuation(prompt, answer)))
+    except LoceditError:
+        return 1
