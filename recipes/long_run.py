@@ -167,6 +167,9 @@ def report(args) -> None:
     runs = {}
     for path in sorted(out.glob("*/rows.jsonl")):
         rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        for r in rows:  # rows written before `locality` compared the answer's tokens: theirs is the strict one
+            if "locality_strict" not in r:
+                r["locality_strict"], r["locality"] = r["locality"], None
         runs[path.parent.name] = sorted(rows, key=lambda r: int(r["requests"]))
     lines = ["# Long sequential editing runs (WILD evaluation)", "",
              "Written by `python recipes/long_run.py report` from `*/rows.jsonl`; see docs/sessions.md.", ""]
@@ -174,7 +177,10 @@ def report(args) -> None:
     for name, rows in runs.items():
         r0 = rows[0]
         lines += [f"## {name}", "", f"method {r0['method']}{' + null space (AlphaEdit)' if r0['nullspace'] else ''},"
-                  f" layers {r0['layers']}, batch {r0['batch_size']}, hparams `{json.dumps(r0['hparams'])}`; "
+                  f" layers {r0['layers']}, batch {r0['batch_size']}, hparams given `{json.dumps(r0['hparams'])}`"
+                  + (f" (lr {r0['params']['lr']}, mini-batch {r0['params']['batch_size']}, "
+                     f"{r0['params']['num_steps']} epochs)" if r0["method"] == "locft" and "params" in r0 else "")
+                  + (f" ({r0['note']})" if r0.get("note") else "") + "; "
                   f"clean 10-token forward {r0['clean_forward_s']:.3f} s", "",
                   "| " + " | ".join(c for c, _, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
         for r in rows:
@@ -188,6 +194,8 @@ def report(args) -> None:
     fig, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 3.4))
     for ax, (key, title) in zip(axes, metrics):
         for name, rows in runs.items():
+            if name.startswith("tune-"):
+                continue  # the tuning stream is not reported
             xs = [int(r["requests"]) for r in rows if r.get(key) is not None]
             ys = [r[key] for r in rows if r.get(key) is not None]
             ax.plot(xs, ys, marker="o", label=name)
