@@ -22,11 +22,10 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
-import torch
 
 from locedit.core.facts import EditRequest, Fact
 from locedit.errors import LoceditError
-from locedit.verification.metrics import continuation
+from locedit.verification.metrics import continuation, teacher_forced_accuracy
 
 
 @dataclass
@@ -57,30 +56,6 @@ def first(items) -> str | None:
 
 def rate(flags: Sequence[bool]) -> float | None:
     return float(np.mean(flags)) if len(flags) else None
-
-
-@torch.no_grad()
-def teacher_forced_accuracy(lm, pairs: Sequence[tuple[str, str]], *, batch_tokens: int = 2048) -> list[float]:
-    """EasyEdit's token accuracy per (prompt, target): the share of the target's tokens that are the model's
-    argmax after the prompt and the target's earlier tokens (teacher forcing)."""
-    from locedit.verification.metrics import _batches, _logits, prompt_ids, target_ids
-    from locedit.editing.values import pad_rows
-
-    rows = []
-    for prompt, target in pairs:
-        ids = prompt_ids(lm, prompt)
-        rows.append((ids, target_ids(lm, prompt, target, ids)))
-    out = [0.0] * len(rows)
-    for chunk in _batches([len(p) + len(t) for p, t in rows], batch_tokens):
-        seqs = [(rows[i][0] + rows[i][1])[:-1] for i in chunk]
-        input_ids, mask = pad_rows(lm, seqs)
-        lo = min(len(rows[i][0]) for i in chunk) - 1
-        logits = _logits(lm, input_ids, mask, lo, input_ids.shape[1])
-        for row, i in enumerate(chunk):
-            p, t = rows[i]
-            pred = logits[row, len(p) - 1 - lo: len(p) - 1 - lo + len(t)].argmax(-1).cpu().tolist()
-            out[i] = float(np.mean([a == b for a, b in zip(pred, t)]))
-    return out
 
 
 class WildEvaluator:
