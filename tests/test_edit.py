@@ -495,6 +495,6 @@ def test_key_position_is_checked():
     saved = _weights(lm)
     with pytest.raises(EditError, match="key_position must be one of"):
         locedit.edit(lm, EditRequest(FACT, NEW), method="rome", layers=[1], key_position="first", hparams=FAST)
-    with pytest.raises(EditError, match="FT has no key position"):
+    with pytest.raises(EditError, match="ft has no key position"):
         locedit.edit(lm, EditRequest(FACT, NEW), method="ft", layers=[1], key_position="last")
     assert _same(lm, saved)

@@ -191,7 +191,7 @@ def test_session_arguments_are_checked():
     lm = tiny.lm("llama")
     with pytest.raises(EditError, match="batch_size must be 1"):
         EditSession(lm, "unused", method="rome", batch_size=4)
-    with pytest.raises(EditError, match="one of memit, rome, ft"):
+    with pytest.raises(EditError, match="one of memit, locft, rome, ft"):
         EditSession(lm, "unused", method="head")
 
 
@@ -290,7 +290,7 @@ def test_cli_sequential_on_counterfact_and_zsre_files_resumes(tmp_path, model_di
 @pytest.mark.parametrize("extra,message", [
     (["--batch-size", "2"], "--batch-size applies only with --sequential"),
     (["--sequential", "--method", "rome", "--batch-size", "2"], "--batch-size must be 1"),
-    (["--sequential", "--method", "head"], "--sequential edits with memit, rome, ft"),
+    (["--sequential", "--method", "head"], "--sequential edits with memit, locft, rome, ft"),
 ])
 def test_cli_sequential_usage_errors(tmp_path, model_dir, capsys, extra, message):
     code = main(["edit", "--model", str(model_dir), "--facts", str(DATA / "zsre_mend_sample.json"),

@@ -13,7 +13,7 @@ from locedit.editing.api import METHODS
 # flag -> (argparse dest, the methods it applies to)
 METHOD_FLAGS: dict[str, tuple[str, tuple[str, ...]]] = {
     "--heads": ("heads", ("head",)),
-    "--layers": ("layers", ("rome", "memit", "ft")),
+    "--layers": ("layers", ("rome", "memit", "ft", "locft")),
     "--nullspace": ("nullspace", ("memit",)),
     "--stats-tokens": ("stats_tokens", ("rome", "memit", "head")),
     "--corpus": ("corpus", ("rome", "memit", "head")),
@@ -67,7 +67,7 @@ def add_parser(sub) -> None:
                         "chains of data/results/study/ (S 83 vs 76 for MEMIT and ROME); an --hparams file "
                         "without alg_name or nullspace keeps that default")
     g.add_argument("--batch-size", type=common.positive_int, default=None,
-                   help="--sequential: requests per joint edit (memit: default 100; rome and ft: 1)")
+                   help="--sequential: requests per joint edit (memit and locft: default 100; rome and ft: 1)")
     g.add_argument("--checkpoint-every", type=common.positive_int, default=None,
                    help="--sequential: write a checkpoint every K requests (default 100; also on stop)")
     p.set_defaults(run=run)
@@ -112,8 +112,9 @@ def run(args: argparse.Namespace) -> int:
             raise common.UsageError("--new-target is for one fact; with --facts each fact's target_new is used")
         facts = common.facts_from_args(args)
         _check_new_targets(facts)
-        if method != "memit" and len(facts) > 1:
-            raise common.UsageError(f"--method {method} edits one fact at a time; use --method memit for a fact file")
+        if method not in ("memit", "locft") and len(facts) > 1:
+            raise common.UsageError(f"--method {method} edits one fact at a time; use --method memit or locft for a "
+                                    "fact file")
     if args.corpus is not None and Path(args.corpus).suffix.lower() in (".txt", ".jsonl"):
         common.check_input_file(Path(args.corpus), "--corpus")
     out = common.check_output_dir(args.out, "--out")
@@ -277,7 +278,7 @@ def _run_sequential(args: argparse.Namespace, method: str, hparams: dict | None)
             raise common.UsageError(f"{flag} does not apply with --sequential")
     if method not in SESSION_METHODS:
         raise common.UsageError(f"--sequential edits with {', '.join(SESSION_METHODS)}, not --method {method}")
-    if method != "memit" and args.batch_size not in (None, 1):
+    if method not in ("memit", "locft") and args.batch_size not in (None, 1):
         raise common.UsageError(f"--method {method} edits one fact at a time: --batch-size must be 1")
     facts = common.facts_from_args(args)
     _check_new_targets(facts)

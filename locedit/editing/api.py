@@ -16,6 +16,7 @@ from locedit.errors import EditError, FactError, InterventionError
 METHODS = tuple(METHOD_HPARAMS)
 # where a rank-one edit reads its key; "last" (the prompt's last token) is the control of issue #17 §1
 KEY_POSITIONS = ("subject_last", "carrier", "last")
+JOINT = ("memit", "locft")  # methods that edit many requests in one update
 
 
 def edit(lm, request: EditRequest | Sequence[EditRequest], *positional: object, method: str | None = None,
@@ -45,7 +46,7 @@ def edit(lm, request: EditRequest | Sequence[EditRequest], *positional: object, 
     method = method or read.method or ("rome" if single else "memit")
     if isinstance(sites, str) or _is_selection(sites):
         return _select(lm, requests, single, sites, method, layers, heads, key_position, hparams, stats, corpus)
-    if method != "memit" and len(requests) > 1:
+    if method not in JOINT and len(requests) > 1:
         raise EditError(f"method {method!r} edits one fact at a time; use method='memit' for a joint edit of "
                         f"{len(requests)} requests")
     hp, ignored = read.params, dict(read.ignored)
@@ -61,9 +62,19 @@ def edit(lm, request: EditRequest | Sequence[EditRequest], *positional: object, 
             ignored["fact_token"] = "key_position= given to edit"
         else:
             key_position = read.key_position
-    facts, sources = zip(*[_resolved(lm, r.fact) for r in requests])
-    facts = list(facts)
-    targets = [_new_target_text(lm, f, r) for f, r in zip(facts, requests)]
+    locft_source = None
+    if method == "locft":  # trains on the new targets only: no top-1 needed, and no forward per request
+        facts, sources = [r.fact for r in requests], ["given" if r.fact.target else "none" for r in requests]
+        targets = [r.new_target_text() for r in requests]
+        if layers is None:
+            from locedit.editing.locft import locft_layer
+
+            layer, locft_source = locft_layer(lm)
+            layers = [layer]
+    else:
+        facts, sources = zip(*[_resolved(lm, r.fact) for r in requests])
+        facts = list(facts)
+        targets = [_new_target_text(lm, f, r) for f, r in zip(facts, requests)]
     site_maps = _site_maps(sites, single, len(requests))
     calibrated = _calibrated_layers(lm, method) if layers is None and method in ("memit", "ft") else None
     if calibrated is not None and key_position is None:
@@ -77,8 +88,9 @@ def edit(lm, request: EditRequest | Sequence[EditRequest], *positional: object, 
     rule = key_position or (_recommended_key_position(site_maps[0]) if needs_location else "subject_last")
     if rule not in KEY_POSITIONS:
         raise EditError(f"key_position must be one of {', '.join(map(repr, KEY_POSITIONS))}, not {rule!r}")
-    if rule == "last" and method == "ft":
-        raise EditError("key_position='last' is a control of the rank-one and head edits; FT has no key position")
+    if rule == "last" and method in ("ft", "locft"):
+        raise EditError(f"key_position='last' is a control of the rank-one and head edits; {method} has no key "
+                        "position")
     offsets = [_carrier_offset(lm, f, s) if rule == "carrier" else None for f, s in zip(facts, site_maps)]
     located_seconds = time.perf_counter() - start
     located = needs_location and layers is None and heads is None
@@ -90,10 +102,12 @@ def edit(lm, request: EditRequest | Sequence[EditRequest], *positional: object, 
         if layers is None:
             layers = calibrated["layers"] if calibrated is not None else _located_layers(site_maps, method)
         layers_used = _checked_layers(lm, layers)
-        if method in ("rome", "ft") and len(layers_used) != 1:
+        if method in ("rome", "ft", "locft") and len(layers_used) != 1:
             raise EditError(f"{method} edits exactly one layer; got layers {layers_used}")
     edit_obj = _compute(lm, method, facts, targets, layers_used, heads, rule, offsets, hp, stats, corpus, progress)
     edit_obj.sites.update({"key_position": rule, "located": located})
+    if locft_source is not None:
+        edit_obj.sites["layer_source"] = locft_source
     if located and method != "head":  # "located": locate's layer; "calibrated": these weights' calibrated site
         edit_obj.sites["layer_source"] = "calibrated" if calibrated is not None else \
             site_maps[0].recommendation["rank_one"].get("source", "located")
@@ -196,7 +210,7 @@ def _compute(lm, method, facts, targets, layers, heads, rule, offsets, hp, stats
     t0 = time.perf_counter()
     stats_key = None
     with unedited(lm):  # statistics and templates always describe the unedited model
-        if method != "ft":
+        if method not in ("ft", "locft"):
             context_templates(lm, hp.context_template_length_params, hp.seed)
         if method == "memit" or (method in ("rome", "head") and hp.mom2_adjustment):
             kind = "mlp" if method != "head" else ("attn_out" if hp.mode == "out" else "attn_in")
@@ -227,6 +241,14 @@ def _compute(lm, method, facts, targets, layers, heads, rule, offsets, hp, stats
         deltas, keys, losses = result.deltas, {}, [result.losses]
         notes += result.notes
         timings["values_s"] = result.seconds
+    elif method == "locft":
+        from locedit.editing.locft import locft_update
+
+        result = locft_update(lm, facts, targets, layers[0], hp)
+        deltas, keys, losses = [result.delta], {}, [result.losses]
+        timings["values_s"] = result.seconds
+        notes.append(f"LocFT-BF: {len(result.losses)} epoch(s), {result.steps} step(s), final epoch loss "
+                     f"{result.losses[-1]:.4f}")
     else:
         from locedit.editing.ft import ft_update
 

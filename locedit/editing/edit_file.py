@@ -97,7 +97,7 @@ def check_info(info: dict) -> None:
         raise EditError(f"sites.heads must be [layer, head] pairs of the model's heads, not {heads!r}")
     if method == "head" and sorted({h[0] for h in heads}) != sorted(layers):
         raise EditError(f"sites.layers {layers} are not the layers of the edited heads {heads}")
-    if method in ("rome", "ft") and len(layers) != 1:
+    if method in ("rome", "ft", "locft") and len(layers) != 1:
         raise EditError(f"a {method} edit changes one layer, but sites.layers is {layers}")
     deltas = info.get("deltas")
     if not isinstance(deltas, list) or not deltas:
@@ -107,7 +107,7 @@ def check_info(info: dict) -> None:
                 not _SHA256.match(str(d.get("original_sha256"))) or not isinstance(d.get("transposed"), bool) or \
                 not isinstance(d.get("shape"), list) or not all(_is_int(n) for n in d["shape"]):
             raise EditError(f"delta {d!r} lacks a name, shape, orientation or fingerprint")
-        if (d.get("kind") == "dense") != (method == "ft"):
+        if (d.get("kind") == "dense") != (method in ("ft", "locft")):
             raise EditError(f"a {method} edit cannot hold a {d.get('kind')} change of {d['name']}")
     changed = sorted({_layer_of(d["name"]) for d in deltas})
     if changed != sorted(set(layers)):

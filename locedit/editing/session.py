@@ -40,8 +40,10 @@ VERSION = 1
 SETTINGS_NAME = "session.json"
 LOG_NAME = "log.jsonl"
 CHECKPOINT_NAME = "checkpoint.safetensors"
-SESSION_METHODS = ("memit", "rome", "ft")
-DEFAULT_BATCH = {"memit": 100, "rome": 1, "ft": 1}  # AlphaEdit's 2,000 edits ran in batches of 100
+SESSION_METHODS = ("memit", "locft", "rome", "ft")
+JOINT_METHODS = ("memit", "locft")  # one update per batch of requests
+# AlphaEdit's 2,000 edits ran in batches of 100; LocFT-BF: a chunk of 100 requests trained breadth-first
+DEFAULT_BATCH = {"memit": 100, "locft": 100, "rome": 1, "ft": 1}
 
 
 @dataclass
@@ -95,7 +97,7 @@ class EditSession:
         batch_size = DEFAULT_BATCH[method] if batch_size is None else batch_size
         if not isinstance(batch_size, int) or batch_size < 1:
             raise EditError(f"batch_size must be a positive integer, not {batch_size!r}")
-        if method != "memit" and batch_size != 1:
+        if method not in JOINT_METHODS and batch_size != 1:
             raise EditError(f"method {method!r} edits one fact at a time; batch_size must be 1, not {batch_size}")
         if not isinstance(checkpoint_every, int) or checkpoint_every < 1:
             raise EditError(f"checkpoint_every must be a positive integer, not {checkpoint_every!r}")
@@ -167,6 +169,14 @@ class EditSession:
 
     def _locate_once(self, requests: list[EditRequest]) -> None:
         """Fix the session's layers (and key position, unless given) from the first request `locate` can read."""
+        if self.method == "locft":
+            from locedit.editing.locft import locft_layer
+
+            layer, source = locft_layer(self.lm)
+            self.layers, self.key_position = [layer], self.key_position or "subject_last"
+            if self.progress:
+                print(f"session: LocFT-BF tunes layer {layer} ({source}; fixed for the session)", file=sys.stderr)
+            return
         problem = None
         for request in requests:
             try:
@@ -201,14 +211,15 @@ class EditSession:
         todo: list[tuple[int, EditRequest]] = []
         for i, request in enumerate(batch, start=first):
             try:
-                check_request(self.lm, request)
+                if self.method != "locft":  # fine-tuning needs no top-1 (EditRequest refused new == old)
+                    check_request(self.lm, request)
                 todo.append((i, request))
             except FactError as e:
                 rows.append(self._row(i, request, first, "skipped", str(e)))
         new_edit, problem, timings = None, None, {}
         if todo:
             try:
-                new_edit = edit(self.lm, [r for _, r in todo] if self.method == "memit" else todo[0][1],
+                new_edit = edit(self.lm, [r for _, r in todo] if self.method in JOINT_METHODS else todo[0][1],
                                 method=self.method, layers=self.layers, key_position=self.key_position,
                                 hparams=self.hparams, stats=self._stats, corpus=self.corpus)
                 timings = dict(new_edit.timings)

@@ -182,6 +182,27 @@ def next_token_logprobs(lm, prompts: Sequence[str], *, batch_tokens: int = 2048)
     return torch.stack(out)  # type: ignore[arg-type]
 
 
+@torch.no_grad()
+def teacher_forced_accuracy(lm, pairs: Sequence[tuple[str, str]], *, batch_tokens: int = 2048) -> list[float]:
+    """EasyEdit's token accuracy per (prompt, target): the share of the target's tokens that are the model's
+    argmax after the prompt and the target's earlier tokens (teacher forcing)."""
+    rows = []
+    for prompt, target in pairs:
+        ids = prompt_ids(lm, prompt)
+        rows.append((ids, target_ids(lm, prompt, target, ids)))
+    out = [0.0] * len(rows)
+    for chunk in _batches([len(p) + len(t) for p, t in rows], batch_tokens):
+        seqs = [(rows[i][0] + rows[i][1])[:-1] for i in chunk]
+        input_ids, mask = pad_rows(lm, seqs)
+        lo = min(len(rows[i][0]) for i in chunk) - 1
+        logits = _logits(lm, input_ids, mask, lo, input_ids.shape[1])
+        for row, i in enumerate(chunk):
+            p, t = rows[i]
+            pred = logits[row, len(p) - 1 - lo: len(p) - 1 - lo + len(t)].argmax(-1).cpu().tolist()
+            out[i] = float(np.mean([a == b for a, b in zip(pred, t)]))
+    return out
+
+
 def kl_divergence(logp: torch.Tensor, logq: torch.Tensor) -> np.ndarray:
     """KL(P || Q) per row, in nats, from log-probabilities (rows, vocab)."""
     logp, logq = logp.double(), logq.double()
