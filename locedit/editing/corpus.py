@@ -263,11 +263,7 @@ def shipped_ids(lm, spec: dict) -> torch.Tensor | None:
     if not path.is_file():
         return None
     try:
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            ids = f.get_tensor("ids")
+        meta, ids = _ids_file(path)
         expected = {"weights_fingerprint": fingerprint, "spec_key": spec_key(spec), "tokens": str(spec["tokens"])}
         if any(meta.get(k) != v for k, v in expected.items()) or ids.dim() != 1 or ids.numel() != spec["tokens"] \
                 or _ids_sha256(ids) != meta.get("ids_sha256"):
@@ -369,15 +365,19 @@ def _sample(logits: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return indices.cpu().gather(1, choice)
 
 
+def _ids_file(path: Path) -> tuple[dict[str, str], torch.Tensor]:
+    """The metadata and the "ids" tensor of a corpus file (shipped or cached); raises on a damaged file."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return f.metadata() or {}, f.get_tensor("ids")
+
+
 def _read_ids(path: Path, key: str, tokens: int) -> torch.Tensor | None:
     if not path.is_file():
         return None
     try:
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            ids = f.get_tensor("ids")
+        meta, ids = _ids_file(path)
         if meta.get("key") == key and ids.dim() == 1 and ids.numel() == tokens and ids.dtype == torch.int64:
             return ids
         log.warning("ignoring cached corpus %s: it was made for other settings", path)
