@@ -432,26 +432,27 @@ def _lo(p: float) -> float:
 
 def sufficiency_check(before: dict, after: dict, setup: MechanismSetup) -> dict:
     """Patch the edited state into the unedited model: does p(new) rise?"""
-    if setup.layer is None or before.get("patched") is None:
-        return {"applicable": False, "passed": None, "reason": "the edit changes no layer",
-                "rule": RULES["sufficiency"]}
-    p_b, p_a, p_x = before["readout"]["p"][1], after["readout"]["p"][1], before["patched"][1]
-    gain = _lo(p_x) - _lo(p_b)
-    return {"layer": setup.layer, "position": setup.position, "p_new_before": p_b, "p_new_after": p_a,
-            "p_new_patched": p_x, "logodds_gain": gain, "share_of_edit": fraction(gain, _lo(p_a) - _lo(p_b)),
-            "applicable": True, "passed": sufficiency_rule(gain), "rule": RULES["sufficiency"]}
+    return _patch_check("sufficiency", before, after, setup, before.get("patched"))
 
 
 def necessity_check(before: dict, after: dict, setup: MechanismSetup) -> dict:
     """Patch the unedited state into the edited model: does p(new) fall?"""
-    if setup.layer is None or after.get("patched") is None:
-        return {"applicable": False, "passed": None, "reason": "the edit changes no layer",
-                "rule": RULES["necessity"]}
-    p_b, p_a, p_x = before["readout"]["p"][1], after["readout"]["p"][1], after["patched"][1]
-    drop = _lo(p_a) - _lo(p_x)
+    return _patch_check("necessity", before, after, setup, after.get("patched"))
+
+
+def _patch_check(name: str, before: dict, after: dict, setup: MechanismSetup, patched) -> dict:
+    """Score one cross-patch: sufficiency's log-odds gain of p(new) over the unedited model, or necessity's drop
+    from the edited one; `share_of_edit` is that change over the edit's own."""
+    if setup.layer is None or patched is None:
+        return {"applicable": False, "passed": None, "reason": "the edit changes no layer", "rule": RULES[name]}
+    p_b, p_a, p_x = before["readout"]["p"][1], after["readout"]["p"][1], patched[1]
+    if name == "sufficiency":
+        key, score, rule = "logodds_gain", _lo(p_x) - _lo(p_b), sufficiency_rule
+    else:
+        key, score, rule = "logodds_drop", _lo(p_a) - _lo(p_x), necessity_rule
     return {"layer": setup.layer, "position": setup.position, "p_new_before": p_b, "p_new_after": p_a,
-            "p_new_patched": p_x, "logodds_drop": drop, "share_of_edit": fraction(drop, _lo(p_a) - _lo(p_b)),
-            "applicable": True, "passed": necessity_rule(drop), "rule": RULES["necessity"]}
+            "p_new_patched": p_x, key: score, "share_of_edit": fraction(score, _lo(p_a) - _lo(p_b)),
+            "applicable": True, "passed": rule(score), "rule": RULES[name]}
 
 
 def ov_check(before: dict, after: dict, position: int) -> dict:
