@@ -17,7 +17,7 @@ model, sufficiency in the unedited one) and reverts (bit-exact). One row per (fa
 `results.jsonl` as soon as it is measured; a rerun skips the rows already there (resumable; a truncated last line is
 dropped). Facts alternate between the `tuning` and the `heldout` split so a run stopped early has both.
 
-    nice -n 10 python recipes/validate_verify.py [--n 100] [--out data/results/validate_verify]
+    nice -n 10 python recipes/validate_verify.py [--n 100] [--out data/results/validate_verify] [--shard I/N]
     python recipes/validate_verify.py --analyse          # summary.json / summary.md from the rows so far
 
 The analysis: per check's continuous score, AUROC of (+) against (-) with a bootstrap CI over facts; the threshold
@@ -111,6 +111,11 @@ def done_rows(path: Path) -> list[dict]:
                 raise
             path.write_text("".join(l + "\n" for l in lines[:-1]))  # a truncated last line: drop it
     return rows
+
+
+def all_rows(out: Path) -> list[dict]:
+    """The rows of results.jsonl and of every shard's file."""
+    return [r for p in sorted(out.glob("results*.jsonl")) for r in done_rows(p)]
 
 
 def scores_of(behaviour: dict, mechanism: dict) -> dict:
@@ -307,6 +312,18 @@ def analyse(rows: list[dict]) -> dict:
                 per[cls] = {"mechanism_pass": {"rate": em.mean, "ci95": [em.low, em.high]},
                             "verdict_pass": {"rate": ea.mean, "ci95": [ea.low, ea.high]}, "n": len(sub)}
         out["tuned_rule"][split] = per
+    # the tuned rule per control, held-out: behaviour (as coded + the added scores), mechanism, verdict
+    per_control = {}
+    for control in CONTROLS:
+        sub = [r for r in rows if r["control"] == control and r["split"] == "heldout"]
+        if not sub:
+            continue
+        b = [r["behaviour_passed"] and all(passes(r, n) is not False for n in out["tuned_rule"]["behaviour_added"])
+             for r in sub]
+        m = [all(x for x in (passes(r, n) for n in out["tuned_rule"]["mechanism"]) if x is not None) for r in sub]
+        per_control[control] = {"behaviour": float(np.mean(b)), "mechanism": float(np.mean(m)),
+                                "verdict": float(np.mean([x and y for x, y in zip(b, m)])), "n": len(sub)}
+    out["tuned_rule"]["per_control_heldout"] = per_control
     # the rules as coded (the pass flags), per class and control, held-out
     out["pass_rates_heldout"] = {}
     for control in CONTROLS:
@@ -352,6 +369,12 @@ def summary_md(s: dict) -> str:
             mp, vp = d["mechanism_pass"], d["verdict_pass"]
             lines.append(f"| {split} | {cls} | {_f(mp['rate'])} [{_f(mp['ci95'][0])}, {_f(mp['ci95'][1])}] | "
                          f"{_f(vp['rate'])} [{_f(vp['ci95'][0])}, {_f(vp['ci95'][1])}] | {d['n']} |")
+    pc = t.get("per_control_heldout", {})
+    if pc:
+        lines += ["", "The tuned rule per control, held-out:", "", "| control | behaviour | mechanism | verdict | n |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {c} | {_f(d['behaviour'])} | {_f(d['mechanism'])} | {_f(d['verdict'])} | {d['n']} |"
+                  for c, d in pc.items()]
     lines += ["", "Held-out pass rates of the rules as coded when the run was made:", "",
               "| control | behaviour | mechanism | " + " | ".join(SCORES) + " | n |",
               "|---|---|---|" + "---|" * len(SCORES) + "---|"]
@@ -369,13 +392,16 @@ def main() -> None:
     parser.add_argument("--controls", nargs="+", default=list(CONTROLS), choices=list(CONTROLS))
     parser.add_argument("--analyse", action="store_true", help="only write summary.json / summary.md")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--shard", default="0/1", help="I/N: this process runs facts I, I+N, ... and appends to "
+                        "results.I-of-N.jsonl (N > 1), so N processes share the cores; the analysis reads every file")
     args = parser.parse_args()
+    shard, shards = (int(v) for v in args.shard.split("/"))
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / "results.jsonl"
+    path = args.out / ("results.jsonl" if shards == 1 else f"results.{shard}-of-{shards}.jsonl")
     if not args.analyse:
         lm = locedit.load(args.model)
-        done = {(r["fact"], r["control"]) for r in done_rows(path)}
+        done = {(r["fact"], r["control"]) for r in all_rows(args.out)}
         with path.open("a") as f:
             def write(row):
                 f.write(json.dumps(row) + "\n")
@@ -383,11 +409,11 @@ def main() -> None:
                 print(f"{row['split']:8s} fact {row['fact']:>5s} {row['control']:16s} "
                       + (row.get("error") or f"behaviour {row['behaviour_passed']} mechanism "
                          f"{row['mechanism_passed']} ({row['edit_s']:.1f} + {row['measure_s']:.1f} s)"), flush=True)
-            for fact, split in load_facts(args.n):
+            for fact, split in load_facts(args.n)[shard::shards]:
                 todo = [c for c in args.controls if (str(fact.meta["id"]), c) not in done]
                 if todo:
                     run_fact(lm, fact, split, todo, write)
-    summary = analyse(done_rows(path))
+    summary = analyse(all_rows(args.out))
     (args.out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     (args.out / "summary.md").write_text(summary_md(summary))
     print(summary_md(summary))

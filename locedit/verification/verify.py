@@ -36,12 +36,13 @@ from locedit.verification.metrics import (PERPLEXITY_TEXT, contains_target, flue
                       kl_divergence, perplexity, success_and_magnitude, target_probs)
 
 NS_TOLERANCE = 0.1
-# NS+ (CounterFact+) and NKL in the behaviour rule: thresholds from the control-edit validation run
-# (data/results/validate_verify/, tuning split); None = reported beside the rule, not in it. In that run neither
-# separated subject-keyed edits from last-token shortcuts well enough (tuning AUROC 0.65 and 0.75 < 0.8), while the
-# NS drop did (0.83, threshold 0.1 as before): both stay reported, not in the rule.
-NS_PREFIXED_TOLERANCE: float | None = None  # NS+ before - NS+ after <= this
-NKL_MAX: float | None = None  # neighbourhood KL(before || after), nats, <= this
+# NS+ (CounterFact+) and NKL in the behaviour rule: thresholds chosen on the tuning facts of the control-edit
+# validation run data/results/validate_verify/ (`python recipes/validate_verify.py --n 100`, 50 tuning + 50 held-out
+# facts, Youden cut of (+) subject-keyed edits against (-) shortcuts): tuning AUROC 0.81 and 0.92 (held-out 0.84,
+# 0.94), so both are in the rule, beside the NS drop (0.96, held-out 0.97; threshold 0.1 as before). None = reported
+# beside the rule, not in it.
+NS_PREFIXED_TOLERANCE: float | None = 0.3  # NS+ before - NS+ after <= this
+NKL_MAX: float | None = 0.646  # neighbourhood KL(before || after), nats, <= this
 
 
 def behaviour_rule() -> str:
