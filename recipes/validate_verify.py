@@ -294,35 +294,30 @@ def analyse(rows: list[dict]) -> dict:
     out["tuned_rule"] = {"mechanism": sorted(n for n in kept if n in SCORES),
                          "behaviour_added": sorted(n for n in kept if n in BEHAVIOUR_SCORES
                                                    and n != "neighborhood_score_drop")}
+    def tuned(r) -> tuple[bool, bool]:
+        """(behaviour, mechanism) of one row under the tuned rule: behaviour as coded plus the added scores; every
+        applicable kept mechanistic check (at least one)."""
+        m = [x for x in (passes(r, n) for n in out["tuned_rule"]["mechanism"]) if x is not None]
+        b = r["behaviour_passed"] and all(passes(r, n) is not False for n in out["tuned_rule"]["behaviour_added"])
+        return bool(b), bool(m) and all(m)
     for split in ("tuning", "heldout"):
         per = {}
         for cls in "+-0":
-            sub = [r for r in rows if r["class"] == cls and r["split"] == split]
-            mech_ok, all_ok = [], []
-            for r in sub:
-                m = [passes(r, n) for n in out["tuned_rule"]["mechanism"]]
-                m = [x for x in m if x is not None]
-                mo = bool(m) and all(m)
-                b = r["behaviour_passed"] and all(passes(r, n) is not False
-                                                  for n in out["tuned_rule"]["behaviour_added"])
-                mech_ok.append(float(mo))
-                all_ok.append(float(mo and b))
+            sub = [tuned(r) for r in rows if r["class"] == cls and r["split"] == split]
             if sub:
-                em, ea = bootstrap_mean(mech_ok), bootstrap_mean(all_ok)
+                em = bootstrap_mean([float(m) for _, m in sub])
+                ea = bootstrap_mean([float(b and m) for b, m in sub])
                 per[cls] = {"mechanism_pass": {"rate": em.mean, "ci95": [em.low, em.high]},
                             "verdict_pass": {"rate": ea.mean, "ci95": [ea.low, ea.high]}, "n": len(sub)}
         out["tuned_rule"][split] = per
     # the tuned rule per control, held-out: behaviour (as coded + the added scores), mechanism, verdict
     per_control = {}
     for control in CONTROLS:
-        sub = [r for r in rows if r["control"] == control and r["split"] == "heldout"]
-        if not sub:
-            continue
-        b = [r["behaviour_passed"] and all(passes(r, n) is not False for n in out["tuned_rule"]["behaviour_added"])
-             for r in sub]
-        m = [all(x for x in (passes(r, n) for n in out["tuned_rule"]["mechanism"]) if x is not None) for r in sub]
-        per_control[control] = {"behaviour": float(np.mean(b)), "mechanism": float(np.mean(m)),
-                                "verdict": float(np.mean([x and y for x, y in zip(b, m)])), "n": len(sub)}
+        sub = [tuned(r) for r in rows if r["control"] == control and r["split"] == "heldout"]
+        if sub:
+            per_control[control] = {"behaviour": float(np.mean([b for b, _ in sub])),
+                                    "mechanism": float(np.mean([m for _, m in sub])),
+                                    "verdict": float(np.mean([b and m for b, m in sub])), "n": len(sub)}
     out["tuned_rule"]["per_control_heldout"] = per_control
     # the rules as coded (the pass flags), per class and control, held-out
     out["pass_rates_heldout"] = {}
