@@ -62,3 +62,16 @@ def test_the_thresholds_can_be_taken_out_of_the_rule(monkeypatch):
     after = _state([0.9, 0.01], [0.8, 0.1], [[0.01, 0.9]] * 2, [[0.9, 0.01]] * 2)
     b = ver.behaviour_metrics(_inputs(), BEFORE, after)
     assert b["passed"] and "NS+" not in b["rule"]
+
+
+def test_an_ns_plus_drop_of_exactly_the_tolerance_passes_in_the_rule_and_the_verdict():
+    # 10 prefixed neighbours, 3 flip: NS+ 1.0 -> 0.7, a drop of 0.3 (0.30000000000000004 in floating point)
+    from locedit.verification.verdict import behaviour_verdict
+
+    before = _state([0.01, 0.9], [0.01, 0.9], [[0.01, 0.9]] * 2, [[0.01, 0.9]] * 10, text=" Paris")
+    after = _state([0.9, 0.01], [0.8, 0.1], [[0.01, 0.9]] * 2, [[0.9, 0.01]] * 3 + [[0.01, 0.9]] * 7)
+    b = ver.behaviour_metrics(_inputs(), before, after)
+    v = behaviour_verdict(b, ver.NS_TOLERANCE, ver.NS_PREFIXED_TOLERANCE, ver.NKL_MAX)
+    (ns_plus,) = [c for c in v["checks"] if c["name"] == "neighborhood_score_prefixed_drop"]
+    assert ns_plus["score"] == pytest.approx(0.3) and ns_plus["passed"] is True
+    assert b["passed"] is True and v["passed"] is True

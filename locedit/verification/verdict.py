@@ -50,7 +50,8 @@ def behaviour_verdict(behaviour: Mapping[str, Any], ns_tolerance: float, ns_pref
                                       f"NS+ before ({_fmt(pre_before)}) - NS+ after ({_fmt(pre)}); no validated "
                                       "threshold", in_rule=False))
         else:
-            checks.append(criterion("neighborhood_score_prefixed_drop", drop, drop <= ns_prefixed_tolerance,
+            checks.append(criterion("neighborhood_score_prefixed_drop", drop,
+                                    pre >= (pre_before or 0.0) - ns_prefixed_tolerance,
                                     f"NS+ before - NS+ after <= {ns_prefixed_tolerance:g} (CounterFact+)"))
     nkl = behaviour.get("neighborhood_kl")
     if nkl is not None:
@@ -60,7 +61,7 @@ def behaviour_verdict(behaviour: Mapping[str, Any], ns_tolerance: float, ns_pref
         else:
             checks.append(criterion("neighborhood_kl", nkl, nkl <= nkl_max,
                                     f"KL(before || after) on the prefixed neighbours <= {nkl_max:g} nats"))
-    return {"passed": bool(behaviour["passed"]), "checks": checks, "reported": reported}
+    return {"passed": all(c["passed"] for c in checks), "checks": checks, "reported": reported}
 
 
 # per check: the continuous score (key, what it means; higher is better unless it says otherwise)

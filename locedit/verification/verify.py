@@ -30,7 +30,7 @@ from locedit.core.facts import Fact
 from locedit.core.results import Result, jsonable
 from locedit.verification import mechanism as mech
 from locedit.verification import ripple as ripple_probes
-from locedit.verification.verdict import exit_status, verdict, verdict_lines
+from locedit.verification.verdict import behaviour_verdict, exit_status, verdict, verdict_lines
 from locedit.verification.weight_diff import diff_lines, edited_mlp_layers, weight_diff
 from locedit.verification.metrics import (PERPLEXITY_TEXT, contains_target, fluency, greedy_generate_ids, harmonic_mean,
                       kl_divergence, perplexity, success_and_magnitude, target_probs)
@@ -239,17 +239,8 @@ def behaviour_metrics(inputs: Sequence[FactInputs], before: dict, after: dict) -
     out["perplexity_before"] = before["perplexity"]
     out["perplexity_drift"] = after["perplexity"] / before["perplexity"] - 1
     out["before"] = b["mean"]
-    checks = [out["efficacy_score"] == 1.0, bool(out["generation_efficacy_prompt"])]
-    if out["paraphrase_score"] is not None:
-        checks.append(out["paraphrase_score"] >= 0.5)
-    if out["neighborhood_score"] is not None:
-        checks.append(out["neighborhood_score"] >= b["mean"]["neighborhood_score"] - NS_TOLERANCE)
-    pre, pre_before = out.get("neighborhood_score_prefixed"), b["mean"].get("neighborhood_score_prefixed")
-    if NS_PREFIXED_TOLERANCE is not None and pre is not None and pre_before is not None:
-        checks.append(pre >= pre_before - NS_PREFIXED_TOLERANCE)
-    if NKL_MAX is not None and out["neighborhood_kl"] is not None:
-        checks.append(out["neighborhood_kl"] <= NKL_MAX)
-    out["passed"] = all(checks)
+    # the rule's criteria are the verdict's (one implementation): passed when every one of them passed
+    out["passed"] = behaviour_verdict(out, NS_TOLERANCE, NS_PREFIXED_TOLERANCE, NKL_MAX)["passed"]
     out["rule"] = behaviour_rule()
     out["per_fact"] = []
     for x, fa, fb, da, db in zip(inputs, a["per_fact"], b["per_fact"], after["per_fact"], before["per_fact"]):
