@@ -379,6 +379,17 @@ def summary_md(s: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def shard_spec(text: str) -> tuple[int, int]:
+    """`--shard I/N` with 0 <= I < N."""
+    try:
+        i, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected I/N, e.g. 0/2") from None
+    if not 0 <= i < n:
+        raise argparse.ArgumentTypeError(f"{text!r}: need 0 <= I < N")
+    return i, n
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
@@ -387,10 +398,10 @@ def main() -> None:
     parser.add_argument("--controls", nargs="+", default=list(CONTROLS), choices=list(CONTROLS))
     parser.add_argument("--analyse", action="store_true", help="only write summary.json / summary.md")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--shard", default="0/1", help="I/N: this process runs facts I, I+N, ... and appends to "
+    parser.add_argument("--shard", type=shard_spec, default=(0, 1), help="I/N: this process runs facts I, I+N, ... and appends to "
                         "results.I-of-N.jsonl (N > 1), so N processes share the cores; the analysis reads every file")
     args = parser.parse_args()
-    shard, shards = (int(v) for v in args.shard.split("/"))
+    shard, shards = args.shard
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / ("results.jsonl" if shards == 1 else f"results.{shard}-of-{shards}.jsonl")
