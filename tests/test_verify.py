@@ -228,6 +228,21 @@ def test_greedy_generation_matches_argmax_loop(llama):
     assert M.greedy_generate(llama, prompts[:1], 6)[0] == llama.tokenizer.decode(got[0], skip_special_tokens=True)
 
 
+@pytest.mark.parametrize("family", tiny.FAMILIES)
+def test_greedy_generation_with_lengths_per_prompt(family):
+    """Rows leave the batch when they have their tokens; what each row generates is what it generates alone."""
+    lm = tiny.lm(family)
+    prompts = ["The Eiffel Tower is located in the city of", "Big Ben is", "The capital of France is Paris and"]
+    lengths = [2, 7, 4]
+    got = M.greedy_generate_ids(lm, prompts, lengths)
+    for prompt, n, ids in zip(prompts, lengths, got):
+        assert ids == M.greedy_generate_ids(lm, [prompt], n)[0]
+        assert len(ids) <= n
+    assert M.greedy_generate_ids(lm, prompts, [0, 3, 0]) == [[], got[1][:3], []]
+    with pytest.raises(ValueError, match="2 lengths for 3 prompts"):
+        M.greedy_generate_ids(lm, prompts, [1, 2])
+
+
 def test_contains_target():
     assert M.contains_target(" Rome, the capital", " Rome")
     assert M.contains_target("in rome.", "Rome")

@@ -222,47 +222,66 @@ def perplexity(lm, texts: Sequence[str] = PERPLEXITY_TEXT, *, batch_tokens: int 
 
 # --- generation ----------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def greedy_generate_ids(lm, prompts: Sequence[str], max_new_tokens: int = 20, *, batch: int = 16) -> list[list[int]]:
+def greedy_generate_ids(lm, prompts: Sequence[str], max_new_tokens: int | Sequence[int] = 20, *,
+                        batch: int = 16) -> list[list[int]]:
     """Greedy continuations (new token ids, cut before the first EOS) of each prompt: left-padded batches, KV
-    cache, position ids from the attention mask."""
-    if max_new_tokens < 1 or not prompts:
-        return [[] for _ in prompts]
-    tok = lm.tokenizer
-    eos = tok.eos_token_id
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    cache, position ids from the attention mask. `max_new_tokens`: one length for every prompt, or one per prompt.
+    A row that has its tokens (or an EOS) leaves the batch, so short and long continuations share one prefill
+    without the short ones paying for the long ones' steps (where the model's cache can drop rows)."""
+    lengths = ([int(max_new_tokens)] * len(prompts) if isinstance(max_new_tokens, int)
+               else [int(n) for n in max_new_tokens])
+    if len(lengths) != len(prompts):
+        raise ValueError(f"{len(lengths)} lengths for {len(prompts)} prompts")
     result: list[list[int]] = [[] for _ in prompts]
-    id_lists = [prompt_ids(lm, p) for p in prompts]
-    for start in range(0, len(prompts), batch):
-        idx = list(range(start, min(start + batch, len(prompts))))
-        width = max(len(id_lists[i]) for i in idx)
-        input_ids = torch.full((len(idx), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(idx), width), dtype=torch.long)
-        for row, i in enumerate(idx):
-            n = len(id_lists[i])
-            input_ids[row, width - n:] = torch.tensor(id_lists[i])
-            mask[row, width - n:] = 1
-        input_ids, mask = input_ids.to(lm.device), mask.to(lm.device)
-        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-        out = lm.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=True)
-        cache_kw = "cache" if forward_accepts(lm, "cache") else "past_key_values"
-        generated = []
-        for step in range(max_new_tokens):
-            nxt = out.logits[:, -1].float().argmax(-1)
-            generated.append(nxt)
-            if step == max_new_tokens - 1 or (eos is not None and bool((torch.stack(generated, 1) == eos)
-                                                                       .any(1).all())):
-                break
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-            position_ids = position_ids[:, -1:] + 1
-            out = lm.model(input_ids=nxt[:, None], attention_mask=mask, position_ids=position_ids,
-                           use_cache=True, **{cache_kw: output_cache(out)})
-        new = torch.stack(generated, dim=1).cpu().tolist()
-        for row, i in enumerate(idx):
-            ids = new[row]
-            if eos is not None and eos in ids:
-                ids = ids[: ids.index(eos)]
+    todo = [i for i, n in enumerate(lengths) if n >= 1]
+    id_lists = {i: prompt_ids(lm, prompts[i]) for i in todo}
+    for start in range(0, len(todo), batch):
+        idx = todo[start:start + batch]
+        for i, ids in zip(idx, _generate_batch(lm, [id_lists[i] for i in idx], [lengths[i] for i in idx])):
             result[i] = ids
     return result
+
+
+def _generate_batch(lm, id_lists: list[list[int]], lengths: list[int]) -> list[list[int]]:
+    eos = lm.tokenizer.eos_token_id
+    pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
+    width = max(len(ids) for ids in id_lists)
+    input_ids = torch.full((len(id_lists), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(id_lists), width), dtype=torch.long)
+    for row, ids in enumerate(id_lists):
+        input_ids[row, width - len(ids):] = torch.tensor(ids)
+        mask[row, width - len(ids):] = 1
+    input_ids, mask = input_ids.to(lm.device), mask.to(lm.device)
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    keep = {"logits_to_keep": 1} if forward_accepts(lm, "logits_to_keep") else {}
+    out = lm.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=True, **keep)
+    cache_kw = "cache" if forward_accepts(lm, "cache") else "past_key_values"
+    cache = output_cache(out)
+    generated: list[list[int]] = [[] for _ in id_lists]
+    rows = list(range(len(id_lists)))  # the batch's rows, as indices into id_lists
+    while True:
+        nxt = out.logits[:, -1].float().argmax(-1)
+        live = []
+        for r, token in zip(rows, nxt.tolist()):
+            if token == eos:
+                lengths[r] = len(generated[r])  # done: cut before the EOS
+                continue
+            generated[r].append(token)
+            if len(generated[r]) < lengths[r]:
+                live.append(r)
+        if not live:
+            break
+        if len(live) < len(rows) and hasattr(cache, "batch_select_indices"):
+            where = torch.tensor([rows.index(r) for r in live], device=mask.device)
+            cache.batch_select_indices(where)
+            nxt, mask, position_ids = nxt[where], mask[where], position_ids[where]
+            rows = live
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        position_ids = position_ids[:, -1:] + 1
+        out = lm.model(input_ids=nxt[:, None], attention_mask=mask, position_ids=position_ids, use_cache=True,
+                       **{cache_kw: cache}, **keep)
+        cache = output_cache(out)
+    return generated
 
 
 def greedy_generate(lm, prompts: Sequence[str], max_new_tokens: int = 20, *, batch: int = 16) -> list[str]:

@@ -185,8 +185,11 @@ def measure_behaviour(lm, inputs: Sequence[FactInputs], *, generation_tokens: in
         for p in x.generation_prompts:
             gen_prompts.append(p)
             gen_index.append((i, "fluency"))
+    # efficacy needs generation_tokens; fluency texts (and efficacy prompts that stand in for them) fluency_tokens
     longest = max(generation_tokens, fluency_tokens)
-    ids = greedy_generate_ids(lm, gen_prompts, longest)
+    lengths = [longest if kind == "fluency" or not inputs[i].generation_prompts else generation_tokens
+               for i, kind in gen_index]
+    ids = greedy_generate_ids(lm, gen_prompts, lengths)
     decode = lm.tokenizer.decode
     for d in per_fact:
         d["generations"], d["fluency_texts"] = [], []
