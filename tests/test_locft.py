@@ -14,7 +14,7 @@ from locedit import EditRequest, Fact
 from locedit.cli.main import main
 from locedit.editing import EditSession, applied_edits
 from locedit.editing.hparams import read_hparams
-from locedit.editing.locft import batch_loss, locft_layer, training_rows
+from locedit.editing.locft import DEFAULT_DEPTH, batch_loss, locft_layer, training_rows
 from locedit.errors import EditError
 
 DATA = Path(__file__).parent / "data"
@@ -84,7 +84,8 @@ def test_locft_is_deterministic_and_its_hparams_are_read():
 def test_locft_layer_defaults_to_a_fraction_of_the_depth_without_a_calibrated_site():
     lm = tiny.lm("llama")
     layer, source = locft_layer(lm)
-    assert source.startswith("default") and layer == round(0.4 * (lm.num_layers - 1))
+    assert source.startswith("default") and layer == round(DEFAULT_DEPTH * (lm.num_layers - 1))
+    assert source == f"default ({DEFAULT_DEPTH:.0%} of the depth)"
     e = locedit.edit(lm, REQUESTS[:2], method="locft", hparams=HP)
     assert e.layers == [layer] and e.sites["layer_source"] == source
     e.revert()
