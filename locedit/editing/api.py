@@ -27,8 +27,9 @@ def edit(lm, request: EditRequest | Sequence[EditRequest], *positional: object, 
 
     `request`: one `EditRequest` (default method "rome") or a sequence of them, edited jointly in one update
     (default "memit"; ROME, head and FT edits take one request). `fact.target` is the attribute replaced (None: the
-    model's top-1; the edit records which in `target_sources`). `layers=None` / `heads=None` edit where `locate`
-    says the fact is retrieved (`sites=` passes the `SiteMap`, or one per request, already computed); heads are
+    model's top-1; the edit records which in `target_sources`). `layers=None` edits at the calibrated site of these
+    weights where they have one (`locedit.calibrate`; `locate` does not run for it), else, like `heads=None`, where
+    `locate` says the fact is retrieved (`sites=` passes the `SiteMap`, or one per request, already computed); heads are
     read with `Head.parse` ("L23H4", "23.4", (23, 4)); `sites="select"` (or a `locedit.editing.select.Selection`)
     chooses the site per fact by trial edits on selection probes. `key_position` is "subject_last" (ROME's choice) or
     "carrier" (locate's carrier token), default as `locate` recommends; "last" (the prompt's last token) is a
@@ -76,9 +77,11 @@ def edit(lm, request: EditRequest | Sequence[EditRequest], *positional: object, 
         facts = list(facts)
         targets = [_new_target_text(lm, f, r) for f, r in zip(facts, requests)]
     site_maps = _site_maps(sites, single, len(requests))
-    calibrated = _calibrated_layers(lm, method) if layers is None and method in ("memit", "ft") else None
-    if calibrated is not None and key_position is None:
-        key_position = calibrated["key_position"]
+    # these weights' calibrated site, where they have one, without running `locate` (which would only recommend it)
+    calibrated = _calibrated_layers(lm, method) if layers is None and method in ("rome", "memit", "ft") else None
+    if calibrated is not None:
+        layers = list(calibrated["layers"])
+        key_position = key_position or calibrated["key_position"]
     needs_location = (layers is None and method != "head") or (heads is None and method == "head") or \
         key_position == "carrier"
     if needs_location:
@@ -100,7 +103,7 @@ def edit(lm, request: EditRequest | Sequence[EditRequest], *positional: object, 
         layers_used = sorted({h.layer for h in heads})
     else:
         if layers is None:
-            layers = calibrated["layers"] if calibrated is not None else _located_layers(site_maps, method)
+            layers = _located_layers(site_maps, method)
         layers_used = _checked_layers(lm, layers)
         if method in ("rome", "ft", "locft") and len(layers_used) != 1:
             raise EditError(f"{method} edits exactly one layer; got layers {layers_used}")
@@ -108,9 +111,10 @@ def edit(lm, request: EditRequest | Sequence[EditRequest], *positional: object, 
     edit_obj.sites.update({"key_position": rule, "located": located})
     if locft_source is not None:
         edit_obj.sites["layer_source"] = locft_source
-    if located and method != "head":  # "located": locate's layer; "calibrated": these weights' calibrated site
-        edit_obj.sites["layer_source"] = "calibrated" if calibrated is not None else \
-            site_maps[0].recommendation["rank_one"].get("source", "located")
+    if calibrated is not None:  # these weights' calibrated site
+        edit_obj.sites["layer_source"] = "calibrated"
+    elif located and method != "head":  # locate's recommended layer
+        edit_obj.sites["layer_source"] = site_maps[0].recommendation["rank_one"].get("source", "located")
     if site_maps[0] is not None:  # what verify's extraction check reads
         edit_obj.sites["extraction_heads"] = [list(Head.parse(h))
                                               for h in site_maps[0].recommendation["head_edit"]["heads"]]
