@@ -77,10 +77,17 @@ def test_calibrate_writes_the_calibration_of_these_weights_and_edits_use_it(tmp_
     sites = locedit.locate(lm, fact).recommendation["rank_one"]
     assert sites["source"] == "calibrated" and sites["layers"] == rome["layers"]
     assert "calibrated edit layer" in locedit.locate(lm, fact).summary()
-    e = locedit.edit(lm, EditRequest(fact, " " + fact.meta["target_new"]), hparams=FAST)
+    import locedit.localization.sites as sites_module
+
+    def no_locate(*a, **k):
+        raise AssertionError("edit located a fact whose weights have a calibrated site")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sites_module, "locate", no_locate)
+        e = locedit.edit(lm, EditRequest(fact, " " + fact.meta["target_new"]), hparams=FAST)
     try:
         assert e.layers == rome["layers"] and e.sites["layer_source"] == "calibrated"
-        assert e.sites["key_position"] == "subject_last"
+        assert e.sites["key_position"] == "subject_last" and e.sites["located"] is False
     finally:
         e.revert()
 
