@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from locedit.cli import common
+from locedit.core.head import Head
 from locedit.editing.api import METHODS
 
 # flag -> (argparse dest, the methods it applies to)
@@ -192,6 +193,15 @@ def _edit_and_write(lm, requests, method: str, hparams, args: argparse.Namespace
             pool = list(read_facts(common.check_input_file(args.select_pool, "--select-pool")).facts)
         options = {**options, "sites": Selection(pool=pool), "progress": False}
     first = requests[0] if isinstance(requests, list) else requests
+    site_given = heads is not None if method == "head" else args.layers is not None
+    if not isinstance(requests, list) and "sites" not in options and not site_given:
+        # one fact: locate it (the edit's site where the weights have no calibration; the extraction heads that
+        # verify reads either way), and say what it found
+        site_map = locedit.locate(lm, first.fact)
+        rank_one, head_edit = site_map.recommendation["rank_one"], site_map.recommendation["head_edit"]
+        print(f"located: top MLP layers {rank_one.get('located_layers', rank_one['layers'])}, extraction heads "
+              f"{', '.join(str(Head.parse(h)) for h in head_edit['heads'])}")
+        options["sites"] = site_map
     before = _readout(lm, first.fact, first.new_target)
     edit = compute_edit(lm, requests, **options)
     try:
@@ -256,11 +266,9 @@ def _readout(lm, fact, new_target: str) -> dict:
 def _source(sites: dict) -> str:
     if sites.get("layer_source") == "selected":
         return f" (selected by {len(sites['selection']['trials'])} trial edits on selection probes)"
-    if not sites.get("located"):
-        return ""
     if sites.get("layer_source") == "calibrated":
         return " (the calibrated edit layer of these weights; see docs/calibrate.md)"
-    return " (located)"
+    return " (located)" if sites.get("located") else ""
 
 
 # --- --sequential: an editing session over a fact file (docs/sessions.md) -----------------------------------
