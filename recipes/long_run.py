@@ -191,19 +191,27 @@ def report(args) -> None:
     write_atomic(out / "tables.jsonl", "".join(json.dumps(r) + "\n" for r in everything))
     metrics = [("reliability", "reliability"), ("generalisation", "generalisation"), ("locality", "locality"),
                ("probe_retention", "probes kept"), ("perplexity_drift", "perplexity drift")]
-    fig, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 3.4))
-    for ax, (key, title) in zip(axes, metrics):
-        for name, rows in runs.items():
-            if name.startswith("tune-"):
-                continue  # the tuning stream is not reported
-            xs = [int(r["requests"]) for r in rows if r.get(key) is not None]
-            ys = [r[key] for r in rows if r.get(key) is not None]
-            ax.plot(xs, ys, marker="o", label=name)
-        ax.set_xscale("log")
-        ax.set_xlabel("sequential edits")
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
+    goals = {"reliability": 0.9, "generalisation": 0.5, "probe_retention": 0.9, "perplexity_drift": 0.05}  # §5
+    streams = [s for s in ("cf", "zsre") if any(rows[0]["stream"] == s for rows in runs.values())]
+    fig, grid = plt.subplots(len(streams), len(metrics), figsize=(4 * len(metrics), 3.2 * len(streams)),
+                             squeeze=False)
+    for axes, stream_name in zip(grid, streams):
+        for ax, (key, title) in zip(axes, metrics):
+            for name, rows in runs.items():
+                if rows[0]["stream"] != stream_name:
+                    continue  # the tuning stream is not reported
+                xs = [int(r["requests"]) for r in rows if r.get(key) is not None]
+                ys = [r[key] for r in rows if r.get(key) is not None]
+                ax.plot(xs, ys, marker="o", label=name)
+            if key in goals:
+                ax.axhline(goals[key], color="grey", linestyle="--", linewidth=0.8)  # the goal
+            if key != "perplexity_drift":
+                ax.set_ylim(-0.03, 1.03)
+            ax.set_xscale("log")
+            ax.set_xlabel("sequential edits")
+            ax.set_title(f"{stream_name}: {title}")
+            ax.grid(alpha=0.3)
+        axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "curves.png", dpi=120)
     print(f"wrote {out / 'tables.md'}, {out / 'tables.jsonl'} and {out / 'curves.png'}")
