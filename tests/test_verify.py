@@ -243,6 +243,13 @@ def test_greedy_generation_with_lengths_per_prompt(family):
         M.greedy_generate_ids(lm, prompts, [1, 2])
 
 
+def test_greedy_generation_with_lengths_when_the_cache_cannot_drop_rows(llama, monkeypatch):
+    prompts = ["The Eiffel Tower is located in the city of", "Big Ben is", "The capital of France is Paris and"]
+    expected = M.greedy_generate_ids(llama, prompts, [2, 7, 4])
+    monkeypatch.setattr(M, "can_drop_rows", lambda cache: False)  # finished rows ride along, their tokens unused
+    assert M.greedy_generate_ids(llama, prompts, [2, 7, 4]) == expected
+
+
 def test_contains_target():
     assert M.contains_target(" Rome, the capital", " Rome")
     assert M.contains_target("in rome.", "Rome")

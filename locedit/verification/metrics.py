@@ -242,6 +242,11 @@ def greedy_generate_ids(lm, prompts: Sequence[str], max_new_tokens: int | Sequen
     return result
 
 
+def can_drop_rows(cache) -> bool:
+    """Whether a key/value cache can keep only some of its batch rows (transformers' `batch_select_indices`)."""
+    return hasattr(cache, "batch_select_indices")
+
+
 def _generate_batch(lm, id_lists: list[list[int]], lengths: list[int]) -> list[list[int]]:
     eos = lm.tokenizer.eos_token_id
     pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
@@ -259,19 +264,22 @@ def _generate_batch(lm, id_lists: list[list[int]], lengths: list[int]) -> list[l
     cache = output_cache(out)
     generated: list[list[int]] = [[] for _ in id_lists]
     rows = list(range(len(id_lists)))  # the batch's rows, as indices into id_lists
+    done: set[int] = set()  # rows with their tokens or an EOS (still in the batch where the cache cannot drop rows)
     while True:
         nxt = out.logits[:, -1].float().argmax(-1)
-        live = []
         for r, token in zip(rows, nxt.tolist()):
-            if token == eos:
-                lengths[r] = len(generated[r])  # done: cut before the EOS
+            if r in done:
+                continue
+            if token == eos:  # cut before the EOS
+                done.add(r)
                 continue
             generated[r].append(token)
-            if len(generated[r]) < lengths[r]:
-                live.append(r)
+            if len(generated[r]) >= lengths[r]:
+                done.add(r)
+        live = [r for r in rows if r not in done]
         if not live:
             break
-        if len(live) < len(rows) and hasattr(cache, "batch_select_indices"):
+        if len(live) < len(rows) and can_drop_rows(cache):
             where = torch.tensor([rows.index(r) for r in live], device=mask.device)
             cache.batch_select_indices(where)
             nxt, mask, position_ids = nxt[where], mask[where], position_ids[where]
