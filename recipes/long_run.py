@@ -113,7 +113,7 @@ def run(args) -> None:
     session = EditSession(lm, run_dir / "session", method=args.method, hparams=hparams or None,
                           layers=args.layers, batch_size=args.batch_size, checkpoint_every=args.checkpoint_every,
                           progress=True)
-    checkpoints = [c for c in CHECKPOINTS if c < edits] + [edits]
+    checkpoints = [c for c in (args.checkpoints or CHECKPOINTS) if c < edits] + [edits]
     for c in sorted(set(checkpoints)):
         report = session.run(requests, limit=c)
         if report.interrupted:
@@ -227,6 +227,9 @@ def main() -> None:
     r.add_argument("--edits", type=int, default=1000)
     r.add_argument("--batch-size", type=int, default=None)
     r.add_argument("--checkpoint-every", type=int, default=100)
+    r.add_argument("--checkpoints", type=int, nargs="+", default=None,
+                   help=f"edit counts at which WILD is measured (default {' '.join(map(str, CHECKPOINTS))}); the "
+                        "session's batches end there too")
     r.add_argument("--layers", type=int, nargs="+", default=None)
     r.add_argument("--hparams", default=None, help="JSON object of hyper-parameters")
     r.add_argument("--max-new-tokens", type=int, default=10)
