@@ -23,6 +23,7 @@ import torch
 from locedit.core.facts import Fact
 from locedit.editing.edit import WeightDelta, tensor_sha256
 from locedit.editing.rank_one import param_name, weight_out_in
+from locedit.editing.values import left_padded
 from locedit.errors import EditError, LoceditError
 
 # The default layer, as a fraction of the depth, for weights without a calibrated LocFT site. The paper's files tune
@@ -66,25 +67,13 @@ def training_rows(lm, facts: Sequence[Fact], targets: Sequence[str], append_eos:
     return rows
 
 
-def _left_padded(lm, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
-        mask[i, width - len(r):] = 1
-    ids, mask = ids.to(lm.device), mask.to(lm.device)
-    return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
-
-
 def batch_loss(lm, rows: list[tuple[list[int], int]]) -> torch.Tensor:
     """Mean over requests of the mean NLL of their target tokens (left-padded, so every target ends the row and
     only the last positions are projected to the vocabulary)."""
     from locedit.core.engine import forward_accepts
 
     seqs = [ids[:-1] for ids, _ in rows]  # the last token predicts nothing
-    ids, mask, positions = _left_padded(lm, seqs)
+    ids, mask, positions = left_padded(lm, seqs)
     longest = max(n for _, n in rows)
     kwargs = {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
     if forward_accepts(lm, "logits_to_keep"):

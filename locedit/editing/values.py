@@ -178,6 +178,20 @@ def pad_rows(lm, rows: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Ten
     return input_ids.to(lm.device), mask.to(lm.device)
 
 
+def left_padded(lm, rows: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Left-padded ids, attention mask and position ids (from the mask) on the model's device: every row ends at
+    the last column, where generation appends and where a target's tokens are read."""
+    pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = torch.tensor(list(r), dtype=torch.long)
+        mask[i, width - len(r):] = 1
+    ids, mask = ids.to(lm.device), mask.to(lm.device)
+    return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
+
+
 def build_batch(lm, fact: Fact, new_target_text: str, templates: Sequence[str], rule: str,
                 carrier_offset: int | None, kl_prompt: str | None, template_tokens: str = "text") -> PromptBatch:
     """Rewrite prompts `template.format(prompt) + target[:-1]` and the KL prompt, tokenised (`templated_prompts`),

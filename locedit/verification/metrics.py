@@ -32,7 +32,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
-from locedit.editing.values import pad_rows
+from locedit.editing.values import left_padded, pad_rows
 from locedit.core.engine import forward_accepts, output_cache
 from locedit.errors import FactError
 
@@ -249,15 +249,7 @@ def can_drop_rows(cache) -> bool:
 
 def _generate_batch(lm, id_lists: list[list[int]], lengths: list[int]) -> list[list[int]]:
     eos = lm.tokenizer.eos_token_id
-    pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
-    width = max(len(ids) for ids in id_lists)
-    input_ids = torch.full((len(id_lists), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(id_lists), width), dtype=torch.long)
-    for row, ids in enumerate(id_lists):
-        input_ids[row, width - len(ids):] = torch.tensor(ids)
-        mask[row, width - len(ids):] = 1
-    input_ids, mask = input_ids.to(lm.device), mask.to(lm.device)
-    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    input_ids, mask, position_ids = left_padded(lm, id_lists)
     keep = {"logits_to_keep": 1} if forward_accepts(lm, "logits_to_keep") else {}
     out = lm.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=True, **keep)
     cache_kw = "cache" if forward_accepts(lm, "cache") else "past_key_values"
