@@ -13,7 +13,6 @@ clean forward of a 10-token prompt timed in the same run, before the workers sta
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -23,21 +22,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "recipes"))
+from long_run import clean_forward_s  # noqa: E402  (the same 10-token prompt, median of repeats)
+
 RESULT = ROOT / "data" / "results" / "bench_evaluate.txt"
-
-
-def clean_forward_s(lm) -> float:
-    import torch
-
-    ids = lm.tokenizer("The Eiffel Tower is located in the city of", return_tensors="pt")["input_ids"][:, :10]
-    times = []
-    with torch.no_grad():
-        lm.model(ids)
-        for _ in range(10):
-            t = time.perf_counter()
-            lm.model(ids)
-            times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -56,7 +44,7 @@ def main() -> None:
 
     torch.set_num_threads(1)
     lm = locedit.load(args.model)
-    forward = clean_forward_s(lm)
+    forward = clean_forward_s(lm, repeats=10)
     with tempfile.TemporaryDirectory(prefix="bench_evaluate_") as out:
         start = time.perf_counter()
         result = evaluate(args.model if args.jobs > 1 else lm, curated_facts(), out, method="rome",

@@ -194,9 +194,9 @@ def _edit_and_write(lm, requests, method: str, hparams, args: argparse.Namespace
         options = {**options, "sites": Selection(pool=pool), "progress": False}
     first = requests[0] if isinstance(requests, list) else requests
     site_given = heads is not None if method == "head" else args.layers is not None
-    if not isinstance(requests, list) and "sites" not in options and not site_given:
+    if not isinstance(requests, list) and "sites" not in options and not site_given and method != "locft":
         # one fact: locate it (the edit's site where the weights have no calibration; the extraction heads that
-        # verify reads either way), and say what it found
+        # verify reads either way), and say what it found; LocFT-BF's layer never comes from locate
         site_map = locedit.locate(lm, first.fact)
         rank_one, head_edit = site_map.recommendation["rank_one"], site_map.recommendation["head_edit"]
         print(f"located: top MLP layers {rank_one.get('located_layers', rank_one['layers'])}, extraction heads "
