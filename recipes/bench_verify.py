@@ -6,7 +6,8 @@ edited to " Rome" with ROME at the layer `locate` recommends (or --layer); editi
 
     python recipes/bench_verify.py [--layer L] [--repeats 2] [--record]
 
-`--record` writes the result to data/results/bench_verify.txt. Goal: verify <= 20 s on this 2-core CPU.
+`--record` writes the result to data/results/bench_verify.txt. Goals: <= 60 clean forwards (issue 19), <= 20 s
+(issue 17). Each repeat also times verify with the paired generations off, for the ratio.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import argparse
 import statistics
 import sys
 import time
+from unittest import mock
 from pathlib import Path
 
 import torch
@@ -25,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 import locedit  # noqa: E402
 from locedit.core.datasets import curated_facts  # noqa: E402
 from locedit.verification import verify  # noqa: E402
+from locedit.verification.paired import UneditedRows  # noqa: E402
 
 
 def main() -> None:
@@ -61,12 +64,19 @@ def main() -> None:
             forwards.append(time.perf_counter() - t)
     forward_s = statistics.median(forwards)
 
-    times, ver = [], None
+    # alternated, so that both see the same machine load: verify as it runs (both states' greedy generations in one
+    # decode loop, `verification.paired`) and with that pairing off (one decode loop per state, as before)
+    times, apart_times, ver = [], [], None
     for _ in range(args.repeats):
         t = time.perf_counter()
         ver = verify(lm, edit)
         times.append(time.perf_counter() - t)
-    verify_s = statistics.median(times)
+        with mock.patch.object(UneditedRows, "supports", staticmethod(lambda lm, edit: False)):
+            t = time.perf_counter()
+            apart = verify(lm, edit)
+            apart_times.append(time.perf_counter() - t)
+        assert apart.behaviour == ver.behaviour, "paired and unpaired verify disagree"
+    verify_s, apart_s = statistics.median(times), statistics.median(apart_times)
     edit.revert()
     b = ver.behaviour
     lines = [
@@ -76,8 +86,11 @@ def main() -> None:
         f"{len(fact.meta['generation_prompts'])} generation prompts; generation 10 / fluency 30 tokens",
         f"clean forward of the edit prompt ({ids.shape[1]} tokens): {1000 * forward_s:.1f} ms (median of 10)",
         f"verify (behaviour + mechanism, before and after): {verify_s:.2f} s (median of {args.repeats}: "
-        f"{', '.join(f'{x:.2f}' for x in times)}) = {verify_s / forward_s:.0f} clean forwards; goal <= 20 s: "
-        f"{'met' if verify_s <= 20 else 'NOT met'}",
+        f"{', '.join(f'{x:.2f}' for x in times)}) = {verify_s / forward_s:.0f} clean forwards (issue 19's goal "
+        f"<= 60: {'met' if verify_s / forward_s <= 60 else 'NOT met'}; issue 17's <= 20 s: "
+        f"{'met' if verify_s <= 20 else 'NOT met'})",
+        f"the same with the states' generations made apart (one decode loop each): {apart_s:.2f} s = "
+        f"{apart_s / forward_s:.0f} clean forwards; paired / apart = {verify_s / apart_s:.2f}; results identical",
         "parts (last run): " + ", ".join(f"{k} {v:.2f} s" for k, v in ver.timings.items()),
         f"result: ES {b['efficacy_score']}, PS {b['paraphrase_score']:.2f}, NS {b['neighborhood_score']:.2f} "
         f"(before {b['before']['neighborhood_score']:.2f}), generation efficacy {b['generation_efficacy']:.2f}, "

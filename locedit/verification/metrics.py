@@ -2,8 +2,8 @@
 
 * **Whole-string probability.** P(target | prompt) = exp(-mean per-token NLL) of every token of the target as it
   continues the prompt (" New York" is two tokens), as `rome:experiments/py/eval_utils_counterfact.py` scores
-  `target_new` and `target_true`. Many (prompt, target) pairs go through one right-padded forward with an attention
-  mask (shortest first, in batches of at most `batch_tokens` tokens); log-probabilities are taken in float32.
+  `target_new` and `target_true`. Many (prompt, target) pairs go through one left-padded forward with an attention
+  mask, the logits projected only at the scored positions (shortest first, in batches of at most `batch_tokens` tokens); log-probabilities are taken in float32.
 * **Scores.** Efficacy ES = mean 1[P(new) > P(true)] and EM = mean P(new) - P(true) on the rewrite prompt;
   paraphrase PS/PM the same on paraphrases; neighbourhood NS = mean 1[P(true) > P(new)] and NM = mean
   P(true) - P(new) on neighbourhood prompts (each with its own true attribute); S = harmonic mean of ES, PS, NS.
@@ -27,13 +27,13 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
 
-from locedit.editing.values import left_padded, pad_rows
-from locedit.core.engine import forward_accepts, output_cache
+from locedit.editing.values import left_padded
+from locedit.core.engine import forward, forward_accepts, output_cache
 from locedit.errors import FactError
 
 # A fixed, neutral text sample for the perplexity drift (no facts that edits in the curated set touch).
@@ -106,20 +106,22 @@ def _batches(lengths: Sequence[int], batch_tokens: int) -> Iterable[list[int]]:
         yield chunk
 
 
-def _logits(lm, input_ids: torch.Tensor, mask: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-    """Logits at positions [lo, hi) of a padded batch: only those are projected to the vocabulary when the model
-    takes `logits_to_keep` (the projection dominates the cost of short prompts with a large vocabulary)."""
-    if forward_accepts(lm, "logits_to_keep") and (lo > 0 or hi < input_ids.shape[1]):
-        keep = torch.arange(lo, hi, device=input_ids.device)
-        return lm.model(input_ids=input_ids, attention_mask=mask, logits_to_keep=keep).logits
-    return lm.model(input_ids=input_ids, attention_mask=mask).logits[:, lo:hi]
+def _last_logits(lm, rows: Sequence[Sequence[int]], counts: Sequence[int]) -> list[torch.Tensor]:
+    """Each row's logits at its last `counts[r]` positions, float32 (count, vocab), from one left-padded forward:
+    the rows end on the batch's last column, so only the last max(counts) columns are projected to the vocabulary
+    (through `logits_to_keep` where the model takes it; the projection dominates short prompts' cost with a large
+    vocabulary)."""
+    input_ids, mask, position_ids = left_padded(lm, rows)
+    keep = max(counts)
+    out = forward(lm, input_ids, attention_mask=mask, position_ids=position_ids, logits_at=keep).logits
+    return [out[r, keep - n:].float() for r, n in enumerate(counts)]
 
 
 @torch.no_grad()
 def token_nlls(lm, sequences: Sequence[tuple[Sequence[int], int]], *, batch_tokens: int = 2048,
                first_logprobs: dict | None = None) -> list[np.ndarray]:
     """Per-token negative log-likelihoods (nats, float32 log-softmax) of `ids[start:]` given the tokens before,
-    for each `(ids, start)` (start >= 1), in right-padded batched forwards. Sequences whose inputs `ids[:-1]`
+    for each `(ids, start)` (start >= 1), in left-padded batched forwards. Sequences whose inputs `ids[:-1]`
     coincide (a prompt scored for several one-token targets) share one row. `first_logprobs`: a dict whose keys
     are sequence indices; it is filled with the full next-token log-probabilities after `ids[:start]`."""
     for ids, start in sequences:
@@ -133,14 +135,12 @@ def token_nlls(lm, sequences: Sequence[tuple[Sequence[int], int]], *, batch_toke
         users[r].append(i)
     out: list[np.ndarray | None] = [None] * len(sequences)
     for chunk in _batches([len(x) for x in inputs], batch_tokens):
-        input_ids, mask = pad_rows(lm, [inputs[r] for r in chunk])
-        lo = min(sequences[i][1] for r in chunk for i in users[r]) - 1
-        hi = max(len(inputs[r]) for r in chunk)
-        logits = _logits(lm, input_ids, mask, lo, hi)
-        for row, r in enumerate(chunk):
+        # row r's logits from the position before its earliest scored token on (shared rows: the same length)
+        counts = [len(inputs[r]) - min(sequences[i][1] for i in users[r]) + 1 for r in chunk]
+        for r, n, logits in zip(chunk, counts, _last_logits(lm, [inputs[r] for r in chunk], counts)):
             for i in users[r]:
                 ids, start = sequences[i]
-                logp = logits[row, start - 1 - lo: len(ids) - 1 - lo].float().log_softmax(-1)
+                logp = logits[start - 1 - (len(inputs[r]) - n):].log_softmax(-1)
                 if first_logprobs is not None and i in first_logprobs:
                     first_logprobs[i] = logp[0].cpu()
                 tgt = torch.tensor(list(ids[start:]), device=logp.device)
@@ -174,11 +174,8 @@ def next_token_logprobs(lm, prompts: Sequence[str], *, batch_tokens: int = 2048)
     id_lists = [prompt_ids(lm, p) for p in prompts]
     out: list[torch.Tensor | None] = [None] * len(prompts)
     for chunk in _batches([len(i) for i in id_lists], batch_tokens):
-        input_ids, mask = pad_rows(lm, [id_lists[i] for i in chunk])
-        lo = min(len(id_lists[i]) for i in chunk) - 1
-        logits = _logits(lm, input_ids, mask, lo, input_ids.shape[1])
-        for row, i in enumerate(chunk):
-            out[i] = logits[row, len(id_lists[i]) - 1 - lo].float().log_softmax(-1).cpu()
+        for i, logits in zip(chunk, _last_logits(lm, [id_lists[i] for i in chunk], [1] * len(chunk))):
+            out[i] = logits[0].log_softmax(-1).cpu()
     return torch.stack(out)  # type: ignore[arg-type]
 
 
@@ -193,12 +190,9 @@ def teacher_forced_accuracy(lm, pairs: Sequence[tuple[str, str]], *, batch_token
     out = [0.0] * len(rows)
     for chunk in _batches([len(p) + len(t) for p, t in rows], batch_tokens):
         seqs = [(rows[i][0] + rows[i][1])[:-1] for i in chunk]
-        input_ids, mask = pad_rows(lm, seqs)
-        lo = min(len(rows[i][0]) for i in chunk) - 1
-        logits = _logits(lm, input_ids, mask, lo, input_ids.shape[1])
-        for row, i in enumerate(chunk):
+        for i, logits in zip(chunk, _last_logits(lm, seqs, [len(rows[i][1]) for i in chunk])):
             p, t = rows[i]
-            pred = logits[row, len(p) - 1 - lo: len(p) - 1 - lo + len(t)].argmax(-1).cpu().tolist()
+            pred = logits.argmax(-1).cpu().tolist()
             out[i] = float(np.mean([a == b for a, b in zip(pred, t)]))
     return out
 
@@ -223,11 +217,16 @@ def perplexity(lm, texts: Sequence[str] = PERPLEXITY_TEXT, *, batch_tokens: int 
 # --- generation ----------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def greedy_generate_ids(lm, prompts: Sequence[str], max_new_tokens: int | Sequence[int] = 20, *,
-                        batch: int = 16) -> list[list[int]]:
+                        batch: int = 16, row_flags: Sequence[bool] | None = None,
+                        set_rows: Callable[[list[bool]], None] | None = None) -> list[list[int]]:
     """Greedy continuations (new token ids, cut before the first EOS) of each prompt: left-padded batches, KV
     cache, position ids from the attention mask. `max_new_tokens`: one length for every prompt, or one per prompt.
     A row that has its tokens (or an EOS) leaves the batch, so short and long continuations share one prefill
-    without the short ones paying for the long ones' steps (where the model's cache can drop rows)."""
+    without the short ones paying for the long ones' steps (where the model's cache can drop rows).
+    `row_flags` (one per prompt) and `set_rows`: before every forward, `set_rows` gets the flags of the batch's
+    rows in order (`paired.UneditedRows.set_rows`: some rows of the batch run as the unedited model)."""
+    if (row_flags is None) != (set_rows is None) or row_flags is not None and len(row_flags) != len(prompts):
+        raise ValueError("row_flags (one per prompt) and set_rows go together")
     lengths = ([int(max_new_tokens)] * len(prompts) if isinstance(max_new_tokens, int)
                else [int(n) for n in max_new_tokens])
     if len(lengths) != len(prompts):
@@ -237,7 +236,8 @@ def greedy_generate_ids(lm, prompts: Sequence[str], max_new_tokens: int | Sequen
     id_lists = {i: prompt_ids(lm, prompts[i]) for i in todo}
     for start in range(0, len(todo), batch):
         idx = todo[start:start + batch]
-        for i, ids in zip(idx, _generate_batch(lm, [id_lists[i] for i in idx], [lengths[i] for i in idx])):
+        hook = None if set_rows is None else (lambda rows, idx=idx: set_rows([row_flags[idx[r]] for r in rows]))
+        for i, ids in zip(idx, _generate_batch(lm, [id_lists[i] for i in idx], [lengths[i] for i in idx], hook)):
             result[i] = ids
     return result
 
@@ -247,10 +247,13 @@ def can_drop_rows(cache) -> bool:
     return hasattr(cache, "batch_select_indices")
 
 
-def _generate_batch(lm, id_lists: list[list[int]], lengths: list[int]) -> list[list[int]]:
+def _generate_batch(lm, id_lists: list[list[int]], lengths: list[int],
+                    before_forward: Callable[[list[int]], None] | None = None) -> list[list[int]]:
     eos = lm.tokenizer.eos_token_id
     input_ids, mask, position_ids = left_padded(lm, id_lists)
     keep = {"logits_to_keep": 1} if forward_accepts(lm, "logits_to_keep") else {}
+    if before_forward is not None:
+        before_forward(list(range(len(id_lists))))
     out = lm.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=True, **keep)
     cache_kw = "cache" if forward_accepts(lm, "cache") else "past_key_values"
     cache = output_cache(out)
@@ -278,6 +281,8 @@ def _generate_batch(lm, id_lists: list[list[int]], lengths: list[int]) -> list[l
             rows = live
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         position_ids = position_ids[:, -1:] + 1
+        if before_forward is not None:
+            before_forward(rows)
         out = lm.model(input_ids=nxt[:, None], attention_mask=mask, position_ids=position_ids, use_cache=True,
                        **{cache_kw: cache}, **keep)
         cache = output_cache(out)

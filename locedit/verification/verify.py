@@ -31,6 +31,7 @@ from locedit.core.results import Result, jsonable
 from locedit.verification import mechanism as mech
 from locedit.verification import ripple as ripple_probes
 from locedit.verification.verdict import behaviour_verdict, exit_status, verdict, verdict_lines
+from locedit.verification.paired import UneditedRows
 from locedit.verification.weight_diff import diff_lines, edited_mlp_layers, weight_diff
 from locedit.verification.metrics import (PERPLEXITY_TEXT, contains_target, fluency, greedy_generate_ids, harmonic_mean,
                       kl_divergence, perplexity, success_and_magnitude, target_probs)
@@ -154,9 +155,41 @@ def inputs_for(facts: Sequence[Fact], new_targets: Sequence[str], *, paraphrases
 
 
 # --- behaviour -------------------------------------------------------------------------------------------------------
+def generation_plan(inputs: Sequence[FactInputs], generation_tokens: int = 10,
+                    fluency_tokens: int = 30) -> tuple[list[str], list[tuple[int, str]], list[int]]:
+    """verify's greedy generations: the prompts (per fact: efficacy = rewrite + paraphrases, then fluency
+    prompts), each one's (fact, kind) and its number of new tokens."""
+    gen_prompts, gen_index = [], []
+    for i, x in enumerate(inputs):
+        for p in [x.fact.prompt] + x.paraphrases:
+            gen_prompts.append(p)
+            gen_index.append((i, "efficacy"))
+        for p in x.generation_prompts:
+            gen_prompts.append(p)
+            gen_index.append((i, "fluency"))
+    # efficacy needs generation_tokens; fluency texts (and efficacy prompts that stand in for them) fluency_tokens
+    longest = max(generation_tokens, fluency_tokens)
+    lengths = [longest if kind == "fluency" or not inputs[i].generation_prompts else generation_tokens
+               for i, kind in gen_index]
+    return gen_prompts, gen_index, lengths
+
+
+def paired_generations(lm, inputs: Sequence[FactInputs], paired, *, generation_tokens: int = 10,
+                       fluency_tokens: int = 30) -> tuple[list[list[int]], list[list[int]]]:
+    """The generations of both states in one decode loop (`paired`: an entered `UneditedRows` of the applied
+    edit): (unedited, edited) token ids per `generation_plan` prompt."""
+    prompts, _, lengths = generation_plan(inputs, generation_tokens, fluency_tokens)
+    # each prompt twice, side by side (unedited, edited), so that a batch holds both states of its prompts
+    ids = greedy_generate_ids(lm, [p for p in prompts for _ in (0, 1)], [n for n in lengths for _ in (0, 1)],
+                              row_flags=[True, False] * len(prompts), set_rows=paired.set_rows)
+    return ids[0::2], ids[1::2]
+
+
 def measure_behaviour(lm, inputs: Sequence[FactInputs], *, generation_tokens: int = 10, fluency_tokens: int = 30,
-                      perplexity_text: Sequence[str] = PERPLEXITY_TEXT) -> dict:
-    """Raw measurements of the current model state (one batched scoring pass, one generation pass)."""
+                      perplexity_text: Sequence[str] = PERPLEXITY_TEXT,
+                      generated: list[list[int]] | None = None) -> dict:
+    """Raw measurements of the current model state (one batched scoring pass, one generation pass).
+    `generated`: the token ids of this state's `generation_plan` generations, when already made."""
     pairs, index = [], []
     for i, x in enumerate(inputs):
         true = x.fact.target_text()
@@ -176,20 +209,8 @@ def measure_behaviour(lm, inputs: Sequence[FactInputs], *, generation_tokens: in
     for (i, group), (p_new, p_true) in zip(index, probs):
         per_fact[i][group].append([float(p_new), float(p_true)])
     logprobs = torch.stack([first[k] for k in sorted(first)]) if first else None
-    # generation: efficacy prompts (rewrite + paraphrases), then fluency prompts
-    gen_prompts, gen_index = [], []
-    for i, x in enumerate(inputs):
-        for p in [x.fact.prompt] + x.paraphrases:
-            gen_prompts.append(p)
-            gen_index.append((i, "efficacy"))
-        for p in x.generation_prompts:
-            gen_prompts.append(p)
-            gen_index.append((i, "fluency"))
-    # efficacy needs generation_tokens; fluency texts (and efficacy prompts that stand in for them) fluency_tokens
-    longest = max(generation_tokens, fluency_tokens)
-    lengths = [longest if kind == "fluency" or not inputs[i].generation_prompts else generation_tokens
-               for i, kind in gen_index]
-    ids = greedy_generate_ids(lm, gen_prompts, lengths)
+    gen_prompts, gen_index, lengths = generation_plan(inputs, generation_tokens, fluency_tokens)
+    ids = generated if generated is not None else greedy_generate_ids(lm, gen_prompts, lengths)
     decode = lm.tokenizer.decode
     for d in per_fact:
         d["generations"], d["fluency_texts"] = [], []
@@ -414,8 +435,9 @@ def verify(lm, edit, *, paraphrases=None, neighborhood=None, generation_prompts=
                    perplexity_text=perplexity_text)
     context = contextlib.nullcontext() if edit.is_applied else edit.applied(lm)
     with context:
+        paired = UneditedRows(lm, edit) if UneditedRows.supports(lm, edit) else None
         behaviour, mechanism_result, timings = verify_states(lm, lm, inputs, setups, before=edit.reverted,
-                                                             **options)
+                                                             paired=paired, **options)
         t = time.perf_counter()
         ripple_result = (ripple_probes.measure(lm, lm, probes, before=edit.reverted, info=probe_info)
                          if probes else None)
@@ -433,22 +455,31 @@ def mechanism_setups(lm, inputs: Sequence[FactInputs], edit_sites: dict, sitemap
 
 def verify_states(lm_before, lm_after, inputs: Sequence[FactInputs], setups: Sequence, *,
                   before=contextlib.nullcontext, generation_tokens: int = 10, fluency_tokens: int = 30,
-                  perplexity_text: Sequence[str] = PERPLEXITY_TEXT) -> tuple[dict, dict | None, dict]:
+                  perplexity_text: Sequence[str] = PERPLEXITY_TEXT,
+                  paired=None) -> tuple[dict, dict | None, dict]:
     """The one implementation behind `verify` and `verify_models`: behaviour and mechanism measured on
     `lm_before` (inside the `before()` context: the edit reverted) and on `lm_after`, then compared.
-    Returns (behaviour, mechanism or None, timings)."""
+    `paired` (an `UneditedRows` of the applied edit, `lm_before is lm_after`): both states' greedy generations
+    come from one decode loop. Returns (behaviour, mechanism or None, timings)."""
     timings: dict[str, float] = {}
     options = dict(generation_tokens=generation_tokens, fluency_tokens=fluency_tokens,
                    perplexity_text=perplexity_text)
+    generated: tuple = (None, None)
+    if paired is not None:
+        t = time.perf_counter()
+        with paired:
+            generated = paired_generations(lm_after, inputs, paired, generation_tokens=generation_tokens,
+                                           fluency_tokens=fluency_tokens)
+        timings["generation_both"] = time.perf_counter() - t
     with before():
         t = time.perf_counter()
-        state_before = measure_behaviour(lm_before, inputs, **options)
+        state_before = measure_behaviour(lm_before, inputs, **options, generated=generated[0])
         timings["behaviour_before"] = time.perf_counter() - t
         t = time.perf_counter()
         mech_before = [mech.measure(lm_before, s, after=False) for s in setups]
         timings["mechanism_before"] = time.perf_counter() - t
     t = time.perf_counter()
-    state_after = measure_behaviour(lm_after, inputs, **options)
+    state_after = measure_behaviour(lm_after, inputs, **options, generated=generated[1])
     timings["behaviour_after"] = time.perf_counter() - t
     t = time.perf_counter()
     mech_after = [mech.measure(lm_after, s, after=True, heads=b["ov_heads"]) for s, b in zip(setups, mech_before)]
