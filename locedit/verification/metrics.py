@@ -3,7 +3,8 @@
 * **Whole-string probability.** P(target | prompt) = exp(-mean per-token NLL) of every token of the target as it
   continues the prompt (" New York" is two tokens), as `rome:experiments/py/eval_utils_counterfact.py` scores
   `target_new` and `target_true`. Many (prompt, target) pairs go through one left-padded forward with an attention
-  mask, the logits projected only at the scored positions (shortest first, in batches of at most `batch_tokens` tokens); log-probabilities are taken in float32.
+  mask, the logits projected only at the scored positions (shortest first, in batches of at most `batch_tokens`
+  tokens); log-probabilities are taken in float32.
 * **Scores.** Efficacy ES = mean 1[P(new) > P(true)] and EM = mean P(new) - P(true) on the rewrite prompt;
   paraphrase PS/PM the same on paraphrases; neighbourhood NS = mean 1[P(true) > P(new)] and NM = mean
   P(true) - P(new) on neighbourhood prompts (each with its own true attribute); S = harmonic mean of ES, PS, NS.

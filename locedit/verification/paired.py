@@ -1,10 +1,9 @@
 """The unedited state beside the edited one, in one batch: `UneditedRows`.
 
 While an edit is applied, forward hooks on the projections it changed subtract its change from the outputs of the
-batch rows flagged as unedited: a flagged row computes W'x - ΔW x (+ b' - Δb) where the reverted model computes
-W x + b. The two agree up to float rounding (not bit for bit). verify uses it for its greedy generations, whose
+batch rows flagged as unedited: a flagged row computes W'x - ΔW x where the reverted model computes W x. The two agree up to float rounding (not bit for bit). verify uses it for its greedy generations, whose
 decode steps cost about as much for 12 rows as for 6 (each step reads every weight): one decode loop for both
-states instead of two. Edits of anything other than a linear projection's weight or bias (an embedding, a norm)
+states instead of two. Edits of anything other than a linear projection's weight (a bias, an embedding, a norm)
 are not supported (`supports`), and verify then measures the two states one after the other.
 """
 
@@ -18,19 +17,10 @@ from torch import nn
 from locedit.errors import LoceditError
 
 
-def _linear_types() -> tuple[type, ...]:
-    types: list[type] = [nn.Linear]
-    try:
-        from transformers.pytorch_utils import Conv1D
-
-        types.append(Conv1D)
-    except ImportError:  # pragma: no cover - every supported transformers has it
-        pass
-    return tuple(types)
-
-
 def _targets(lm, edit) -> list[tuple[nn.Module, object]] | None:
-    """(module, delta) for every delta of `edit`, or None when one is not a linear projection's weight or bias."""
+    """(module, delta) for every delta of `edit`, or None when one is not a linear projection's weight."""
+    from transformers.pytorch_utils import Conv1D
+
     out = []
     for delta in edit.deltas:
         owner, _, attr = delta.name.rpartition(".")
@@ -38,9 +28,7 @@ def _targets(lm, edit) -> list[tuple[nn.Module, object]] | None:
             module = lm.model.get_submodule(owner)
         except AttributeError:
             return None
-        if attr not in ("weight", "bias") or not isinstance(module, _linear_types()):
-            return None
-        if attr == "weight" and len(delta.shape) != 2 or attr == "bias" and len(delta.shape) != 1:
+        if attr != "weight" or not isinstance(module, (nn.Linear, Conv1D)) or len(delta.shape) != 2:
             return None
         out.append((module, delta))
     return out
@@ -55,7 +43,7 @@ class UneditedRows:
     def __init__(self, lm, edit) -> None:
         targets = _targets(lm, edit)
         if targets is None:
-            raise LoceditError("this edit changes a parameter that is not a linear projection's weight or bias; "
+            raise LoceditError("this edit changes a parameter that is not a linear projection's weight; "
                                "measure the unedited state with the edit reverted instead")
         self.lm, self.edit, self._targets = lm, edit, targets
         self.flags: torch.Tensor | None = None
@@ -82,12 +70,9 @@ class UneditedRows:
         self.flags = None
 
     def _hook(self, delta):
-        is_bias = delta.name.endswith(".bias")
         device = self.lm.device
-        left = right = dense = bias = None
-        if is_bias:
-            bias = delta.dense.float().to(device)
-        elif delta.dense is not None:
+        left = right = dense = None
+        if delta.dense is not None:
             dense = delta.dense.float().to(device)  # (out, in)
         else:
             left, right = delta.left.float().to(device), delta.right.float().to(device)
@@ -100,11 +85,8 @@ class UneditedRows:
             if x.shape[0] != flags.shape[0]:
                 raise LoceditError(f"UneditedRows: a batch of {x.shape[0]} rows reached {delta.name}, but "
                                    f"{flags.shape[0]} row flags were set")
-            if is_bias:
-                change = bias.expand(*output[flags].shape)
-            else:
-                xs = x[flags].float()
-                change = xs @ dense.T if dense is not None else (xs @ right) @ left.T
+            xs = x[flags].float()
+            change = xs @ dense.T if dense is not None else (xs @ right) @ left.T
             output = output.clone()
             output[flags] = (output[flags].float() - change).to(output.dtype)
             return output
