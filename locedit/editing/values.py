@@ -301,34 +301,48 @@ def optimize_values_many(lm, batches: Sequence[PromptBatch], sites: Sequence[Sit
                     xf = x[rewrite[f]]
                     keys[f][i] = (xf if site.key_columns is None else xf[:, site.key_columns]).float().mean(0)
 
-    target_index = [torch.tensor([column[c - P] for c in cols], device=lm.device) for cols in target_index_cols]
-    row_targets = [torch.tensor(ids, device=lm.device) for ids in merged.row_target_ids]
+    # every loss term read in one gather per step (a Python loop of per-row selects made each row's backward
+    # zero-fill a whole (rows x columns x vocabulary) gradient): one entry per rewrite target token, weighted so
+    # that a fact's sum is the mean over its rows of each row's mean target-token NLL; one per KL row
+    entries = [(r, column[c - P], t, f) for f in range(F) for r in rewrite[f]
+               for c, t in zip(target_index_cols[r], merged.row_target_ids[r])]
+    weights = [1.0 / (len(target_index_cols[r]) * len(rewrite[f])) for f in range(F) for r in rewrite[f]
+               for _ in target_index_cols[r]]
+    entry_row, entry_col, entry_token, entry_fact = (torch.tensor(v, device=lm.device) for v in zip(*entries))
+    entry_weight = torch.tensor(weights, device=lm.device)
+    kl_all = [r for f in range(F) for r in kl_rows[f]]
+    kl_row = torch.tensor(kl_all, dtype=torch.long, device=lm.device)
+    kl_fact = torch.tensor([f for f in range(F) for _ in kl_rows[f]], dtype=torch.long, device=lm.device)
+    kl_count = torch.tensor([max(len(rows_f), 1) for rows_f in kl_rows], dtype=torch.float32, device=lm.device)
     losses: list[list[float]] = [[] for _ in range(F)]
     optimizer = torch.optim.Adam([d for per_fact in deltas for d in per_fact], lr=hp.v_lr)
     active = [True] * F
-    kl_init: list = [None] * F
+    kl_init = None
     with batch:  # the engine's hooks stay attached for the whole loop
         for step in range(hp.v_num_grad_steps):
             out = batch.run(rows, capture=capture if step == 0 else None, logits_at=wanted)
             if step == 0:
                 record(out.captures)
-            log_probs = torch.log_softmax(out.logits.float(), dim=-1)
+            fact_loss = _fact_losses(out.logits, entry_row, entry_col, entry_token, entry_fact, entry_weight, F)
+            if kl_all:
+                kl_lp = torch.log_softmax(out.logits[kl_row, column[0]].float(), dim=-1)
+                if kl_init is None:
+                    kl_init = kl_lp.detach().clone()
+                # KL(current || step 0) per row (torch's kl_div(init, current, log_target=True)), averaged per fact
+                kl_per_row = (kl_lp.exp() * (kl_lp - kl_init)).sum(-1)
+                kl = torch.zeros(F, dtype=kl_per_row.dtype, device=kl_per_row.device).index_add(0, kl_fact, kl_per_row)
+                fact_loss = fact_loss + hp.kl_factor * kl / kl_count
+            decays = torch.stack([
+                sum(hp.v_weight_decay * (delta.norm() / init.norm().clamp(min=1e-8) ** 2).to(fact_loss.device)
+                    for delta, init in zip(deltas[f], inits[f])) for f in range(F)])
+            fact_loss = fact_loss + decays
+            values = fact_loss.detach().tolist()
             total = 0.0
             last = step == hp.v_num_grad_steps - 1
             for f in range(F):
                 if not active[f]:
                     continue
-                loss = torch.stack([-log_probs[r, target_index[r], row_targets[r]].mean() for r in rewrite[f]]).mean()
-                if kl_rows[f]:
-                    kl_lp = log_probs[kl_rows[f], column[0]]
-                    if kl_init[f] is None:
-                        kl_init[f] = kl_lp.detach().clone()
-                    loss = loss + hp.kl_factor * torch.nn.functional.kl_div(kl_init[f], kl_lp, log_target=True,
-                                                                            reduction="batchmean")
-                for delta, init in zip(deltas[f], inits[f]):
-                    decay = hp.v_weight_decay * (delta.norm() / init.norm().clamp(min=1e-8) ** 2)
-                    loss = loss + decay.to(loss.device)
-                value = float(loss.detach())
+                value = values[f]
                 if value != value or value in (float("inf"), float("-inf")):
                     raise LoceditError(f"the value optimisation diverged (loss {value}) at step {step}; nothing "
                                        "was changed — try a smaller v_lr")
@@ -336,7 +350,7 @@ def optimize_values_many(lm, batches: Sequence[PromptBatch], sites: Sequence[Sit
                 if value < hp.early_stop_loss or last:
                     active[f] = False  # this fact's δ is final
                 else:
-                    total = total + loss
+                    total = total + fact_loss[f]
             if not any(active):
                 break
             optimizer.zero_grad()
@@ -355,6 +369,14 @@ def optimize_values_many(lm, batches: Sequence[PromptBatch], sites: Sequence[Sit
     seconds = (time.perf_counter() - start) / F
     return [ValueResult([d.detach() for d in deltas[f]], list(inits[f]), list(keys[f]), list(outputs[f]),
                         losses[f], seconds) for f in range(F)]
+
+
+def _fact_losses(logits: torch.Tensor, row: torch.Tensor, col: torch.Tensor, token: torch.Tensor,
+                 fact: torch.Tensor, weight: torch.Tensor, n_facts: int) -> torch.Tensor:
+    """Each fact's weighted target-token NLL, from the logits at the (row, column) of every entry."""
+    picked = logits[row, col].float()  # (entries, vocabulary): only the positions a loss reads
+    log_prob = picked.gather(1, token[:, None]).squeeze(1) - torch.logsumexp(picked, dim=-1)
+    return torch.zeros(n_facts, dtype=log_prob.dtype, device=log_prob.device).index_add(0, fact, -log_prob * weight)
 
 
 def site_module(lm, site: Site) -> nn.Module:
