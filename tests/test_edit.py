@@ -313,6 +313,46 @@ def test_alphaedit_keeps_earlier_edits_keys(monkeypatch):
     a.revert()
 
 
+def test_nullspace_energy_rule_keeps_the_low_energy_directions():
+    from locedit.editing.rank_one import nullspace_projector, nullspace_summary
+
+    q, _ = torch.linalg.qr(torch.randn(6, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64))
+    eig = torch.tensor([1e-4, 2e-3, 8e-3, 0.09, 0.4, 0.5], dtype=torch.float64)  # sums to 1.0001
+    C = (q * eig) @ q.T
+    by_threshold = nullspace_summary(C, nullspace_projector(C, 1e-2))
+    assert by_threshold["dims"] == 3 and by_threshold["energy_share"] == pytest.approx(0.0101 / 1.0001, rel=1e-6)
+    by_energy = nullspace_summary(C, nullspace_projector(C, 1e-2, energy=0.005))  # 1e-4 + 2e-3 fits, + 8e-3 not
+    assert by_energy["dims"] == 2 and by_energy["energy_share"] <= 0.005
+    P = nullspace_projector(C, 1e-2, energy=0.005)
+    assert torch.allclose(P @ P, P, atol=1e-10) and torch.allclose(P @ q[:, 4], torch.zeros(6, dtype=torch.float64),
+                                                                   atol=1e-10)
+    # the scale of the keys does not move the energy rule; it moves the threshold rule
+    assert nullspace_summary(10 * C, nullspace_projector(10 * C, 1e-2, energy=0.005))["dims"] == 2
+    assert nullspace_summary(10 * C, nullspace_projector(10 * C, 1e-2))["dims"] == 1
+    for bad in (0.0, 1.5):
+        with pytest.raises(locedit.LoceditError, match="nullspace_energy"):
+            nullspace_projector(C, 1e-2, energy=bad)
+    with pytest.raises(locedit.LoceditError, match="empty"):
+        nullspace_projector(C, 1e-2, energy=1e-6)
+
+
+def test_alphaedit_with_the_energy_rule_edits_and_stays_in_its_null_space():
+    lm = tiny.lm("llama")
+    layers = [1]
+    stats = key_statistics(lm, layers=layers, progress=False)
+    hp = {**FAST, "nullspace": True, "nullspace_energy": 0.5, "L2": 1e-2}
+    e = locedit.edit(lm, [EditRequest(FACT, NEW)], method="memit", layers=layers, key_position="subject_last",
+                     hparams=hp, stats=stats)
+    from locedit.editing.rank_one import nullspace_projector
+
+    P = nullspace_projector(stats.get("mlp", 1), 2e-2, energy=0.5)
+    (delta,) = e.deltas
+    D = delta.matrix().double()  # (out, in): every row lies in the null space, so D = D P
+    assert float(D.norm()) > 0
+    assert torch.allclose(D, D @ P, atol=1e-6 * float(D.norm()))
+    e.revert()
+
+
 def test_cli_edit_writes_the_edit_and_rejects_bad_input(tmp_path, capsys):
     from locedit.cli.main import main
 

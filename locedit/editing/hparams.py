@@ -68,6 +68,9 @@ class MEMITHyperParams(ValueHyperParams):
     stats_tokens: int | None = None
     nullspace: bool = False  # AlphaEdit: project the update onto the null space of the preserved keys
     nullspace_threshold: float = 2e-2  # AlphaEdit: eigenvalues of E[kkᵀ] below this span the null space
+    # instead of the threshold: the null space is the eigenvectors holding at most this share of E[‖k‖²]
+    # (scale-free; at 2e-2 SmolLM2's layer-1 null space holds 39% of it: data/results/long_run/nullspace.txt)
+    nullspace_energy: float | None = None
     L2: float = 10.0  # AlphaEdit's ridge α
     batch_facts: int = 16  # facts whose z are optimised together in one forward per step (same result, fewer launches)
 

@@ -67,7 +67,7 @@ def memit_update(lm, facts: Sequence[Fact], new_targets: Sequence[str], layers: 
             R = (Z - H) / (len(layers) - i)
             C = stats.get("mlp", layer)
             if hp.nullspace:
-                P = _projector(C, hp.nullspace_threshold)
+                P = _projector(C, hp.nullspace_threshold, hp.nullspace_energy)
                 previous = _previous_keys(lm, modules[layer].weight, layer)
                 left, right = alphaedit_factors(P, K, R, previous, hp.L2)
             else:
@@ -112,11 +112,11 @@ def _keys_and_outputs(lm, prompts, key_layer: int, out_layer: int) -> tuple[torc
     return K, H
 
 
-def _projector(C: torch.Tensor, threshold: float) -> torch.Tensor:
-    key = (C.data_ptr(), tuple(C.shape), float(C.flatten()[0]), threshold)
+def _projector(C: torch.Tensor, threshold: float, energy: float | None) -> torch.Tensor:
+    key = (C.data_ptr(), tuple(C.shape), float(C.flatten()[0]), threshold, energy)
     if key not in _PROJECTORS:
         _PROJECTORS.clear()
-        _PROJECTORS[key] = nullspace_projector(C, threshold)
+        _PROJECTORS[key] = nullspace_projector(C, threshold, energy)
     return _PROJECTORS[key]
 
 

@@ -41,14 +41,32 @@ def memit_factors(C: torch.Tensor, K: torch.Tensor, R: torch.Tensor, weight: flo
     return R.float(), V.float()
 
 
-def nullspace_projector(C: torch.Tensor, threshold: float) -> torch.Tensor:
-    """AlphaEdit's P = Û Ûᵀ over the eigenvectors of C = E[kkᵀ] whose eigenvalues are below `threshold`."""
-    values, vectors = torch.linalg.eigh(C.double())
-    keep = vectors[:, values < threshold]
+def nullspace_projector(C: torch.Tensor, threshold: float, energy: float | None = None) -> torch.Tensor:
+    """AlphaEdit's P = Û Ûᵀ over the eigenvectors of C = E[kkᵀ] whose eigenvalues are below `threshold`; with
+    `energy`, instead the smallest-eigenvalue eigenvectors that together hold at most that share of E[‖k‖²] (trace
+    C): a rule that does not depend on the keys' scale, which differs between models."""
+    if energy is not None and not 0 < energy <= 1:
+        raise LoceditError(f"nullspace_energy is a share of E[‖k‖²] in (0, 1], not {energy!r}")
+    values, vectors = torch.linalg.eigh(C.double())  # ascending
+    if energy is not None:
+        share = values.clamp_min(0).cumsum(0) / values.clamp_min(0).sum().clamp_min(1e-300)
+        keep = vectors[:, share <= energy]
+        what = f"nullspace_energy={energy}"
+    else:
+        keep = vectors[:, values < threshold]
+        what = f"nullspace_threshold={threshold}"
     if keep.shape[1] == 0:
-        raise LoceditError(f"the null space of the preserved keys is empty at nullspace_threshold={threshold} "
-                           f"(smallest eigenvalue of E[kkᵀ] is {float(values.min()):.3g}); raise the threshold")
+        raise LoceditError(f"the null space of the preserved keys is empty at {what} "
+                           f"(smallest eigenvalue of E[kkᵀ] is {float(values.min()):.3g}); raise it")
     return keep @ keep.T
+
+
+def nullspace_summary(C: torch.Tensor, P: torch.Tensor) -> dict:
+    """How much the projector P leaves of the preserved keys: its rank, and the share of E[‖k‖²] = trace C inside
+    the null space (trace PC / trace C; AlphaEdit assumes it is near 0)."""
+    Cd, Pd = C.double(), P.double().to(C.device)
+    return {"dims": int(round(float(torch.trace(Pd)))), "of": int(C.shape[0]),
+            "energy_share": float(torch.trace(Pd @ Cd) / torch.trace(Cd).clamp_min(1e-300))}
 
 
 def alphaedit_factors(P: torch.Tensor, K: torch.Tensor, R: torch.Tensor, previous: torch.Tensor | None,
