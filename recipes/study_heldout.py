@@ -202,6 +202,15 @@ def run_fact(lm, fact, pool, stats, tokens, rows, store, oracle: bool, stop_at: 
         rows[plan_key] = plan
 
 
+def fixed_score(rows: dict, fid: str, tokens: str) -> float | None:
+    """S of the fact's fixed-site edit, when it has been made."""
+    plan = rows.get(f"plan|{fid}|{tokens}")
+    if plan is None:
+        return None
+    row = rows.get(site_key(fid, *canonical(plan, *plan["sites"]["fixed"]), tokens))
+    return None if row is None else row["S"]
+
+
 # --- summary -----------------------------------------------------------------------------------------------------
 def policy_rows(rows: dict, tokens: str) -> dict[str, dict[str, dict]]:
     """`{policy: {fact: edit row (+ cost)}}` for every fact whose plan and policy sites are complete."""
@@ -226,6 +235,31 @@ def policy_rows(rows: dict, tokens: str) -> dict[str, dict[str, dict]]:
             best = min(dense, key=lambda d: (-(d["S"] or 0), d["NKL"] if d["NKL"] is not None else 9e9, d["layer"]))
             out["oracle"][fid] = {**best, "cost_s": sum(per_edit(d) for d in dense), "trial_edits": len(dense)}
     return out
+
+
+def ceiling(rows: dict, tokens: str, fixed: dict[str, dict]) -> dict:
+    """The most any per-fact site choice could gain in S over the fixed site: per fact, the best S of every site
+    edited for it (chosen on the evaluation itself, so optimistic), over the facts where that is the dense
+    ceiling: the fixed site already scored S = 1 (nothing can score more), or the dense oracle layers were run."""
+    from locedit.core.statistics import paired_difference
+
+    best: dict[str, float] = {}
+    dense_run = 0
+    for fid, row in fixed.items():
+        if row["S"] >= 1:
+            best[fid] = 1.0
+            continue
+        plan = rows[f"plan|{fid}|{tokens}"]
+        sites = [rows.get(site_key(fid, l, "subject_last", tokens)) for l in oracle_layers(plan["num_layers"])]
+        if all(r is not None for r in sites):
+            dense_run += 1
+            edited = [r for k, r in rows.items() if k.startswith(f"site|{fid}|") and k.endswith(f"|{tokens}")]
+            best[fid] = max(r["S"] for r in edited)
+    diff = paired_difference(best, {f: fixed[f]["S"] for f in best})
+    return {"n": len(best), "fixed_perfect": len(best) - dense_run, "dense": dense_run,
+            "fixed_imperfect_total": sum(1 for r in fixed.values() if r["S"] < 1),
+            "S_ceiling": float(np.mean(list(best.values()))) if best else None,
+            "S_fixed": float(np.mean([fixed[f]["S"] for f in best])) if best else None, "delta_S": diff}
 
 
 def summarize(rows: dict, tokens: str) -> dict:
@@ -253,6 +287,7 @@ def summarize(rows: dict, tokens: str) -> dict:
             s["paired_vs_fixed"][name]["cost_ratio"] = (
                 float(np.mean([facts[f]["cost_s"] for f in both]) / np.mean([per["fixed"][f]["cost_s"] for f in both]))
                 if both else None)
+    s["ceiling"] = ceiling(rows, tokens, per["fixed"])
     sel = s["paired_vs_fixed"].get("selection", {}).get("S")
     if sel:
         s["goal"] = {"delta_S_pp": None if sel["mean"] is None else 100 * sel["mean"],
@@ -289,6 +324,12 @@ def markdown(s: dict, command: str) -> str:
         cr = "—" if p["cost_ratio"] is None else f"{p['cost_ratio']:.1f}"
         lines.append(f"| {name} | {p['S']['n']} | " + " | ".join(ci(p[m], 1 if m == "NKL" else 100, True)
                                                               for m in METRICS) + f" | {wtl} | {cr} |")
+    c = s.get("ceiling")
+    if c and c["n"]:
+        lines += ["", f"Ceiling (per fact, the best S of every site edited for it, chosen on the evaluation): "
+                  f"{c['n']} facts ({c['fixed_perfect']} where the fixed site already scored S = 1, {c['dense']} of "
+                  f"the {c['fixed_imperfect_total']} others with the dense layers edited): S {100 * c['S_ceiling']:.1f} "
+                  f"against {100 * c['S_fixed']:.1f} for the fixed site, ΔS {ci(c['delta_S'], 100, True)} pp."]
     if "goal" in s:
         g = s["goal"]
         verdict = "met" if g["met"] else "not met"
@@ -302,6 +343,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--facts", type=int, default=40)
     ap.add_argument("--oracle-facts", type=int, default=0)
+    ap.add_argument("--oracle-imperfect", action="store_true",
+                    help="the oracle only (and on all --facts) where the fixed site scored S < 1: elsewhere no site "
+                         "can raise S (the fixed layer is one of the oracle's), so the S ceiling is 1 there")
     ap.add_argument("--random-every", type=int, default=1, help="the random policy on every K-th fact only")
     ap.add_argument("--template-tokens", default="text", choices=("text", "prompt"))
     ap.add_argument("--stop-at", default=None, help="HH:MM (UTC): start no new fact after it")
@@ -328,7 +372,11 @@ def main(argv=None) -> int:
             if past(args.stop_at):
                 print("stop time reached", file=sys.stderr)
                 break
-            run_fact(lm, fact, pool, stats, args.template_tokens, rows, store, oracle=i < args.oracle_facts,
+            fixed_s = fixed_score(rows, fact.meta["id"], args.template_tokens)
+            oracle = (fixed_s is not None and fixed_s < 1) if args.oracle_imperfect else i < args.oracle_facts
+            if args.oracle_imperfect and fixed_s is not None and fixed_s >= 1:
+                continue  # complete already (the plan and policy sites exist), nothing for the oracle to do
+            run_fact(lm, fact, pool, stats, args.template_tokens, rows, store, oracle=oracle,
                      stop_at=args.stop_at, random=i % args.random_every == 0)
             s = summarize(rows, args.template_tokens)  # after every fact: an interrupted run still has a summary
             (out / "summary.json").write_text(json.dumps(s, indent=1, default=str) + "\n")

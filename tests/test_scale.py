@@ -171,8 +171,15 @@ def test_locate_resolves_the_target_once(monkeypatch):
         resolved.append(1)
         return original(*args, **kwargs)
 
+    original_many = common.resolve_targets
+
+    def counting_many(lm, encs, *args, **kwargs):
+        resolved.extend([1] * len(encs))
+        return original_many(lm, encs, *args, **kwargs)
+
     for name in ("locedit.localization.causal_trace", "locedit.localization.heads", "locedit.localization.knockout", "locedit.localization.sites"):
         monkeypatch.setattr(importlib.import_module(name), "resolve_target", counting)
+    monkeypatch.setattr(common, "resolve_targets", counting_many)  # the packed analyses import it when called
     first = locate(lm, FACT)
     assert len(resolved) == 1
     monkeypatch.undo()
@@ -323,6 +330,42 @@ def test_locate_batch_equals_locate(family):
             _close([s["score"] for s in a[key]], [s["score"] for s in b[key]], tol=1e-4)
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma3"])
+def test_analyses_with_a_shared_clean_run_equal_their_own(family):
+    """locate_batch runs one clean pass for every analysis (`CleanRun`): each result equals the analysis's own."""
+    from locedit.localization.causal_trace import causal_trace_batch
+    from locedit.localization.common import clean_run, resolve_targets
+    from locedit.localization.heads import head_effects_batch, head_projection_batch
+    from locedit.localization.knockout import attention_knockout_batch
+    from locedit.localization.sites import _mlp_knockouts_batch
+
+    lm = tiny.lm(family)
+    encs = [lm.encode(f) for f in PACK_FACTS]
+    clean = clean_run(lm, encs)
+    targets = resolve_targets(lm, encs)
+    assert [t.token_id for t in resolve_targets(lm, encs, clean)] == [t.token_id for t in targets]
+    pairs = [
+        (causal_trace_batch(lm, encs, kind="hidden", samples=2, targets=targets, clean=clean),
+         causal_trace_batch(lm, encs, kind="hidden", samples=2, targets=targets)),
+        (causal_trace_batch(lm, encs, kind="mlp", samples=2, window=3, targets=targets, clean=clean),
+         causal_trace_batch(lm, encs, kind="mlp", samples=2, window=3, targets=targets)),
+        (attention_knockout_batch(lm, encs, window=3, targets=targets, clean=clean),
+         attention_knockout_batch(lm, encs, window=3, targets=targets)),
+        (head_effects_batch(lm, encs, targets=targets, clean=clean), head_effects_batch(lm, encs, targets=targets)),
+        (head_projection_batch(lm, encs, targets=targets, clean=clean),
+         head_projection_batch(lm, encs, targets=targets)),
+    ]
+    for shared, own in pairs:
+        for a, b in zip(shared, own):
+            _close(a.to_dict(), b.to_dict())
+    assert len(clean.kv) == 1  # the knockouts and head effects ran their clean pass once between them
+    for (cells, layers), (ref_cells, ref_layers), t in zip(_mlp_knockouts_batch(lm, encs, targets, clean=clean),
+                                                          _mlp_knockouts_batch(lm, encs, targets), targets):
+        percent = 100 * 1e-5 / max(t.base_prob, 1e-12)
+        _close(cells.tolist(), ref_cells.tolist(), tol=percent)
+        _close(layers.tolist(), ref_layers.tolist(), tol=percent)
+
+
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_analyses_batch_equal_single(family):
     from locedit.localization import attention_knockout, causal_trace, head_projection
@@ -337,6 +380,22 @@ def test_analyses_batch_equal_single(family):
         _close(result.to_dict(), causal_trace(lm, fact, kind="attn", samples=2, window=3).to_dict())
     for fact, result in zip(PACK_FACTS, head_projection_batch(lm, PACK_FACTS)):
         _close(result.to_dict(), head_projection(lm, fact).to_dict())
+    # locate runs the packed forms (also for one fact): each equals the one-fact analysis
+    from locedit.localization import head_effects
+    from locedit.localization.common import resolve_target
+    from locedit.localization.heads import head_effects_batch
+    from locedit.localization.sites import _mlp_knockouts, _mlp_knockouts_batch
+
+    for fact, result in zip(PACK_FACTS, head_effects_batch(lm, PACK_FACTS)):
+        _close(result.to_dict(), head_effects(lm, fact).to_dict())
+    encs = [lm.encode(f) for f in PACK_FACTS]
+    targets = [resolve_target(lm, e) for e in encs]
+    for one in ([encs[0]], encs):
+        for k, (cells, layers) in enumerate(_mlp_knockouts_batch(lm, one, targets[:len(one)])):
+            ref_cells, ref_layers = _mlp_knockouts(lm, one[k], targets[k].token_id, targets[k].base_prob)
+            percent = 100 * 1e-5 / max(targets[k].base_prob, 1e-12)  # relative changes, in percent
+            _close(cells.tolist(), ref_cells.tolist(), tol=percent)
+            _close(layers.tolist(), ref_layers.tolist(), tol=percent)
 
 
 def test_dataset_mode_batches_facts_and_resumes(tmp_path):

@@ -106,10 +106,11 @@ def causal_trace_batch(lm: LM, facts: Sequence[Fact | EncodedFact], *, kind: str
                        positions: Sequence[int] | None = None,
                        layers: Sequence[int] | None = None, targets: Sequence[Target] | None = None,
                        fact_positions: Sequence[Sequence[int] | None] | None = None,
-                       max_rows: int = 512) -> list[CausalTraceResult]:
+                       max_rows: int = 512, clean=None) -> list[CausalTraceResult]:
     """`causal_trace` of several facts, their cells packed into shared passes (`run_packed`: one pass for every
     fact's noise samples, then shared chunks); each result equals the single-fact one. `fact_positions[k]`
-    overrides `positions` for fact k (e.g. each fact's subject positions)."""
+    overrides `positions` for fact k (e.g. each fact's subject positions). `clean`: the facts' `CleanRun` when
+    already made (`locedit.localization.common.clean_run`)."""
     from locedit.core.engine import run_batch, run_packed
     from locedit.localization.common import resolve_targets
 
@@ -122,7 +123,8 @@ def causal_trace_batch(lm: LM, facts: Sequence[Fact | EncodedFact], *, kind: str
     std = noise_std if noise_std is not None else embedding_std(lm)
     site = "residual" if kind == "hidden" else kind
     with torch.no_grad():
-        clean = run_batch(lm, encs, capture=Capture(**{site: True}), padding_side="right").captures
+        clean = (clean.captures if clean is not None
+                 else run_batch(lm, encs, capture=Capture(**{site: True}), padding_side="right").captures)
         plans = [_TracePlan(lm, enc, kind, samples, noise, std, window, seed,
                             fact_positions[k] if fact_positions is not None else positions, layers,
                             lambda s, layer, k=k: clean[s, layer][k])

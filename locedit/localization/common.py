@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
-from typing import Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any, Sequence
 
 import torch
 
@@ -61,14 +61,39 @@ def resolve_target(lm: LM, enc: EncodedFact) -> Target:
     return _target_from_logits(lm, enc, logits)
 
 
-def resolve_targets(lm: LM, encs: Sequence[EncodedFact]) -> list[Target]:
-    """`resolve_target` for several facts in one padded forward (`run_batch`; padding changes no number)."""
+@dataclass
+class CleanRun:
+    """The facts' clean forward, shared by the analyses `locate_batch` runs on one model state (the model must not
+    change while it is used): right-padded captures of every site, each fact's last-position logits, and the
+    clean bases' keys and values `run_packed` keeps (`clean_kv`)."""
+
+    captures: Any  # locedit.core.engine.Captures
+    logits: torch.Tensor
+    kv: dict = field(default_factory=dict)
+
+
+def clean_run(lm: LM, encs: Sequence[EncodedFact]) -> CleanRun:
+    """One padded forward of the facts capturing the residual stream, MLP and attention outputs and heads."""
+    from locedit.core.engine import Capture, run_batch
+
+    with torch.no_grad():
+        out = run_batch(lm, list(encs), capture=Capture(residual=True, mlp=True, attn=True, heads=True),
+                        padding_side="right")
+    return CleanRun(out.captures, out.logits)
+
+
+def resolve_targets(lm: LM, encs: Sequence[EncodedFact], clean: CleanRun | None = None) -> list[Target]:
+    """`resolve_target` for several facts in one padded forward (`run_batch`; padding changes no number), or from
+    the `clean` run's logits."""
     from locedit.core.engine import run_batch
 
     if not encs:
         return []
-    with torch.no_grad():
-        logits = run_batch(lm, list(encs)).logits
+    if clean is not None:
+        logits = clean.logits
+    else:
+        with torch.no_grad():
+            logits = run_batch(lm, list(encs)).logits
     return [_target_from_logits(lm, enc, row) for enc, row in zip(encs, logits)]
 
 

@@ -105,10 +105,11 @@ def head_projection_batch(lm: LM, facts: Sequence[Fact | EncodedFact], *, projec
                           top: int = 20, top_tokens: int = 10,
                           heads: Sequence[Head | tuple[int, int]] | None = None,
                           targets: Sequence[Target] | None = None,
-                          fact_heads: Sequence[Sequence[Head | tuple[int, int]] | None] | None = None
-                          ) -> list[HeadProjectionResult]:
+                          fact_heads: Sequence[Sequence[Head | tuple[int, int]] | None] | None = None,
+                          clean=None) -> list[HeadProjectionResult]:
     """`head_projection` of several facts: one padded forward captures every fact's states, and each layer's OV
-    weights are gathered once for all facts. `fact_heads[k]` overrides `heads` for fact k."""
+    weights are gathered once for all facts. `fact_heads[k]` overrides `heads` for fact k. `clean`: the facts'
+    `CleanRun` when already made (its states are then used)."""
     from locedit.core.engine import run_batch
     from locedit.localization.common import resolve_targets
 
@@ -118,7 +119,8 @@ def head_projection_batch(lm: LM, facts: Sequence[Fact | EncodedFact], *, projec
     targets = list(targets) if targets is not None else resolve_targets(lm, encs)
     cache: dict = {}
     with torch.no_grad():
-        states = run_batch(lm, encs, capture=Capture(residual=True), padding_side="right").captures
+        states = (clean.captures if clean is not None
+                  else run_batch(lm, encs, capture=Capture(residual=True), padding_side="right").captures)
         return [_head_projection_of(lm, enc, targets[k], lambda layer, k=k: states["residual", layer][k],
                                     projection or lm.default_projection(), top, top_tokens,
                                     fact_heads[k] if fact_heads is not None else heads, cache)
@@ -221,9 +223,11 @@ def head_effects(lm: LM, fact: Fact | EncodedFact, *,
 
 
 def head_effects_batch(lm: LM, facts: Sequence[Fact | EncodedFact], *,
-                       targets: Sequence[Target] | None = None, max_rows: int = 512) -> list[HeadEffectsResult]:
+                       targets: Sequence[Target] | None = None, max_rows: int = 512,
+                       clean=None) -> list[HeadEffectsResult]:
     """`head_effects` of several facts: one padded clean forward for all, then every fact's knockout rows packed
-    into shared passes (`run_packed`); each result equals the single-fact one."""
+    into shared passes (`run_packed`); each result equals the single-fact one. `clean`: the facts' `CleanRun`
+    when already made (its captures and clean pass are then used)."""
     from locedit.core.engine import run_batch, run_packed
     from locedit.localization.common import resolve_targets
 
@@ -232,15 +236,18 @@ def head_effects_batch(lm: LM, facts: Sequence[Fact | EncodedFact], *,
         return []
     targets = list(targets) if targets is not None else resolve_targets(lm, encs)
     with torch.no_grad():
-        clean = run_batch(lm, encs, capture=Capture(heads=True, attn=True, residual=True, last_only=True),
-                          padding_side="right").captures
+        shared = clean
+        clean = (shared.captures.last() if shared is not None else
+                 run_batch(lm, encs, capture=Capture(heads=True, attn=True, residual=True, last_only=True),
+                           padding_side="right").captures)
         ov_cache: dict = {}
         directs = [_direct_logits(lm, clean, k, t.token_id, ov_cache) for k, t in enumerate(targets)]
         plans = [_head_effect_rows(lm, enc) for enc in encs]
         rows = [r for plan in plans for r in plan]
         row_prompt = [k for k, plan in enumerate(plans) for _ in plan]
         ids = torch.tensor([targets[k].token_id for k in row_prompt])
-        probs = run_packed(lm, encs, rows, row_prompt=row_prompt, max_rows=max_rows).prob_of(ids)
+        probs = run_packed(lm, encs, rows, row_prompt=row_prompt, max_rows=max_rows,
+                           clean_kv=None if shared is None else shared.kv).prob_of(ids)
         probs = probs.float().cpu().numpy()
     out, start = [], 0
     for enc, target, direct, plan in zip(encs, targets, directs, plans):

@@ -87,10 +87,11 @@ def attention_knockout(lm: LM, fact: Fact | EncodedFact, *, window: int = 9,
 def attention_knockout_batch(lm: LM, facts: Sequence[Fact | EncodedFact], *, window: int = 9,
                              groups: str | Mapping[str, Sequence[int]] = "default",
                              heads: Sequence[int] | None = None,
-                             targets: Sequence[Target] | None = None, max_rows: int = 512) -> list[KnockoutResult]:
+                             targets: Sequence[Target] | None = None, max_rows: int = 512,
+                             clean=None) -> list[KnockoutResult]:
     """`attention_knockout` of several facts, their rows packed into shared forward passes (`run_packed`); each
     result equals the single-fact one. `targets`: already resolved targets (else one padded forward resolves
-    them all)."""
+    them all). `clean`: the facts' `CleanRun`, whose clean pass is then shared."""
     from locedit.core.engine import run_packed
     from locedit.localization.common import resolve_targets
 
@@ -105,7 +106,8 @@ def attention_knockout_batch(lm: LM, facts: Sequence[Fact | EncodedFact], *, win
     row_prompt = [k for k, (_, fact_rows, _) in enumerate(plans) for _ in fact_rows]
     ids = torch.tensor([targets[k].token_id for k in row_prompt])
     with torch.no_grad():
-        probs = run_packed(lm, encs, rows, row_prompt=row_prompt, max_rows=max_rows).prob_of(ids).float().cpu()
+        probs = run_packed(lm, encs, rows, row_prompt=row_prompt, max_rows=max_rows,
+                           clean_kv=None if clean is None else clean.kv).prob_of(ids).float().cpu()
     probs = probs.numpy()
     out, start = [], 0
     for enc, target, (named, fact_rows, keys) in zip(encs, targets, plans):
