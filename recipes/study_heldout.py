@@ -259,10 +259,10 @@ def ceiling(rows: dict, tokens: str, fixed: dict[str, dict]) -> dict:
     gains = [best[f] - fixed[f]["S"] for f in best if fixed[f]["S"] < 1]
     imperfect = sum(1 for r in fixed.values() if r["S"] < 1)
     return {"n": len(best), "fixed_perfect": len(best) - dense_run, "dense": dense_run,
+            "fixed_imperfect_total": imperfect,
             "imperfect_gain_mean": float(np.mean(gains)) if gains else None,
             # every fact: 0 where the fixed site scored 1, the swept imperfect facts' mean gain for the others
             "estimated_gain_all": float(np.mean(gains)) * imperfect / len(fixed) if gains and fixed else None,
-            "fixed_imperfect_total": sum(1 for r in fixed.values() if r["S"] < 1),
             "S_ceiling": float(np.mean(list(best.values()))) if best else None,
             "S_fixed": float(np.mean([fixed[f]["S"] for f in best])) if best else None, "delta_S": diff}
 
@@ -382,10 +382,12 @@ def main(argv=None) -> int:
             if past(args.stop_at):
                 print("stop time reached", file=sys.stderr)
                 break
-            fixed_s = fixed_score(rows, fact.meta["id"], args.template_tokens)
-            oracle = (fixed_s is not None and fixed_s < 1) if args.oracle_imperfect else i < args.oracle_facts
-            if args.oracle_imperfect and fixed_s is not None and fixed_s >= 1:
-                continue  # complete already (the plan and policy sites exist), nothing for the oracle to do
+            oracle = i < args.oracle_facts
+            if args.oracle_imperfect:
+                fixed_s = fixed_score(rows, fact.meta["id"], args.template_tokens)
+                if fixed_s is not None and fixed_s >= 1:
+                    continue  # complete already (the plan and policy sites exist), nothing for the oracle to do
+                oracle = fixed_s is not None  # (< 1 here); a fact not yet run gets its policies first
             run_fact(lm, fact, pool, stats, args.template_tokens, rows, store, oracle=oracle,
                      stop_at=args.stop_at, random=i % args.random_every == 0)
             s = summarize(rows, args.template_tokens)  # after every fact: an interrupted run still has a summary

@@ -177,7 +177,7 @@ def test_locate_resolves_the_target_once(monkeypatch):
         resolved.extend([1] * len(encs))
         return original_many(lm, encs, *args, **kwargs)
 
-    for name in ("locedit.localization.causal_trace", "locedit.localization.heads", "locedit.localization.knockout", "locedit.localization.sites"):
+    for name in ("locedit.localization.causal_trace", "locedit.localization.heads", "locedit.localization.knockout"):
         monkeypatch.setattr(importlib.import_module(name), "resolve_target", counting)
     monkeypatch.setattr(common, "resolve_targets", counting_many)  # the packed analyses import it when called
     first = locate(lm, FACT)

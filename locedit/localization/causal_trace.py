@@ -123,11 +123,11 @@ def causal_trace_batch(lm: LM, facts: Sequence[Fact | EncodedFact], *, kind: str
     std = noise_std if noise_std is not None else embedding_std(lm)
     site = "residual" if kind == "hidden" else kind
     with torch.no_grad():
-        clean = (clean.captures if clean is not None
-                 else run_batch(lm, encs, capture=Capture(**{site: True}), padding_side="right").captures)
+        captured = (clean.captures if clean is not None
+                    else run_batch(lm, encs, capture=Capture(**{site: True}), padding_side="right").captures)
         plans = [_TracePlan(lm, enc, kind, samples, noise, std, window, seed,
                             fact_positions[k] if fact_positions is not None else positions, layers,
-                            lambda s, layer, k=k: clean[s, layer][k])
+                            lambda s, layer, k=k: captured[s, layer][k])
                  for k, enc in enumerate(encs)]
         rows, row_base, bases, base_prompt, ids = [], [], [], [], []
         for k, plan in enumerate(plans):

@@ -236,18 +236,17 @@ def head_effects_batch(lm: LM, facts: Sequence[Fact | EncodedFact], *,
         return []
     targets = list(targets) if targets is not None else resolve_targets(lm, encs)
     with torch.no_grad():
-        shared = clean
-        clean = (shared.captures.last() if shared is not None else
-                 run_batch(lm, encs, capture=Capture(heads=True, attn=True, residual=True, last_only=True),
-                           padding_side="right").captures)
+        caps = (clean.captures.last() if clean is not None else
+                run_batch(lm, encs, capture=Capture(heads=True, attn=True, residual=True, last_only=True),
+                          padding_side="right").captures)
         ov_cache: dict = {}
-        directs = [_direct_logits(lm, clean, k, t.token_id, ov_cache) for k, t in enumerate(targets)]
+        directs = [_direct_logits(lm, caps, k, t.token_id, ov_cache) for k, t in enumerate(targets)]
         plans = [_head_effect_rows(lm, enc) for enc in encs]
         rows = [r for plan in plans for r in plan]
         row_prompt = [k for k, plan in enumerate(plans) for _ in plan]
         ids = torch.tensor([targets[k].token_id for k in row_prompt])
         probs = run_packed(lm, encs, rows, row_prompt=row_prompt, max_rows=max_rows,
-                           clean_kv=None if shared is None else shared.kv).prob_of(ids)
+                           clean_kv=None if clean is None else clean.kv).prob_of(ids)
         probs = probs.float().cpu().numpy()
     out, start = [], 0
     for enc, target, direct, plan in zip(encs, targets, directs, plans):

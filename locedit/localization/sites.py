@@ -33,10 +33,7 @@ from locedit.core.engine import SetSublayer, run
 from locedit.core.facts import EncodedFact, Fact
 from locedit.core.head import Head
 from locedit.errors import FactError
-from locedit.localization.causal_trace import causal_trace
-from locedit.localization.common import FlowResult, as_encoded, fact_summary, resolve_target, window_layers
-from locedit.localization.heads import head_effects, head_projection
-from locedit.localization.knockout import attention_knockout
+from locedit.localization.common import FlowResult, as_encoded, fact_summary, window_layers
 from locedit.core.lm import LM
 
 MLP_WEIGHTS = {"knockout_cell": 0.4, "trace": 0.3, "knockout_layer": 0.3}

@@ -53,11 +53,12 @@ class Captures:
         """The same captures at each row's last position only (as `Capture(last_only=True)` records them)."""
         if self.last_only:
             return self
+        rows = torch.arange(len(self.lengths))
+        last = torch.tensor([p + n - 1 for p, n in zip(self.pad_left, self.lengths)])
         data = {}
         for key, value in self.data.items():
-            rows = torch.arange(len(self.lengths), device=value.device)
-            last = torch.tensor([p + n - 1 for p, n in zip(self.pad_left, self.lengths)], device=value.device)
-            data[key] = value[rows, :, last] if key[0] == "attn_weights" else value[rows, last]
+            r, i = rows.to(value.device), last.to(value.device)
+            data[key] = value[r, :, i] if key[0] == "attn_weights" else value[r, i]
         return Captures(data, list(self.lengths), list(self.pad_left), True)
 
     def row(self, site: str, layer: int, row: int) -> torch.Tensor:
@@ -512,14 +513,8 @@ def run_batch(lm, prompts: Sequence, rows: Rows | None = None, *, capture: Captu
     last = torch.tensor([pl + n - 1 for pl, n in zip(pad_left, lengths)], device=out.logits.device)
     batch = torch.arange(len(lengths), device=out.logits.device)
     logits = out.logits[batch, last]
-    data = {}
-    for key, value in p.captured.items():
-        if capture.last_only:
-            idx, rows_idx = last.to(value.device), batch.to(value.device)
-            data[key] = (value[rows_idx, :, idx] if key[0] == "attn_weights" else value[rows_idx, idx])
-        else:
-            data[key] = value
-    return RunResult(logits, Captures(data, lengths, pad_left, capture.last_only))
+    captures = Captures(dict(p.captured), lengths, pad_left)
+    return RunResult(logits, captures.last() if capture.last_only else captures)
 
 
 @contextmanager
