@@ -4,6 +4,8 @@ data/facts/heldout/facts.jsonl only.
     python recipes/bench_rome_speed.py choose [--facts 5] [--record]    # loss trajectories that chose the fast schedule
     python recipes/bench_rome_speed.py compare [--n 24] [--jobs 2] [--record]   # resumable:
                                                                     # data/results/rome_speed_19/compare-*.jsonl
+    python recipes/bench_rome_speed.py steps [--n 18] [--jobs 1] [--record]   # resumable:
+                                                                    # data/results/rome_speed_19/steps/
     python recipes/bench_rome_speed.py speed [--facts 2] [--record]    # CPU time per edit, old vs new
 
 choose: for every 20th tuning fact (up to --facts), the loss after each Adam step of ROME's δ optimisation at
@@ -14,7 +16,8 @@ templates, still the default) and with `FAST_ROME_SCHEDULE` ("new"), measured on
 success rates), NKL (mean KL of the next-token distribution after the prefixed neighbour prompts) and S (harmonic
 mean of ES, PS, NS), with the paired difference new − old and its bootstrap 95% CI (`locedit.core.statistics`);
 speed as clean forwards per edit (a clean forward of the fact's prompt, best of 5, timed right before each edit).
-`speed`: the same edits timed in CPU time of this process (`time.process_time`), against the CPU time of a clean
+`steps`: the same measurements with ROME's own settings cut after k = 10 and 14 Adam steps, each against k = 20
+(ROME's): how much of the optimisation's second half the metrics need. `speed`: the same edits timed in CPU time of this process (`time.process_time`), against the CPU time of a clean
 forward of the same prompt (mean of 10) — on a CPU shared with other jobs wall time inflates the short clean
 forward more than the long edit, so the wall-time ratios of `compare` read low; CPU time does not wait for a core.
 """
@@ -156,7 +159,7 @@ def _site(lm) -> tuple[list[int], str]:
     return list(site["layers"]), site["key_position"]
 
 
-def measure_fact(lm, fact, stats, layers, key_position) -> dict:
+def measure_fact(lm, fact, stats, layers, key_position, variants: dict | None = None) -> dict:
     import locedit
     from locedit.verification.verify import behaviour_metrics, inputs_for, measure_behaviour
 
@@ -165,7 +168,7 @@ def measure_fact(lm, fact, stats, layers, key_position) -> dict:
     measure = lambda: measure_behaviour(lm, inputs, generation_tokens=0, fluency_tokens=0)  # noqa: E731
     before = measure()
     row = {"id": fact.meta["id"], "relation": fact.relation, "layers": layers, "key_position": key_position}
-    for name, hp in VARIANTS.items():
+    for name, hp in (variants or VARIANTS).items():
         unit = clean_forward_s(lm, fact)
         t = time.perf_counter()
         edit = locedit.edit(lm, locedit.EditRequest(fact, new), method="rome", layers=layers,
@@ -179,7 +182,7 @@ def measure_fact(lm, fact, stats, layers, key_position) -> dict:
     return row
 
 
-def _worker(rank: int, jobs: int, ids: list, path: str, threads: int) -> None:
+def _worker(rank: int, jobs: int, ids: list, path: str, threads: int, variants: dict | None = None) -> None:
     import locedit
     from locedit.editing.stats import key_statistics
 
@@ -191,14 +194,16 @@ def _worker(rank: int, jobs: int, ids: list, path: str, threads: int) -> None:
     by_id = {f.meta["id"]: f for f in tuning_facts()}
     with open(path, "a") as out:
         for ident in wanted:
-            row = measure_fact(lm, by_id[ident], stats, layers, key_position)
+            row = measure_fact(lm, by_id[ident], stats, layers, key_position, variants)
             out.write(json.dumps(row) + "\n")
             out.flush()
             print(f"[{rank}] {ident}: " + "  ".join(
-                f"{v}: S {row[v]['score']:.2f} {row[v]['clean_forwards']:.0f} cf" for v in VARIANTS), flush=True)
+                f"{v}: S {row[v]['score']:.2f} {row[v]['clean_forwards']:.0f} cf" for v in (variants or VARIANTS)),
+                flush=True)
 
 
 def read_rows(directory: Path) -> dict[str, dict]:
+    """The recorded rows of `directory`'s compare-*.jsonl shards, by fact id."""
     rows = {}
     for shard in sorted(directory.glob("compare-*.jsonl")):
         for line in shard.read_text().splitlines():
@@ -210,24 +215,59 @@ def read_rows(directory: Path) -> dict[str, dict]:
     return rows
 
 
-def compare(args) -> list[str]:
-    OUT.mkdir(parents=True, exist_ok=True)
+def run_rows(args, out: Path, variants: dict | None = None) -> list[dict]:
+    """Measure the chosen tuning facts not yet recorded under `out` (resumable), with `args.jobs` workers."""
+    out.mkdir(parents=True, exist_ok=True)
     chosen = [f.meta["id"] for f in stratified(tuning_facts(), args.n)]
-    done = read_rows(OUT)
+    done = read_rows(out)
     todo = [i for i in chosen if i not in done]
     print(f"{len(chosen)} tuning facts chosen, {len(chosen) - len(todo)} already done, {len(todo)} to run", flush=True)
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_worker, args=(r, args.jobs, todo, str(OUT / f"compare-{r}.jsonl"), args.threads))
+    procs = [ctx.Process(target=_worker, args=(r, args.jobs, todo, str(out / f"compare-{r}.jsonl"), args.threads,
+                                               variants))
              for r in range(args.jobs)]
     for p in procs:
         p.start()
     for p in procs:
         p.join()
-    rows = [r for i, r in read_rows(OUT).items() if i in set(chosen)]
-    return summarize(rows)
+    return [r for i, r in read_rows(out).items() if i in set(chosen)]
 
 
-def summarize(rows: list[dict]) -> list[str]:
+def compare(args) -> list[str]:
+    return summarize(run_rows(args, OUT))
+
+
+# --- steps: ROME's schedule stopped after fewer Adam steps -----------------------------------------------------------
+STEPS = (10, 14, 20)
+STEPS_OUT = OUT / "steps"
+
+
+def step_variants() -> dict[str, dict]:
+    """ROME's settings (20 templates, lr 0.5) with the optimisation cut at each of `STEPS` steps."""
+    return {f"k{k}": {**OLD, "v_num_grad_steps": k} for k in STEPS}
+
+
+def steps(args) -> list[str]:
+    rows = run_rows(args, STEPS_OUT, step_variants())
+    return summarize_steps(rows)
+
+
+def summarize_steps(rows: list[dict]) -> list[str]:
+    """Each cut schedule against ROME's 20 steps: paired differences of the metrics and the cost."""
+    if not rows:
+        return ["no rows"]
+    base = f"k{max(STEPS)}"
+    lines = [f"ROME's value optimisation (20 templates, lr 0.5) stopped after k Adam steps, against k = {max(STEPS)}"
+             f" (ROME's), on {len(rows)} TUNING facts of data/facts/heldout/facts.jsonl at SmolLM2's calibrated "
+             f"site (layers {rows[0]['layers']}, {rows[0]['key_position']}), each edited "
+             "alone"]
+    for k in STEPS[:-1]:
+        lines += [""] + summarize(rows, new=f"k{k}", old=base)[1:]
+    return lines
+
+
+def summarize(rows: list[dict], new: str = "new", old: str = "old") -> list[str]:
+    """The paired comparison of variant `new` against `old` over the recorded rows."""
     from locedit.core.statistics import bootstrap_mean, paired_difference
 
     if not rows:
@@ -236,28 +276,28 @@ def summarize(rows: list[dict]) -> list[str]:
     lines = [f"ROME on SmolLM2 at its calibrated site (layers {r0['layers']}, {r0['key_position']}), {len(rows)} "
              "TUNING facts of data/facts/heldout/facts.jsonl, each edited alone; old = ROME's settings "
              f"{json.dumps(OLD)}, new = FAST_ROME_SCHEDULE {json.dumps(FAST_ROME_SCHEDULE)}",
-             f"{'metric':<15} {'old':>8} {'new':>8} {'new - old [95% CI]':>28} {'new>old/=/new<old':>18}"]
+             f"{'metric':<15} {old:>8} {new:>8} {new + ' - ' + old + ' [95% CI]':>28} {new + '>' + old + '/=/<':>18}"]
     for key in METRICS + ("clean_forwards",):
-        a = {r["id"]: r["new"][key] for r in rows}
-        b = {r["id"]: r["old"][key] for r in rows}
+        a = {r["id"]: r[new][key] for r in rows}
+        b = {r["id"]: r[old][key] for r in rows}
         d = paired_difference(a, b)
         ci = "n/a" if d["low"] is None else f"[{d['low']:+.3f}, {d['high']:+.3f}]"
         lines.append(f"{SHORT[key]:<15} {d['b']:>8.3f} {d['a']:>8.3f} {d['mean']:>+12.3f} {ci:>15} "
                      f"{d['wins']:>5}/{d['ties']}/{d['losses']}")
-    for name in VARIANTS:
+    for name in (old, new):
         cf = bootstrap_mean([r[name]["clean_forwards"] for r in rows])
         steps = statistics.mean(r[name]["steps"] for r in rows)
         lines.append(f"{name}: {cf.mean:.0f} clean forwards per edit [{cf.low:.0f}, {cf.high:.0f}], "
                      f"{statistics.mean(r[name]['edit_s'] for r in rows):.1f} s, {steps:.1f} Adam steps, "
                      f"final loss {statistics.mean(r[name]['loss_final'] for r in rows):.3f}")
-    ratio = statistics.mean(r["new"]["clean_forwards"] / r["old"]["clean_forwards"] for r in rows)
-    lines.append(f"speed: new / old clean forwards per edit, mean of per-fact ratios: {ratio:.2f}")
+    ratio = statistics.mean(r[new]["clean_forwards"] / r[old]["clean_forwards"] for r in rows)
+    lines.append(f"speed: {new} / {old} clean forwards per edit, mean of per-fact ratios: {ratio:.2f}")
     return lines
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("section", choices=["choose", "compare", "speed", "summary"])
+    parser.add_argument("section", choices=["choose", "compare", "steps", "speed", "summary", "steps-summary"])
     parser.add_argument("--facts", type=int, default=5, help="choose, speed: tuning facts")
     parser.add_argument("--n", type=int, default=24, help="compare: tuning facts")
     parser.add_argument("--jobs", type=int, default=2, help="compare: worker processes")
@@ -270,6 +310,11 @@ def main() -> None:
         lines = speed(args)
     elif args.section == "compare":
         lines = compare(args)
+    elif args.section == "steps":
+        lines = steps(args)
+    elif args.section == "steps-summary":
+        chosen = {f.meta["id"] for f in stratified(tuning_facts(), args.n)}
+        lines = summarize_steps([r for i, r in read_rows(STEPS_OUT).items() if i in chosen])
     else:  # summary of the rows recorded so far
         chosen = {f.meta["id"] for f in stratified(tuning_facts(), args.n)}
         lines = summarize([r for i, r in read_rows(OUT).items() if i in chosen])
@@ -277,7 +322,8 @@ def main() -> None:
     print(text)
     if args.record:
         OUT.mkdir(parents=True, exist_ok=True)
-        (OUT / f"{'compare' if args.section == 'summary' else args.section}.txt").write_text(text)
+        name = {"summary": "compare", "steps-summary": "steps"}.get(args.section, args.section)
+        (OUT / f"{name}.txt").write_text(text)
 
 
 if __name__ == "__main__":

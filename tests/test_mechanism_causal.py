@@ -71,7 +71,8 @@ def test_ov_read_is_the_heads_ov_circuit_on_the_subject_state():
     caps = run(lm, enc, capture=Capture(residual=True)).captures
     final = caps["residual", lm.num_layers][0, -1]
     ids = [lm.encode(FACT).target_id, lm.encode(Fact(FACT.subject, FACT.prompt, NEW)).target_id]
-    got = mech.ov_reads(lm, enc, heads, pos, final, ids)
+    got, patched = mech.ov_reads(lm, enc, heads, pos, final, ids)
+    assert patched is None
     block = lm.model.model.layers[layer]
     x = block.input_layernorm(caps["residual", layer][0, pos][None])[0]
     group = lm.num_heads // lm.num_kv_heads
@@ -82,3 +83,40 @@ def test_ov_read_is_the_heads_ov_circuit_on_the_subject_state():
         part = block.self_attn.o_proj.weight[:, h * lm.head_dim:(h + 1) * lm.head_dim] @ z
         want = [float(lm.target_logit(final, t) - lm.target_logit(final - part, t)) for t in ids]
         assert row == pytest.approx(want, rel=1e-4, abs=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma3"])
+def test_measure_shares_its_forwards_without_changing_a_number(family):
+    """measure reads the prompt and its neighbours from one padded clean pass, resolves the target from it and
+    patches the other state's residual in the OV reads' forward: each number equals the analysis run alone."""
+    from locedit.localization.knockout import attention_knockout, position_groups
+
+    lm = tiny.lm(family)
+    neighbours = [("The city of the Louvre is", " Paris"), ("Rome", " is")]  # a second prompt of another length
+    enc = lm.encode(FACT)
+    setup = mech.MechanismSetup(FACT, NEW, 1, enc.subject_end - 1, None, neighbours)
+    other = mech.measure(lm, setup, after=False)
+    state = other["readout"]["states"][2] * 1.5  # any residual state will do
+    got = mech.measure(lm, setup, after=True, heads=other["ov_heads"], patch_state=state)
+
+    alone = run(lm, enc, capture=Capture(residual=True))
+    probs = alone.probs()[0]
+    assert got["readout"]["p"] == pytest.approx([float(probs[got["old_id"]]), float(probs[got["new_id"]])],
+                                                rel=1e-4, abs=1e-7)
+    assert got["readout"]["states"][3] == pytest.approx(alone.captures["residual", 3][0, setup.position], abs=1e-5)
+    groups = {k: v for k, v in position_groups(enc).items() if k in ("subject", "non_subject", "last")}
+    tracked = lm.encode(Fact(FACT.subject, FACT.prompt, NEW))
+    ko = attention_knockout(lm, tracked, window=min(mech.KNOCKOUT_WINDOW, lm.num_layers), groups=groups).to_dict()
+    assert got["knockout"]["probs"].keys() == ko["probs"].keys()
+    for group, curve in ko["probs"].items():
+        assert got["knockout"]["probs"][group] == pytest.approx(curve, rel=1e-4, abs=1e-7)
+    assert got["knockout"]["base_prob"] == pytest.approx(ko["base_prob"], rel=1e-4)
+    want = mech.cross_patch(lm, setup, got, {"readout": {"states": {2: state}}})
+    assert got["patched"] == pytest.approx(want, rel=1e-4, abs=1e-7)
+    for (prompt, true), n in zip(neighbours, got["neighbours"]):
+        from locedit.verification.metrics import prompt_ids, target_ids
+
+        ids = prompt_ids(lm, prompt)
+        p = run(lm, ids).probs()[0, target_ids(lm, prompt, true, ids)[0]]
+        assert n["p_true"] == pytest.approx(float(p), rel=1e-4, abs=1e-7)
+    assert "patched" not in mech.measure(lm, setup, after=False)

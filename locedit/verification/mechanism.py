@@ -57,10 +57,10 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from locedit.core.engine import BlockAttention, Capture, SetResidual, run
+from locedit.core.engine import BlockAttention, Capture, SetResidual, run, run_batch
 from locedit.core.facts import EncodedFact, Fact
 from locedit.localization.heads import head_contributions
-from locedit.localization.knockout import attention_knockout, position_groups
+from locedit.localization.knockout import attention_knockout_batch, position_groups
 from locedit.localization.common import rank_of
 
 KNOCKOUT_WINDOW = 9
@@ -154,25 +154,34 @@ def setup_for(lm, fact: Fact, new_target: str, sites: dict | None, index: int, n
 
 
 # --- one model state -------------------------------------------------------------------------------------------------
+_CLEAN_CAPTURE = Capture(residual=True, heads=True, attn=True, mlp=True)
+
+
 @torch.no_grad()
-def _state_readout(lm, enc: EncodedFact, token_ids: Sequence[int], position: int) -> dict:
-    """One forward: per-head direct logits (L, H, tokens), extraction-event top-1s, logit-lens ranks of the
-    tokens in the residual stream at `position` (entering each layer and the final output, L+1 rows)."""
+def _clean_pass(lm, enc: EncodedFact, neighbour_ids: Sequence[Sequence[int]]):
+    """One right-padded forward of the edit prompt and the neighbour prompts (padding changes no number), with
+    the residual stream, attention and MLP outputs and heads captured: what the readouts below all read."""
+    return run_batch(lm, [enc] + [list(ids) for ids in neighbour_ids], capture=_CLEAN_CAPTURE, padding_side="right")
+
+
+def _state_readout(lm, caps, token_ids: Sequence[int], position: int, logits: torch.Tensor) -> dict:
+    """Row 0 of the clean pass: per-head direct logits (L, H, tokens), extraction-event top-1s, logit-lens ranks of
+    the tokens in the residual stream at `position` (entering each layer and the final output, L+1 rows)."""
     L = lm.num_layers
-    caps = run(lm, enc, capture=Capture(residual=True, heads=True, attn=True, mlp=True)).captures
-    final = caps["residual", L][0, -1]
-    contributions = torch.stack([head_contributions(lm, layer, {("heads", layer): caps["heads", layer][:, -1]})
+    last = caps.last()
+    final = last["residual", L][0]
+    contributions = torch.stack([head_contributions(lm, layer, {("heads", layer): last["heads", layer]})
                                  for layer in range(L)])  # (L, H, d)
     ids = torch.tensor(list(token_ids), device=final.device)
     dla = direct_logits(lm, final, contributions, token_ids).cpu().numpy()  # (L, H, tokens)
-    attn = lm.project(torch.stack([caps["attn", l][0, -1] for l in range(L)]), "model").float().argmax(-1)
-    mlp = lm.project(torch.stack([caps["mlp", l][0, -1] for l in range(L)]), "model").float().argmax(-1)
-    states = torch.stack([caps["residual", l][0, position] for l in range(L + 1)])
+    attn = lm.project(torch.stack([last["attn", l][0] for l in range(L)]), "model").float().argmax(-1)
+    mlp = lm.project(torch.stack([last["mlp", l][0] for l in range(L)]), "model").float().argmax(-1)
+    states = torch.stack([caps.row("residual", l, 0)[position] for l in range(L + 1)])
     scores = lm.project(states, "model").float()
     ranks = np.stack([rank_of(scores, int(t)).cpu().numpy() for t in token_ids], axis=1)  # (L+1, tokens)
     return {"dla": dla, "attn_top1": attn.tolist(), "mlp_top1": mlp.tolist(), "ranks": ranks,
             "states": states.detach().cpu(), "final": final.detach().cpu(),
-            "p": lm.unembed(final).float().softmax(-1)[ids].tolist()}  # p(tokens) at the last position
+            "p": logits.float().softmax(-1)[ids.to(logits.device)].tolist()}  # p(tokens) at the last position
 
 
 def direct_logits(lm, final: torch.Tensor, parts: torch.Tensor, token_ids: Sequence[int]) -> torch.Tensor:
@@ -183,25 +192,26 @@ def direct_logits(lm, final: torch.Tensor, parts: torch.Tensor, token_ids: Seque
                        dim=-1)
 
 
-@torch.no_grad()
-def _neighbour_readout(lm, prompt: Fact | str, true_target: str) -> dict:
-    """p(true first token), the top MLP layer and the top head: the largest direct logit to the true target at the
-    last position (the target's logit from the final residual minus the logit without that MLP's / head's output),
-    all from one forward."""
+def _neighbour_prompt(lm, prompt: Fact | str, true_target: str) -> tuple[str, list[int], int]:
+    """A neighbour prompt's text, token ids and the first token id of its true target."""
     from locedit.verification.metrics import prompt_ids, target_ids
 
     text = prompt.prompt if isinstance(prompt, Fact) else prompt
     pids = prompt_ids(lm, text)
-    true_id = target_ids(lm, text, true_target, pids)[0]
+    return text, list(pids), int(target_ids(lm, text, true_target, pids)[0])
+
+
+def _neighbour_readout(lm, caps, row: int, logits: torch.Tensor, text: str, true_target: str,
+                       true_id: int) -> dict:
+    """Row `row` of the clean pass (a neighbour prompt): p(true first token), the top MLP layer and the top head:
+    the largest direct logit to the true target at the last position (the target's logit from the final residual
+    minus the logit without that MLP's / head's output)."""
     L = lm.num_layers
-    out = run(lm, pids, capture=Capture(heads=True, mlp=True, residual=True, layers=None, last_only=True))
-    p_true = float(out.prob_of(true_id)[0])
-    caps = out.captures
-    final = caps["residual", L][0]
-    contributions = torch.stack([head_contributions(lm, layer, {("heads", layer): caps["heads", layer][:1]})
-                                 for layer in range(L)])
+    p_true = float(logits.float().softmax(-1)[true_id])
+    final = caps["residual", L][row]
+    contributions = torch.stack([head_contributions(lm, layer, caps, row=row) for layer in range(L)])
     dla = direct_logits(lm, final, contributions, [true_id])[..., 0].cpu().numpy()
-    mlps = torch.stack([caps["mlp", layer][0] for layer in range(L)])
+    mlps = torch.stack([caps["mlp", layer][row] for layer in range(L)])
     mlp_dla = direct_logits(lm, final, mlps, [true_id])[..., 0].cpu().numpy()
     top_head = np.unravel_index(int(np.argmax(dla)), dla.shape)
     return {"prompt": text, "true_target": true_target, "p_true": p_true,
@@ -209,23 +219,41 @@ def _neighbour_readout(lm, prompt: Fact | str, true_target: str) -> dict:
             "top_head": [int(top_head[0]), int(top_head[1])], "top_head_dla": float(dla[top_head])}
 
 
-def measure(lm, setup: MechanismSetup, *, after: bool, heads: list | None = None) -> dict:
+def measure(lm, setup: MechanismSetup, *, after: bool, heads: list | None = None,
+            patch_state: torch.Tensor | None = None) -> dict:
     """Everything the checks need from the current model state: the old target's analyses before the edit
     (`after=False`), the new target's after it. `heads`: the extraction heads whose OV reads are measured (default:
-    the setup's, else those with the largest direct logit to the old target in this state)."""
+    the setup's, else those with the largest direct logit to the old target in this state). `patch_state`: the
+    other state's residual leaving the edited layer at the key position, whose `patched_probs` then come from the
+    OV reads' forward (`"patched"`).
+
+    Forwards: one clean pass of the prompt and the neighbour prompts (every readout, the target), the knockout's
+    packed rows, and one run of the OV-read rows (with the patched row)."""
+    from locedit.localization.common import CleanRun, resolve_targets
+
     fact = setup.fact
     old_id = token_id(lm, fact.prompt, fact.subject, fact.target)
     new_id = token_id(lm, fact.prompt, fact.subject, setup.new_target)
     tracked = Fact(fact.subject, fact.prompt, setup.new_target if after else fact.target)
     enc = lm.encode(tracked)
+    neighbour_prompts = [_neighbour_prompt(lm, p, t) for p, t in setup.neighbours]
+    clean = _clean_pass(lm, enc, [ids for _, ids, _ in neighbour_prompts])
+    target = resolve_targets(lm, [enc], CleanRun(clean.captures, clean.logits[:1]))[0]
     groups = {k: v for k, v in position_groups(enc).items() if k in ("subject", "non_subject", "last")}
-    knockout = attention_knockout(lm, enc, window=min(KNOCKOUT_WINDOW, lm.num_layers), groups=groups)
-    readout = _state_readout(lm, enc, [old_id, new_id], setup.position)
+    knockout = attention_knockout_batch(lm, [enc], window=min(KNOCKOUT_WINDOW, lm.num_layers), groups=groups,
+                                        targets=[target])[0]
+    readout = _state_readout(lm, clean.captures, [old_id, new_id], setup.position, clean.logits[0])
     heads = heads or setup.heads or top_heads(readout["dla"])
-    ov = ov_reads(lm, enc, heads, setup.position, readout["final"], [old_id, new_id])
-    neighbours = [_neighbour_readout(lm, p, t) for p, t in setup.neighbours]
-    return {"old_id": old_id, "new_id": new_id, "knockout": knockout.to_dict(), "readout": readout,
-            "neighbours": neighbours, "ov_heads": [list(h) for h in heads], "ov": ov}
+    last = clean.captures.last()
+    neighbours = [_neighbour_readout(lm, last, j + 1, clean.logits[j + 1], text, true, true_id)
+                  for j, ((text, _, true_id), (_, true)) in enumerate(zip(neighbour_prompts, setup.neighbours))]
+    patch = None if patch_state is None or setup.layer is None else (setup.layer, setup.position, patch_state)
+    ov, patched = ov_reads(lm, enc, heads, setup.position, readout["final"], [old_id, new_id], patch=patch)
+    out = {"old_id": old_id, "new_id": new_id, "knockout": knockout.to_dict(), "readout": readout,
+           "neighbours": neighbours, "ov_heads": [list(h) for h in heads], "ov": ov}
+    if patch is not None:
+        out["patched"] = patched
+    return out
 
 
 def top_heads(dla: np.ndarray) -> list[tuple[int, int]]:
@@ -236,19 +264,25 @@ def top_heads(dla: np.ndarray) -> list[tuple[int, int]]:
 
 @torch.no_grad()
 def ov_reads(lm, enc: EncodedFact, heads: Sequence, position: int, final: torch.Tensor,
-             token_ids: Sequence[int]) -> list[list[float]]:
+             token_ids: Sequence[int], patch: tuple | None = None) -> tuple[list[list[float]], list[float] | None]:
     """Per head, the direct logits of the tokens (old, new) of what the head writes at the last position when it
     may attend only to `position` (every other key blocked, so its softmax puts all weight there): its OV circuit
-    applied to the subject state, read as the extraction check reads a head (final residual with and without it)."""
+    applied to the subject state, read as the extraction check reads a head (final residual with and without it).
+    `patch` = (layer, position, state): one more row of the same forward, with the residual leaving `layer` at
+    `position` set to `state` (`patched_probs`); its p(tokens) are the second value (None without `patch`)."""
     n = len(enc)
     others = [p for p in range(n) if p != position]
     rows = [[BlockAttention([l], [n - 1], others, heads=[h])] for l, h in heads]
+    if patch is not None:
+        layer, at, state = patch
+        rows.append([SetResidual(layer + 1, [at], state.to(lm.device)[None])])
     layers = sorted({l for l, _ in heads})
-    caps = run(lm, enc, rows, capture=Capture(heads=True, layers=layers, last_only=True)).captures
+    out = run(lm, enc, rows, capture=Capture(heads=True, layers=layers, last_only=True))
     final = final.to(lm.device)
-    parts = torch.stack([head_contributions(lm, l, {("heads", l): caps["heads", l]}, row=j)[h]
+    parts = torch.stack([head_contributions(lm, l, {("heads", l): out.captures["heads", l]}, row=j)[h]
                          for j, (l, h) in enumerate(heads)])
-    return direct_logits(lm, final, parts, token_ids).tolist()
+    patched = out.probs()[len(heads), list(token_ids)].tolist() if patch is not None else None
+    return direct_logits(lm, final, parts, token_ids).tolist(), patched
 
 
 @torch.no_grad()
@@ -261,6 +295,11 @@ def patched_probs(lm, setup: MechanismSetup, state: torch.Tensor, token_ids: Seq
     iv = SetResidual(setup.layer + 1, [setup.position], state.to(lm.device)[None])
     out = run(lm, tracked, [[iv]])
     return out.probs()[0, list(token_ids)].tolist()
+
+
+def patch_state(setup: MechanismSetup, measured: dict) -> torch.Tensor | None:
+    """A measured state's residual leaving the edited layer at the key position (None when no layer is edited)."""
+    return None if setup.layer is None else measured["readout"]["states"][setup.layer + 1]
 
 
 def cross_patch(lm, setup: MechanismSetup, measured: dict, other: dict) -> list[float] | None:
