@@ -48,7 +48,9 @@ class ROMEHyperParams(ValueHyperParams):
     The value optimisation keeps ROME's schedule (20 Adam steps at lr 0.5 over 20 context templates + the bare
     prompt). `FAST_ROME_SCHEDULE` (14 steps at lr 1.0 over 10 templates) costs 0.46x the CPU time, but on 18 tuning
     facts it raised NKL by 0.26 nats [0.02, 0.57] with ES/PS/NS/S unchanged
-    (data/results/rome_speed_19/compare.txt), so it is an option, not the default: `hparams=FAST_ROME_SCHEDULE`."""
+    (data/results/rome_speed_19/compare.txt), so it is an option, not the default: `hparams=FAST_ROME_SCHEDULE`.
+    Cutting ROME's own schedule to 14 steps (0.70x) trades PS (-0.04) for NKL (-0.11 nats) on the same 18 facts
+    (data/results/rome_speed_19/steps.txt), so the 20 steps stay too."""
 
     mom2_adjustment: bool = True  # False: C = I (what EasyEdit's ROME configs ship); True: the paper's C⁻¹k*
     stats_tokens: int | None = None  # None: ≈ 10 × d_k tokens of the default corpus

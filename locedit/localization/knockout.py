@@ -78,10 +78,10 @@ def attention_knockout(lm: LM, fact: Fact | EncodedFact, *, window: int = 9,
         raise InterventionError(f"window must be at least 1, not {window}")
     enc = as_encoded(lm, fact)
     target = target if target is not None else resolve_target(lm, enc)
-    named, rows, keys = _knockout_rows(lm, enc, window, groups, heads)
+    named, rows, keys = knockout_rows(lm, enc, window, groups, heads)
     with torch.no_grad():
         probs = run(lm, enc, rows).prob_of(target.token_id).float().cpu().numpy()
-    return _knockout_result(enc, target, window, named, keys, probs)
+    return knockout_result(enc, target, window, named, keys, probs)
 
 
 def attention_knockout_batch(lm: LM, facts: Sequence[Fact | EncodedFact], *, window: int = 9,
@@ -101,7 +101,7 @@ def attention_knockout_batch(lm: LM, facts: Sequence[Fact | EncodedFact], *, win
     if not encs:
         return []
     targets = list(targets) if targets is not None else resolve_targets(lm, encs)
-    plans = [_knockout_rows(lm, enc, window, groups, heads) for enc in encs]
+    plans = [knockout_rows(lm, enc, window, groups, heads) for enc in encs]
     rows = [r for _, fact_rows, _ in plans for r in fact_rows]
     row_prompt = [k for k, (_, fact_rows, _) in enumerate(plans) for _ in fact_rows]
     ids = torch.tensor([targets[k].token_id for k in row_prompt])
@@ -111,7 +111,7 @@ def attention_knockout_batch(lm: LM, facts: Sequence[Fact | EncodedFact], *, win
     probs = probs.numpy()
     out, start = [], 0
     for enc, target, (named, fact_rows, keys) in zip(encs, targets, plans):
-        out.append(_knockout_result(enc, target, window, named, keys, probs[start:start + len(fact_rows)]))
+        out.append(knockout_result(enc, target, window, named, keys, probs[start:start + len(fact_rows)]))
         start += len(fact_rows)
     return out
 
@@ -119,7 +119,10 @@ def attention_knockout_batch(lm: LM, facts: Sequence[Fact | EncodedFact], *, win
 attention_knockout.batched = attention_knockout_batch
 
 
-def _knockout_rows(lm: LM, enc: EncodedFact, window: int, groups, heads):
+def knockout_rows(lm: LM, enc: EncodedFact, window: int, groups, heads):
+    """The knockout's rows for one fact: (named groups, one row per group and layer, each row's group name); an
+    analysis that runs more rows on the same prompt can add these to its own run and read them with
+    `knockout_result`."""
     named = position_groups(enc, groups)
     last = enc.positions.last
     rows, keys = [], []
@@ -131,7 +134,8 @@ def _knockout_rows(lm: LM, enc: EncodedFact, window: int, groups, heads):
     return named, rows, keys
 
 
-def _knockout_result(enc, target: Target, window: int, named: dict, keys: list, probs: np.ndarray) -> KnockoutResult:
+def knockout_result(enc, target: Target, window: int, named: dict, keys: list, probs: np.ndarray) -> KnockoutResult:
+    """The `KnockoutResult` of `knockout_rows`' rows from p(target) of each row."""
     probs_by_group = {name: probs[[i for i, k in enumerate(keys) if k == name]].tolist() for name in named}
     change = {name: (100 * (np.asarray(p) - target.base_prob) / target.base_prob).tolist()
               for name, p in probs_by_group.items()}

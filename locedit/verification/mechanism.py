@@ -60,7 +60,7 @@ import torch
 from locedit.core.engine import BlockAttention, Capture, SetResidual, run, run_batch
 from locedit.core.facts import EncodedFact, Fact
 from locedit.localization.heads import head_contributions
-from locedit.localization.knockout import attention_knockout_batch, position_groups
+from locedit.localization.knockout import knockout_result, knockout_rows, position_groups
 from locedit.localization.common import rank_of
 
 KNOCKOUT_WINDOW = 9
@@ -227,8 +227,8 @@ def measure(lm, setup: MechanismSetup, *, after: bool, heads: list | None = None
     other state's residual leaving the edited layer at the key position, whose `patched_probs` then come from the
     OV reads' forward (`"patched"`).
 
-    Forwards: one clean pass of the prompt and the neighbour prompts (every readout, the target), the knockout's
-    packed rows, and one run of the OV-read rows (with the patched row)."""
+    Forwards: one clean pass of the prompt and the neighbour prompts (every readout, the target), then one run of
+    the prompt (prefix reuse) with the knockout's rows, the OV reads' rows and the patched row."""
     from locedit.localization.common import CleanRun, resolve_targets
 
     fact = setup.fact
@@ -239,16 +239,23 @@ def measure(lm, setup: MechanismSetup, *, after: bool, heads: list | None = None
     neighbour_prompts = [_neighbour_prompt(lm, p, t) for p, t in setup.neighbours]
     clean = _clean_pass(lm, enc, [ids for _, ids, _ in neighbour_prompts])
     target = resolve_targets(lm, [enc], CleanRun(clean.captures, clean.logits[:1]))[0]
-    groups = {k: v for k, v in position_groups(enc).items() if k in ("subject", "non_subject", "last")}
-    knockout = attention_knockout_batch(lm, [enc], window=min(KNOCKOUT_WINDOW, lm.num_layers), groups=groups,
-                                        targets=[target])[0]
     readout = _state_readout(lm, clean.captures, [old_id, new_id], setup.position, clean.logits[0])
     heads = heads or setup.heads or top_heads(readout["dla"])
     last = clean.captures.last()
     neighbours = [_neighbour_readout(lm, last, j + 1, clean.logits[j + 1], text, true, true_id)
                   for j, ((text, _, true_id), (_, true)) in enumerate(zip(neighbour_prompts, setup.neighbours))]
+    # one run of the prompt: the knockout's rows, then the OV reads' rows, then the patched row
+    groups = {k: v for k, v in position_groups(enc).items() if k in ("subject", "non_subject", "last")}
+    window = min(KNOCKOUT_WINDOW, lm.num_layers)
+    named, knockout_rows_, keys = knockout_rows(lm, enc, window, groups, None)
     patch = None if patch_state is None or setup.layer is None else (setup.layer, setup.position, patch_state)
-    ov, patched = ov_reads(lm, enc, heads, setup.position, readout["final"], [old_id, new_id], patch=patch)
+    rows, layers = _ov_rows(lm, enc, heads, setup.position, patch)
+    with torch.no_grad():
+        result = run(lm, enc, knockout_rows_ + rows, capture=Capture(heads=True, layers=layers, last_only=True))
+        k = len(knockout_rows_)
+        knockout = knockout_result(enc, target, window, named, keys,
+                                   result.prob_of(target.token_id)[:k].float().cpu().numpy())
+        ov, patched = _ov_values(lm, result, k, heads, readout["final"], [old_id, new_id], patch is not None)
     out = {"old_id": old_id, "new_id": new_id, "knockout": knockout.to_dict(), "readout": readout,
            "neighbours": neighbours, "ov_heads": [list(h) for h in heads], "ov": ov}
     if patch is not None:
@@ -270,19 +277,30 @@ def ov_reads(lm, enc: EncodedFact, heads: Sequence, position: int, final: torch.
     applied to the subject state, read as the extraction check reads a head (final residual with and without it).
     `patch` = (layer, position, state): one more row of the same forward, with the residual leaving `layer` at
     `position` set to `state` (`patched_probs`); its p(tokens) are the second value (None without `patch`)."""
+    rows, layers = _ov_rows(lm, enc, heads, position, patch)
+    out = run(lm, enc, rows, capture=Capture(heads=True, layers=layers, last_only=True))
+    return _ov_values(lm, out, 0, heads, final, token_ids, patch is not None)
+
+
+def _ov_rows(lm, enc: EncodedFact, heads: Sequence, position: int, patch: tuple | None) -> tuple[list, list[int]]:
+    """`ov_reads`' rows (one per head, then the patched row when `patch`) and the layers whose heads it reads."""
     n = len(enc)
     others = [p for p in range(n) if p != position]
     rows = [[BlockAttention([l], [n - 1], others, heads=[h])] for l, h in heads]
     if patch is not None:
         layer, at, state = patch
         rows.append([SetResidual(layer + 1, [at], state.to(lm.device)[None])])
-    layers = sorted({l for l, _ in heads})
-    out = run(lm, enc, rows, capture=Capture(heads=True, layers=layers, last_only=True))
+    return rows, sorted({l for l, _ in heads})
+
+
+def _ov_values(lm, out, offset: int, heads: Sequence, final: torch.Tensor, token_ids: Sequence[int],
+               patched: bool) -> tuple[list[list[float]], list[float] | None]:
+    """The OV reads (and the patched row's p(tokens)) from a run whose `_ov_rows` start at row `offset`."""
     final = final.to(lm.device)
-    parts = torch.stack([head_contributions(lm, l, {("heads", l): out.captures["heads", l]}, row=j)[h]
+    parts = torch.stack([head_contributions(lm, l, {("heads", l): out.captures["heads", l]}, row=offset + j)[h]
                          for j, (l, h) in enumerate(heads)])
-    patched = out.probs()[len(heads), list(token_ids)].tolist() if patch is not None else None
-    return direct_logits(lm, final, parts, token_ids).tolist(), patched
+    probs = out.probs()[offset + len(heads), list(token_ids)].tolist() if patched else None
+    return direct_logits(lm, final, parts, token_ids).tolist(), probs
 
 
 @torch.no_grad()
