@@ -215,6 +215,12 @@ def read_rows(directory: Path) -> dict[str, dict]:
     return rows
 
 
+def recorded(directory: Path, n: int) -> list[dict]:
+    """The rows recorded under `directory` for the `n` chosen tuning facts."""
+    chosen = {f.meta["id"] for f in stratified(tuning_facts(), n)}
+    return [r for i, r in read_rows(directory).items() if i in chosen]
+
+
 def run_rows(args, out: Path, variants: dict | None = None) -> list[dict]:
     """Measure the chosen tuning facts not yet recorded under `out` (resumable), with `args.jobs` workers."""
     out.mkdir(parents=True, exist_ok=True)
@@ -230,7 +236,7 @@ def run_rows(args, out: Path, variants: dict | None = None) -> list[dict]:
         p.start()
     for p in procs:
         p.join()
-    return [r for i, r in read_rows(out).items() if i in set(chosen)]
+    return recorded(out, args.n)
 
 
 def compare(args) -> list[str]:
@@ -313,11 +319,9 @@ def main() -> None:
     elif args.section == "steps":
         lines = steps(args)
     elif args.section == "steps-summary":
-        chosen = {f.meta["id"] for f in stratified(tuning_facts(), args.n)}
-        lines = summarize_steps([r for i, r in read_rows(STEPS_OUT).items() if i in chosen])
+        lines = summarize_steps(recorded(STEPS_OUT, args.n))
     else:  # summary of the rows recorded so far
-        chosen = {f.meta["id"] for f in stratified(tuning_facts(), args.n)}
-        lines = summarize([r for i, r in read_rows(OUT).items() if i in chosen])
+        lines = summarize(recorded(OUT, args.n))
     text = f"# python recipes/bench_rome_speed.py {' '.join(sys.argv[1:])}\n" + "\n".join(lines) + "\n"
     print(text)
     if args.record:

@@ -171,8 +171,7 @@ def run_fact(lm, fact, split: str, todo: list[str], write) -> None:
             s = mech.MechanismSetup(setup.fact, setup.new_target, layer, setup.position, setup.heads,
                                     setup.neighbours)
             state_after = ver.measure_behaviour(lm, inputs, **BEHAVIOUR)
-            after = mech.measure(lm, s, after=True, heads=heads)
-            after["patched"] = mech.cross_patch(lm, s, after, before)
+            after = mech.measure(lm, s, after=True, heads=heads, patch_state=mech.patch_state(s, before))
             if edit is not None:
                 edit.revert()
                 edit = None

@@ -8,7 +8,7 @@ chosen on control edits; `IN_RULE` names the checks the verdict counts, the othe
 * **sufficiency** / **necessity** (causal enrichment): the residual leaving the (last) edited layer at the subject key
   position, taken from the edited model and patched into the unedited one, raises the log-odds of p(new) by at
   least `SUFFICIENCY_MIN_LOGODDS`; the unedited state patched into the edited model lowers it by at least
-  `NECESSITY_MIN_LOGODDS` (`SetResidual`, one forward each). Not applicable to edits that change no layer.
+  `NECESSITY_MIN_LOGODDS` (`SetResidual`: a row of the after-state measure's run, and one forward). Not applicable to edits that change no layer.
 * **OV read**: the extraction heads with every key but the subject key position blocked (`BlockAttention`: the
   head's OV circuit applied to the subject state), read as direct logits of new - old at the last position; passes
   when that rose by at least `OV_MIN_GAIN`.
@@ -192,20 +192,20 @@ def direct_logits(lm, final: torch.Tensor, parts: torch.Tensor, token_ids: Seque
                        dim=-1)
 
 
-def _neighbour_prompt(lm, prompt: Fact | str, true_target: str) -> tuple[str, list[int], int]:
-    """A neighbour prompt's text, token ids and the first token id of its true target."""
+def _neighbour_prompt(lm, prompt: Fact | str, true_target: str) -> tuple[str, list[int], str, int]:
+    """A neighbour prompt's text, token ids, true target and the first token id of that target."""
     from locedit.verification.metrics import prompt_ids, target_ids
 
     text = prompt.prompt if isinstance(prompt, Fact) else prompt
     pids = prompt_ids(lm, text)
-    return text, list(pids), int(target_ids(lm, text, true_target, pids)[0])
+    return text, list(pids), true_target, int(target_ids(lm, text, true_target, pids)[0])
 
 
-def _neighbour_readout(lm, caps, row: int, logits: torch.Tensor, text: str, true_target: str,
-                       true_id: int) -> dict:
+def _neighbour_readout(lm, caps, row: int, logits: torch.Tensor, neighbour: tuple) -> dict:
     """Row `row` of the clean pass (a neighbour prompt): p(true first token), the top MLP layer and the top head:
     the largest direct logit to the true target at the last position (the target's logit from the final residual
-    minus the logit without that MLP's / head's output)."""
+    minus the logit without that MLP's / head's output). `neighbour`: its `_neighbour_prompt`."""
+    text, _, true_target, true_id = neighbour
     L = lm.num_layers
     p_true = float(logits.float().softmax(-1)[true_id])
     final = caps["residual", L][row]
@@ -219,6 +219,7 @@ def _neighbour_readout(lm, caps, row: int, logits: torch.Tensor, text: str, true
             "top_head": [int(top_head[0]), int(top_head[1])], "top_head_dla": float(dla[top_head])}
 
 
+@torch.no_grad()
 def measure(lm, setup: MechanismSetup, *, after: bool, heads: list | None = None,
             patch_state: torch.Tensor | None = None) -> dict:
     """Everything the checks need from the current model state: the old target's analyses before the edit
@@ -237,25 +238,24 @@ def measure(lm, setup: MechanismSetup, *, after: bool, heads: list | None = None
     tracked = Fact(fact.subject, fact.prompt, setup.new_target if after else fact.target)
     enc = lm.encode(tracked)
     neighbour_prompts = [_neighbour_prompt(lm, p, t) for p, t in setup.neighbours]
-    clean = _clean_pass(lm, enc, [ids for _, ids, _ in neighbour_prompts])
+    clean = _clean_pass(lm, enc, [ids for _, ids, _, _ in neighbour_prompts])
     target = resolve_targets(lm, [enc], CleanRun(clean.captures, clean.logits[:1]))[0]
     readout = _state_readout(lm, clean.captures, [old_id, new_id], setup.position, clean.logits[0])
     heads = heads or setup.heads or top_heads(readout["dla"])
     last = clean.captures.last()
-    neighbours = [_neighbour_readout(lm, last, j + 1, clean.logits[j + 1], text, true, true_id)
-                  for j, ((text, _, true_id), (_, true)) in enumerate(zip(neighbour_prompts, setup.neighbours))]
+    neighbours = [_neighbour_readout(lm, last, j + 1, clean.logits[j + 1], neighbour)
+                  for j, neighbour in enumerate(neighbour_prompts)]
     # one run of the prompt: the knockout's rows, then the OV reads' rows, then the patched row
     groups = {k: v for k, v in position_groups(enc).items() if k in ("subject", "non_subject", "last")}
     window = min(KNOCKOUT_WINDOW, lm.num_layers)
     named, knockout_rows_, keys = knockout_rows(lm, enc, window, groups, None)
     patch = None if patch_state is None or setup.layer is None else (setup.layer, setup.position, patch_state)
     rows, layers = _ov_rows(lm, enc, heads, setup.position, patch)
-    with torch.no_grad():
-        result = run(lm, enc, knockout_rows_ + rows, capture=Capture(heads=True, layers=layers, last_only=True))
-        k = len(knockout_rows_)
-        knockout = knockout_result(enc, target, window, named, keys,
-                                   result.prob_of(target.token_id)[:k].float().cpu().numpy())
-        ov, patched = _ov_values(lm, result, k, heads, readout["final"], [old_id, new_id], patch is not None)
+    result = run(lm, enc, knockout_rows_ + rows, capture=Capture(heads=True, layers=layers, last_only=True))
+    k = len(knockout_rows_)
+    knockout = knockout_result(enc, target, window, named, keys,
+                               result.prob_of(target.token_id)[:k].float().cpu().numpy())
+    ov, patched = _ov_values(lm, result, k, heads, readout["final"], [old_id, new_id], patch is not None)
     out = {"old_id": old_id, "new_id": new_id, "knockout": knockout.to_dict(), "readout": readout,
            "neighbours": neighbours, "ov_heads": [list(h) for h in heads], "ov": ov}
     if patch is not None:
@@ -288,9 +288,13 @@ def _ov_rows(lm, enc: EncodedFact, heads: Sequence, position: int, patch: tuple 
     others = [p for p in range(n) if p != position]
     rows = [[BlockAttention([l], [n - 1], others, heads=[h])] for l, h in heads]
     if patch is not None:
-        layer, at, state = patch
-        rows.append([SetResidual(layer + 1, [at], state.to(lm.device)[None])])
+        rows.append([_patch_row(lm, *patch)])
     return rows, sorted({l for l, _ in heads})
+
+
+def _patch_row(lm, layer: int, position: int, state: torch.Tensor) -> SetResidual:
+    """The intervention that sets the residual leaving `layer` at `position` to `state`."""
+    return SetResidual(layer + 1, [position], state.to(lm.device)[None])
 
 
 def _ov_values(lm, out, offset: int, heads: Sequence, final: torch.Tensor, token_ids: Sequence[int],
@@ -310,8 +314,7 @@ def patched_probs(lm, setup: MechanismSetup, state: torch.Tensor, token_ids: Seq
     if setup.layer is None:
         return None
     tracked = lm.encode(setup.fact)
-    iv = SetResidual(setup.layer + 1, [setup.position], state.to(lm.device)[None])
-    out = run(lm, tracked, [[iv]])
+    out = run(lm, tracked, [[_patch_row(lm, setup.layer, setup.position, state)]])
     return out.probs()[0, list(token_ids)].tolist()
 
 
@@ -324,7 +327,7 @@ def cross_patch(lm, setup: MechanismSetup, measured: dict, other: dict) -> list[
     """`patched_probs` with the other state's residual leaving the edited layer at the key position."""
     if setup.layer is None:
         return None
-    return patched_probs(lm, setup, other["readout"]["states"][setup.layer + 1],
+    return patched_probs(lm, setup, patch_state(setup, other),
                          [measured["old_id"], measured["new_id"]])
 
 

@@ -485,8 +485,6 @@ def verify_states(lm_before, lm_after, inputs: Sequence[FactInputs], setups: Seq
     # necessity (the unedited state patched into the edited model) comes from the OV reads' forward
     mech_after = [mech.measure(lm_after, s, after=True, heads=b["ov_heads"], patch_state=mech.patch_state(s, b))
                   for s, b in zip(setups, mech_before)]
-    for a in mech_after:
-        a.setdefault("patched", None)
     timings["mechanism_after"] = time.perf_counter() - t
     if setups:  # sufficiency: the edited state in the unedited model
         t = time.perf_counter()
